@@ -1,0 +1,232 @@
+"""Experiment configuration: one dataclass per stage, filled from YAML, then CLI flags.
+
+A YAML file mirrors `ExperimentConfig`: top-level fields plus one section per
+stage (`data`, `score`, `smoothing`, `train`, `eval`). Every field can be
+overridden from the command line with a dotted flag, e.g.
+`--train.max_steps 20 --model HuggingFaceTB/SmolLM2-135M-Instruct`.
+Flag values are parsed as YAML scalars/lists, so `--train.modes [sft,ual]` works.
+Each field's `help` metadata is its documentation (shown by `ual STAGE --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a training mix."""
+
+    name: str = _f("", "'sharegpt' or 'gsm8k' (packaged, offline), a local .jsonl/.json/.parquet path, or 'hub:ORG/NAME'")
+    train: int | None = _f(None, "number of training samples to take (null: all that remain after held-out)")
+    heldout: int = _f(0, "number of disjoint held-out samples kept for evaluation")
+    format: str = _f("auto", "auto | messages | sharegpt | alpaca | prompt_completion | lima")
+    split: str = _f("train", "split to read for hub data sets")
+    label: str | None = _f(None, "name of the source in reports (default: derived from name)")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = _f([], "the data sources mixed into the training set")
+    max_length: int = _f(256, "tokens per sample after the chat template; longer samples are truncated and counted")
+    train_on_prompt: bool = _f(False, "also supervise prompt (user/system) tokens; the paper's code did, the default does not")
+    on_error: str = _f("raise", "raise | skip: what a malformed row does (skip counts it in data_stats.json)")
+
+
+@dataclass
+class ScoreConfig:
+    scorer: str = _f("perplexity", "perplexity | judge (OpenAI-compatible endpoint) | local_judge (transformers model)")
+    model: str | None = _f(None, "reference model for perplexity / local judge (default: the run's model); judge model name for 'judge'")
+    batch_size: int = _f(8, "samples per forward pass for model-based scorers")
+    max_length: int | None = _f(None, "token budget per sample when scoring (default: data.max_length)")
+    base_url: str | None = _f(None, "judge endpoint (OpenAI-compatible); the API key comes from $OPENAI_API_KEY, never from a file")
+    prompt_file: str | None = _f(None, "file overriding the built-in judge prompt")
+    concurrency: int = _f(4, "judge requests in flight at once")
+    max_retries: int = _f(5, "judge retries per sample before it is listed as failed")
+    n_samples: int = _f(1, "judge answers averaged per sample")
+    dry_run: bool = _f(False, "print the request count and estimated tokens/cost, send nothing")
+
+
+@dataclass
+class SmoothingConfig:
+    target_mean: float = _f(0.1, "mean label smoothing over the training set (the paper swept 0.1-0.5)")
+    eps_max: float = _f(0.99, "cap on any sample's smoothing")
+    missing: str = _f("error", "error | drop | mean: what to do with samples that have no score")
+
+
+@dataclass
+class TrainConfig:
+    modes: list[str] = _f(["sft", "ls", "ual"], "modes trained side by side: sft (eps 0), ls (uniform eps = target mean), ual (per-sample eps)")
+    lora: bool = _f(True, "train LoRA adapters (false: full fine-tuning)")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_dropout: float = _f(0.1, "LoRA dropout")
+    lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
+    learning_rate: float = _f(3e-4, "peak learning rate (AdamW)")
+    lr_scheduler: str = _f("cosine", "transformers scheduler name")
+    warmup_ratio: float = _f(0.03, "fraction of optimiser steps spent warming up (counted in optimiser steps)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    batch_size: int = _f(4, "samples per device per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
+    epochs: float = _f(1.0, "passes over the training set (ignored when max_steps > 0)")
+    max_steps: int = _f(-1, "optimiser steps (-1: use epochs)")
+    loss: str = _f("naive", "naive (full logits) | chunked (from hidden states, never materialising all logits)")
+    logging_steps: int = _f(1, "log the loss every N optimiser steps")
+    save_steps: int = _f(0, "checkpoint every N optimiser steps (0: only at the end)")
+    bf16: bool = _f(False, "train in bfloat16 mixed precision (GPU)")
+    gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+    report_to: str = _f("none", "transformers report_to: none | tensorboard | wandb | trackio")
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = _f(["base", "sft", "ls", "ual"], "models to evaluate: base and/or trained modes")
+    nll: bool = _f(True, "held-out NLL of the response tokens, per data source")
+    gsm8k: bool = _f(True, "GSM8K final-answer exact match on held-out maths samples (greedy)")
+    gsm8k_limit: int | None = _f(None, "evaluate at most this many held-out maths samples")
+    max_new_tokens: int = _f(256, "generation budget per maths answer")
+    batch_size: int = _f(8, "samples per batch for NLL and generation")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("demo", "experiment name; the run folder defaults to runs/NAME")
+    run_dir: str | None = _f(None, "run folder shared by all stages (default: runs/NAME)")
+    model: str = _f("smollm2-135m", "Hugging Face model id, local folder, or built-in alias (smollm2-135m)")
+    seed: int = _f(0, "seed for data selection, LoRA init and data order (the same for every mode)")
+    device: str = _f("auto", "auto | cpu | cuda | mps")
+    trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you ask)")
+    data: DataConfig = field(default_factory=DataConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+# --------------------------------------------------------------------------- loading
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Build an ExperimentConfig from an optional YAML file and dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _build(ExperimentConfig, raw, where=str(path or "config"))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    from ual.io import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def _build(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)} in {cls.__name__}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------- CLI flags
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` and one dotted flag per (non-list-of-dataclass) config field."""
+    parser.add_argument("--config", help="YAML experiment config (flags below override it)")
+    for dotted, f in _leaf_fields(ExperimentConfig):
+        help_text = f.metadata.get("help", "")
+        parser.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", default=argparse.SUPPRESS,
+                            metavar="VALUE", help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg:"):
+            overrides[key[4:]] = yaml.safe_load(value) if isinstance(value, str) else value
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _leaf_fields(cls, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f

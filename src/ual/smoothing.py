@@ -1,0 +1,79 @@
+"""Map per-sample uncertainty scores to per-sample label-smoothing values.
+
+The paper's (lost) equations 1-2, recovered in METHOD.md §2:
+
+    eps_i = min(eps_max, k * u_i),   k > 0 chosen so that mean_i(eps_i) = target_mean.
+
+The reference code found k by "rescale to the mean, clip, repeat until within
+0.001". The mean is a non-decreasing piecewise-linear function of k, so k can be
+solved exactly: with the scores sorted in decreasing order and the m largest
+clipped at eps_max, k = (N * target_mean - m * eps_max) / sum(unclipped u), and
+exactly one m is consistent. Pure numpy, no I/O.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fit_scale(scores, target_mean: float, eps_max: float = 0.99) -> float:
+    """Return the k for which mean(min(eps_max, k * scores)) == target_mean."""
+    u = _validated_scores(scores)
+    if not np.isfinite(target_mean) or target_mean < 0:
+        raise ValueError(f"target_mean must be a finite number >= 0, got {target_mean}")
+    if not 0 < eps_max <= 1:
+        raise ValueError(f"eps_max must be in (0, 1], got {eps_max}")
+    if target_mean >= eps_max:
+        raise ValueError(f"target_mean ({target_mean}) must be below eps_max ({eps_max})")
+    if target_mean == 0:
+        return 0.0
+    n = u.size
+    positive = int(np.count_nonzero(u > 0))
+    if positive == 0:
+        raise ValueError("every score is 0: no scale can reach a positive target_mean")
+    reachable = eps_max * positive / n
+    if target_mean > reachable + 1e-12:
+        raise ValueError(
+            f"target_mean {target_mean} is unreachable: with {n - positive} of {n} scores at 0 "
+            f"and a cap of {eps_max}, the largest possible mean is {reachable:.6f}"
+        )
+
+    desc = np.sort(u)[::-1]
+    # tail[m] = sum of the scores left unclipped when the m largest are clipped
+    tail = np.concatenate([[desc.sum()], desc.sum() - np.cumsum(desc)])
+    budget = n * target_mean
+    for m in range(positive):
+        k = (budget - m * eps_max) / tail[m]
+        clipped_ok = m == 0 or k * desc[m - 1] >= eps_max * (1 - 1e-12)
+        unclipped_ok = k * desc[m] <= eps_max * (1 + 1e-12)
+        if clipped_ok and unclipped_ok:
+            return float(k)
+    # target_mean == reachable: every positive score sits at the cap
+    return float(eps_max / desc[positive - 1])
+
+
+def map_to_smoothing(scores, target_mean: float, eps_max: float = 0.99) -> np.ndarray:
+    """Per-sample label smoothing eps_i = min(eps_max, k * u_i) with mean(eps) = target_mean."""
+    u = _validated_scores(scores)
+    k = fit_scale(u, target_mean, eps_max)
+    return np.minimum(eps_max, k * u)
+
+
+def uniform_smoothing(n: int, target_mean: float) -> np.ndarray:
+    """The label-smoothing baseline: every sample gets the same eps."""
+    if not 0 <= target_mean < 1:
+        raise ValueError(f"target_mean must be in [0, 1), got {target_mean}")
+    return np.full(n, float(target_mean))
+
+
+def _validated_scores(scores) -> np.ndarray:
+    u = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if u.size == 0:
+        raise ValueError("no scores to map")
+    if not np.all(np.isfinite(u)):
+        bad = int(np.flatnonzero(~np.isfinite(u))[0])
+        raise ValueError(f"score {bad} is not a finite number ({u[bad]})")
+    if u.min() < 0 or u.max() > 1:
+        bad = int(np.flatnonzero((u < 0) | (u > 1))[0])
+        raise ValueError(f"scores must lie in [0, 1]; score {bad} is {u[bad]}")
+    return u
