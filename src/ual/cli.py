@@ -1,0 +1,107 @@
+"""`ual` command line: one subcommand per stage, each reading and writing a run folder.
+
+    ual data    --config configs/demo.yaml     build samples.jsonl / heldout.jsonl
+    ual score   --config ...                    uncertainty scores -> scores.jsonl
+    ual map     --config ...                    scores -> per-sample eps -> smoothing.jsonl
+    ual train   --config ...                    train sft / ls / ual side by side
+    ual eval    --config ...                    held-out NLL and maths accuracy per model
+    ual report  --config ...                    report.md, metrics.json, plots
+    ual demo    [--config ...]                  all of the above on the built-in default
+
+Every config field is also a flag (`ual train --help` lists them): `--train.max_steps 5`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ual.config import ConfigError, ExperimentConfig, add_config_flags, config_from_args, save_config
+
+STAGES = {
+    "data": "build the training and held-out sets from the configured sources",
+    "score": "score each training sample's uncertainty",
+    "map": "map scores to per-sample label smoothing",
+    "train": "train the configured modes (sft, ls, ual) with the same seed, order and steps",
+    "eval": "evaluate the base model and each trained mode",
+    "report": "write report.md, metrics.json and plots",
+    "demo": "run every stage on the built-in default (configs/demo.yaml)",
+}
+
+
+def default_demo_config() -> Path:
+    for candidate in (Path("configs/demo.yaml"), Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError("configs/demo.yaml not found: pass --config")
+
+
+def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_path / "config.yaml")
+    if stage == "data":
+        from ual.data.build import build_dataset
+        from ual.models import load_tokenizer
+
+        return build_dataset(cfg, tokenizer=load_tokenizer(cfg.model, cfg.trust_remote_code))
+    if stage == "score":
+        from ual.scoring.stage import run_score
+
+        return run_score(cfg)
+    if stage == "map":
+        from ual.mapping import run_map
+
+        return run_map(cfg)
+    if stage == "train":
+        from ual.training.stage import run_train
+
+        return run_train(cfg, force=force)
+    if stage == "eval":
+        from ual.evaluation.stage import run_eval
+
+        return run_eval(cfg, force=force)
+    if stage == "report":
+        from ual.report.stage import run_report
+
+        run_report(cfg)
+        return {"report": str(cfg.run_path / "report.md")}
+    if stage == "demo":
+        from ual.demo import run_demo
+
+        return run_demo(cfg, force=force)
+    raise ValueError(stage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, help_text in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_config_flags(p)
+        p.add_argument("--force", action="store_true", help="redo work whose outputs already exist (train, eval)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.stage == "demo" and args.config is None:
+        args.config = str(default_demo_config())
+    try:
+        cfg = config_from_args(args)
+        result = run_stage(args.stage, cfg, force=args.force)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The `ual map` stage: scores.jsonl -> smoothing.jsonl (per-sample eps for UAL).
+
+The arithmetic is `smoothing.map_to_smoothing` (pure); this file is the glue:
+join scores to training samples by id, decide what an unscored sample means
+(never silently), and write the result with its statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+
+from ual.config import ExperimentConfig
+from ual.io import read_jsonl, write_json, write_jsonl
+from ual.runfolder import RunFolder
+from ual.smoothing import fit_scale, map_to_smoothing
+
+log = logging.getLogger(__name__)
+
+
+def run_map(cfg: ExperimentConfig) -> dict:
+    run = RunFolder(cfg.run_path)
+    samples = run.load_samples("train")
+    scored = {r["id"]: r.get("score") for r in read_jsonl(run.require(run.scores, "score"))}
+    opts = cfg.smoothing
+
+    missing = [s for s in samples if scored.get(s.id) is None]
+    if missing and opts.missing == "error":
+        raise ValueError(
+            f"{len(missing)} of {len(samples)} training samples have no score "
+            f"(first: {missing[0].id} from {missing[0].source}); rerun `ual score`, or pass "
+            f"--smoothing.missing drop (train without them) or --smoothing.missing mean (give them the mean eps)"
+        )
+    if opts.missing not in ("error", "drop", "mean"):
+        raise ValueError(f"smoothing.missing must be error, drop or mean, got {opts.missing!r}")
+    kept = [s for s in samples if scored.get(s.id) is not None]
+    if not kept:
+        raise ValueError("no training sample has a score")
+
+    u = np.array([scored[s.id] for s in kept], dtype=np.float64)
+    eps = map_to_smoothing(u, opts.target_mean, opts.eps_max)
+    rows = [{"id": s.id, "source": s.source, "score": float(x), "eps": float(e)} for s, x, e in zip(kept, u, eps)]
+    if missing and opts.missing == "mean":
+        rows += [{"id": s.id, "source": s.source, "score": None, "eps": float(opts.target_mean)} for s in missing]
+    if missing:
+        log.warning("%d training samples without a score: %s", len(missing),
+                    "dropped" if opts.missing == "drop" else f"given eps = {opts.target_mean}")
+    write_jsonl(run.smoothing, rows)
+
+    by_source = defaultdict(list)
+    for r in rows:
+        by_source[r["source"]].append(r["eps"])
+    stats = {
+        "target_mean": opts.target_mean,
+        "eps_max": opts.eps_max,
+        "scale_k": fit_scale(u, opts.target_mean, opts.eps_max),
+        "n": len(rows),
+        "missing": len(missing),
+        "missing_policy": opts.missing,
+        "mean_eps": float(np.mean([r["eps"] for r in rows])),
+        "clipped": int(np.sum(eps >= opts.eps_max)),
+        "mean_eps_by_source": {k: float(np.mean(v)) for k, v in sorted(by_source.items())},
+    }
+    write_json(run.smoothing_stats, stats)
+    return stats

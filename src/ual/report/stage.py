@@ -1,0 +1,94 @@
+"""The `ual report` stage: one Markdown page (and metrics.json) from a run folder.
+
+Reads whatever stages have run (data stats, scores, smoothing, training logs,
+evaluations) and writes report.md with tables and PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+from ual.config import ExperimentConfig
+from ual.io import read_json, read_jsonl, write_json, write_text
+from ual.report.plots import plot_distributions, plot_loss_curves
+from ual.runfolder import RunFolder
+
+MODEL_ORDER = ("base", "sft", "ls", "ual", "ppl")
+
+
+def collect(cfg: ExperimentConfig) -> dict:
+    run = RunFolder(cfg.run_path)
+    out = {"name": cfg.name, "model": cfg.model, "seed": cfg.seed}
+    if run.data_stats.exists():
+        out["data"] = read_json(run.data_stats)
+    if run.smoothing_stats.exists():
+        out["smoothing"] = read_json(run.smoothing_stats)
+    out["train"] = {m: read_json(run.train_dir(m) / "result.json")
+                    for m in MODEL_ORDER if (run.train_dir(m) / "result.json").exists()}
+    out["eval"] = {m: read_json(run.eval_file(m)) for m in MODEL_ORDER if run.eval_file(m).exists()}
+    return out
+
+
+def run_report(cfg: ExperimentConfig) -> str:
+    run = RunFolder(cfg.run_path)
+    metrics = collect(cfg)
+    write_json(run.metrics, metrics)
+    images = []
+    if run.scores.exists():
+        rows = read_jsonl(run.scores)
+        images.append(("Uncertainty scores per source", plot_distributions(
+            rows, "score", "uncertainty score u per data source", "u", run.root / "scores.png")))
+    if run.smoothing.exists():
+        rows = read_jsonl(run.smoothing)
+        images.append(("Label smoothing per source (UAL)", plot_distributions(
+            rows, "eps", "per-sample label smoothing eps per data source", "eps", run.root / "smoothing.png")))
+    histories = {m: read_json(run.train_dir(m) / "log.json") for m in metrics["train"]}
+    if histories:
+        images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
+    text = render_markdown(metrics, images)
+    write_text(run.report, text)
+    return text
+
+
+def render_markdown(m: dict, images) -> str:
+    lines = [f"# UAL run `{m['name']}`", "", f"Model: `{m['model']}`, seed {m['seed']}.", ""]
+    if "data" in m:
+        lines += ["## Data", "", "| source | read | skipped | train | held-out | truncated |", "|---|---:|---:|---:|---:|---:|"]
+        for src, s in m["data"].get("sources", {}).items():
+            lines.append(f"| {src} | {s.get('read', '')} | {s.get('skipped', 0)} | {s.get('train', '')} | "
+                         f"{s.get('heldout', '')} | {s.get('truncated', '')} |")
+        for note in m["data"].get("notes", []):
+            lines += ["", f"Note: {note}"]
+        lines.append("")
+    if "smoothing" in m:
+        s = m["smoothing"]
+        lines += ["## Smoothing", "",
+                  f"Target mean eps {s['target_mean']}, cap {s['eps_max']}, scale k = {s['scale_k']:.4f}; "
+                  f"mean eps reached {s['mean_eps']:.6f} over {s['n']} samples, {s['clipped']} at the cap, "
+                  f"{s['missing']} without a score ({s['missing_policy']}).", "",
+                  "| source | mean eps (UAL) |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in s["mean_eps_by_source"].items()]
+        lines.append("")
+    if m["train"]:
+        lines += ["## Training", "", "| mode | steps | samples | mean eps | train loss | seconds |", "|---|---:|---:|---:|---:|---:|"]
+        for mode, t in m["train"].items():
+            lines.append(f"| {mode} | {t['steps']} | {t['samples']} | {t['mean_eps']:.4f} | {t['train_loss']:.4f} | {t['seconds']:.0f} |")
+        lines += ["", "Train losses include each mode's own smoothing term, so they are not comparable across modes; "
+                  "the held-out NLL below is.", ""]
+    if m["eval"]:
+        lines += ["## Evaluation", ""] + eval_table(m["eval"]) + [""]
+    for title, path in images:
+        lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    return "\n".join(lines)
+
+
+def eval_table(ev: dict) -> list[str]:
+    sources = sorted({k for e in ev.values() for k in e.get("nll", {}) if k != "all"})
+    head = ["model"] + [f"NLL {s}" for s in sources] + ["NLL all", "GSM8K acc"]
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, e in ev.items():
+        nll = e.get("nll", {})
+        cells = [name] + [f"{nll[s]['nll']:.4f}" if s in nll else "" for s in sources]
+        cells.append(f"{nll['all']['nll']:.4f}" if "all" in nll else "")
+        maths = e.get("maths")
+        cells.append(f"{maths['accuracy']:.3f} ({maths['correct']}/{maths['n']})" if maths else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows

@@ -1,0 +1,80 @@
+"""The run folder: the contract between stages (see README, "Run folder").
+
+    runs/NAME/
+      config.yaml            resolved config of the last stage run
+      samples.jsonl          training samples (Sample.to_dict), heldout.jsonl for evaluation
+      data_stats.json        per-source counts (read, skipped, truncated, train, heldout)
+      scores.jsonl           id, source, score, scorer, details
+      smoothing.jsonl        id, source, score, eps (the UAL mode's per-sample smoothing)
+      train/MODE/            adapter (or model), log.json, result.json
+      eval/MODEL.json        metrics of one model (base or a trained mode)
+      report.md, metrics.json, *.png
+
+Every stage reads its inputs from here and writes its outputs atomically, so a
+stage can be rerun alone and a crashed run resumed where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ual.data.sample import Sample
+from ual.io import read_jsonl
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def heldout(self) -> Path:
+        return self.root / "heldout.jsonl"
+
+    @property
+    def data_stats(self) -> Path:
+        return self.root / "data_stats.json"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.jsonl"
+
+    @property
+    def smoothing(self) -> Path:
+        return self.root / "smoothing.jsonl"
+
+    @property
+    def smoothing_stats(self) -> Path:
+        return self.root / "smoothing_stats.json"
+
+    def train_dir(self, mode: str) -> Path:
+        return self.root / "train" / mode
+
+    def eval_file(self, model: str) -> Path:
+        return self.root / "eval" / f"{model}.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    def require(self, path: Path, stage: str) -> Path:
+        """Fail with the command to run when an earlier stage's output is missing."""
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `ual {stage}` on this run folder first")
+        return path
+
+    def load_samples(self, which: str = "train") -> list[Sample]:
+        path = self.require(self.samples if which == "train" else self.heldout, "data")
+        return [Sample.from_dict(r) for r in read_jsonl(path)]

@@ -1,0 +1,109 @@
+"""Hugging Face Trainer glue for per-sample label smoothing.
+
+Three pieces, all thin:
+- `SmoothedDataset` / `SmoothingCollator`: tokenised samples that carry their
+  eps through batching (a float per sample, padded alongside input_ids).
+- `UALTrainer.compute_loss`: the model's logits (or, with the chunked loss, its
+  final hidden states) into `ual.loss`, normalised by the supervised-token count
+  of the whole accumulated batch, so accumulation and data parallel are exact.
+
+SFT, uniform label smoothing and UAL are the same code with different eps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer
+
+from ual.loss import IGNORE_INDEX, shift_labels, smoothed_cross_entropy
+
+
+class SmoothedDataset(Dataset):
+    def __init__(self, encoded: list[dict], eps: list[float]):
+        if len(encoded) != len(eps):
+            raise ValueError(f"{len(encoded)} samples but {len(eps)} smoothing values")
+        self.rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": float(x)} for e, x in zip(encoded, eps)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+@dataclass
+class SmoothingCollator:
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        eps = torch.tensor([r["eps"] for r in rows], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "eps": eps}
+
+
+class UALTrainer(Trainer):
+    """A Trainer whose loss is per-sample label-smoothed cross-entropy.
+
+    `loss_impl`: "naive" (full logits) or "chunked" (from hidden states and the
+    output-projection weight, never materialising all logits).
+    """
+
+    # Our loss is divided by num_items_in_batch (the whole accumulated batch's
+    # token count), so the Trainer must not divide it again by the accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, loss_impl: str = "naive", **kwargs):
+        super().__init__(*args, **kwargs)
+        if loss_impl not in ("naive", "chunked"):
+            raise ValueError(f"train.loss must be naive or chunked, got {loss_impl!r}")
+        self.loss_impl = loss_impl
+        # Make the Trainer count supervised tokens over the accumulated batch
+        # (it only does so for models it believes take loss kwargs), over the
+        # shifted labels, exactly as our loss counts them.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        eps = inputs.pop("eps")
+        targets = shift_labels(inputs.pop("labels"))
+        if self.loss_impl == "chunked":
+            from ual.loss import chunked_smoothed_cross_entropy
+
+            hidden, head = final_hidden_states(model, inputs)
+            loss = chunked_smoothed_cross_entropy(
+                hidden, head.weight, targets, eps, num_items_in_batch=num_items_in_batch
+            )
+            outputs = None
+        else:
+            outputs = model(**inputs, use_cache=False)
+            loss = smoothed_cross_entropy(outputs.logits, targets, eps, num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch is summed over processes; DDP averages gradients,
+            # so undo that average to get the global per-token mean.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+def final_hidden_states(model, inputs):
+    """Run a causal LM up to (not through) its output projection.
+
+    Returns the final hidden states (B, T, H) and the output-projection module.
+    Works for plain and peft-wrapped Hugging Face causal LMs.
+    """
+    lm = model
+    if hasattr(lm, "get_base_model"):  # peft wrapper
+        lm = lm.get_base_model()
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    out = decoder(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+    return out.last_hidden_state, lm.get_output_embeddings()
