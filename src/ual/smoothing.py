@@ -55,8 +55,12 @@ def fit_scale(scores, target_mean: float, eps_max: float = 0.99) -> float:
 def map_to_smoothing(scores, target_mean: float, eps_max: float = 0.99) -> np.ndarray:
     """Per-sample label smoothing eps_i = min(eps_max, k * u_i) with mean(eps) = target_mean."""
     u = _validated_scores(scores)
-    k = fit_scale(u, target_mean, eps_max)
-    return np.minimum(eps_max, k * u)
+    # Solve on u / max(u): the same eps, with k in a range where tiny scores
+    # (even subnormal ones) cannot overflow it.
+    top = u.max()
+    v = u / top if top > 0 else u
+    k = fit_scale(v, target_mean, eps_max)
+    return np.minimum(eps_max, k * v)
 
 
 def uniform_smoothing(n: int, target_mean: float) -> np.ndarray:

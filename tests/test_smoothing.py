@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ual.smoothing import fit_scale, map_to_smoothing, uniform_smoothing
+
+
+def test_mean_hits_target_and_cap_holds():
+    rng = np.random.default_rng(0)
+    u = rng.uniform(0, 1, size=1000)
+    for target in (0.05, 0.1, 0.3, 0.5, 0.9):
+        eps = map_to_smoothing(u, target, eps_max=0.99)
+        assert abs(eps.mean() - target) < 1e-9
+        assert eps.max() <= 0.99 + 1e-15
+        assert eps.min() >= 0
+
+
+def test_clipping_is_exact_when_many_samples_hit_the_cap():
+    u = np.array([1.0, 0.9, 0.8, 0.01, 0.01, 0.0])
+    eps = map_to_smoothing(u, target_mean=0.5, eps_max=0.99)
+    assert abs(eps.mean() - 0.5) < 1e-12
+    assert np.sum(eps == 0.99) >= 2  # the large scores are clipped
+    # unclipped samples stay proportional to their scores
+    k = fit_scale(u, 0.5, 0.99)
+    free = eps < 0.99
+    np.testing.assert_allclose(eps[free], k * u[free])
+
+
+def test_zero_scores_get_zero_and_order_is_preserved():
+    u = np.array([0.0, 0.2, 0.0, 0.7, 0.4])
+    eps = map_to_smoothing(u, 0.1)
+    assert eps[0] == 0 and eps[2] == 0
+    assert np.all(np.diff(eps[np.argsort(u)]) >= 0)
+
+
+def test_zero_target_is_sft():
+    assert np.all(map_to_smoothing([0.3, 0.9], 0.0) == 0)
+
+
+@pytest.mark.parametrize(
+    "scores,target,match",
+    [
+        ([0.0, 0.0], 0.1, "every score is 0"),
+        ([0.5, 0.5], 0.99, "must be below eps_max"),
+        ([0.5, float("nan")], 0.1, "not a finite number"),
+        ([0.5, 1.5], 0.1, r"must lie in \[0, 1\]"),
+        ([1.0, 0.0, 0.0, 0.0], 0.5, "unreachable"),
+        ([], 0.1, "no scores"),
+        ([0.5], -0.1, ">= 0"),
+    ],
+)
+def test_impossible_requests_raise(scores, target, match):
+    with pytest.raises(ValueError, match=match):
+        map_to_smoothing(scores, target)
+
+
+def test_uniform_smoothing():
+    assert np.all(uniform_smoothing(3, 0.1) == 0.1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=60),
+    st.floats(0.001, 0.95),
+)
+def test_property_mean_and_cap(scores, target):
+    u = np.array(scores)
+    positive = np.count_nonzero(u > 0)
+    if positive == 0 or target > 0.99 * positive / u.size:
+        with pytest.raises(ValueError):
+            map_to_smoothing(u, target)
+        return
+    eps = map_to_smoothing(u, target)
+    assert abs(eps.mean() - target) < 1e-9
+    assert eps.max() <= 0.99 + 1e-12
+    assert np.all(eps[u == 0] == 0)
