@@ -60,6 +60,11 @@ def map_to_smoothing(scores, target_mean: float, eps_max: float = 0.99) -> np.nd
     top = u.max()
     v = u / top if top > 0 else u
     k = fit_scale(v, target_mean, eps_max)
+    if not np.isfinite(k):
+        raise ValueError(
+            f"target_mean {target_mean} needs scores far from 0, but the unclipped ones are too small "
+            f"(smallest positive {u[u > 0].min():.3g}) for a finite scale"
+        )
     return np.minimum(eps_max, k * v)
 
 
