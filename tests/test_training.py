@@ -1,0 +1,56 @@
+"""The Trainer glue: exact token normalisation under gradient accumulation, eps per mode."""
+
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from ual.data.sample import Sample
+from ual.data.tokenize import encode_sample
+from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
+
+
+def _samples():
+    # Very different response lengths: a per-micro-batch mean would weight them wrongly.
+    texts = [("hi", "hello there"), ("2+2?", "4"), ("tell me a story", "once upon a time " * 12), ("x", "y z")]
+    return [Sample.create("t", [{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in texts]
+
+
+def _one_step(model_dir, tokenizer, tmp_path, batch_size, accumulation, eps):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    encoded = [encode_sample(tokenizer, s.messages, 128) for s in _samples()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"o{batch_size}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
+        remove_unused_columns=False, seed=0, data_seed=0, disable_tqdm=True,
+    )
+    trainer = UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(encoded, eps),
+                         data_collator=SmoothingCollator(tokenizer.pad_token_id))
+    # Same order regardless of batch size: no shuffling.
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    return {n: before[n] - p.detach() for n, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, tokenizer, tmp_path):
+    eps = [0.0, 0.5, 0.2, 0.9]
+    big = _one_step(tiny_model_dir, tokenizer, tmp_path, batch_size=4, accumulation=1, eps=eps)
+    acc = _one_step(tiny_model_dir, tokenizer, tmp_path, batch_size=2, accumulation=2, eps=eps)
+    worst = max(float((big[n] - acc[n]).abs().max() / (big[n].abs().max() + 1e-12)) for n in big)
+    assert worst < 1e-4, worst
+
+
+def test_eps_changes_the_update(tiny_model_dir, tokenizer, tmp_path):
+    sft = _one_step(tiny_model_dir, tokenizer, tmp_path, 4, 1, [0.0] * 4)
+    ual = _one_step(tiny_model_dir, tokenizer, tmp_path, 4, 1, [0.0, 0.5, 0.2, 0.9])
+    assert any(not torch.allclose(sft[n], ual[n]) for n in sft)
+
+
+def test_collator_pads_and_carries_eps(tokenizer):
+    encoded = [encode_sample(tokenizer, s.messages, 64) for s in _samples()[:2]]
+    batch = SmoothingCollator(tokenizer.pad_token_id)(list(SmoothedDataset(encoded, [0.1, 0.7])))
+    assert batch["eps"].tolist() == [0.10000000149011612, 0.699999988079071]
+    n0 = len(encoded[0]["input_ids"])
+    assert batch["attention_mask"][0].sum() == n0
+    assert (batch["labels"][0, n0:] == -100).all()
