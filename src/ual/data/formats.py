@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ual.data.sample import ROLES, Sample
+from ual.data.sample import Sample
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "lima")
 SHAPES = ("messages [{role, content}], sharegpt conversations [{from, value}], "
@@ -162,8 +162,6 @@ def _validate(msgs: list[dict], where: str) -> list[dict]:
     out = []
     for m in msgs:
         role, content, field = m["role"], m["content"], m["_field"]
-        if role not in ROLES:
-            raise _fail(where, field, f"unknown role {role!r}")
         if not isinstance(content, str):
             raise _fail(where, field, f"expected a string, got {type(content).__name__}")
         if not content.strip():
@@ -233,7 +231,8 @@ def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1
                 if end == len(buf) and not eof:  # a scalar may go on in the next chunk
                     raise json.JSONDecodeError("incomplete", buf, end)
             except json.JSONDecodeError as exc:
-                if more():
+                if not eof:  # maybe only cut by the buffer: read on, then decode again
+                    more()
                     continue
                 if truncated_ok:
                     return
@@ -305,9 +304,7 @@ def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "rai
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     samples, seen = [], set()
     stats = {"read": 0, "kept": 0, "skipped": 0, "duplicates": 0, "skipped_reasons": []}
-    for where, row in rows:
-        if limit is not None and len(samples) >= limit:
-            break
+    for where, row in rows if limit is None or limit > 0 else ():
         stats["read"] += 1
         try:
             if isinstance(row, Exception):
@@ -326,6 +323,8 @@ def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "rai
             continue
         seen.add(sample.id)
         samples.append(sample)
+        if limit is not None and len(samples) >= limit:
+            break
     stats["kept"] = len(samples)
     return samples, stats
 

@@ -1,0 +1,133 @@
+"""The `ual data` stage: load every source, split it into held-out and training samples, write them.
+
+Outputs in the run folder (written atomically; a later stage trusts them):
+  samples.jsonl    training samples, one Sample.to_dict() per line, sources mixed
+  heldout.jsonl    held-out samples for evaluation (never trained on)
+  data_stats.json  per source: rows read, skipped, duplicates, train, held-out, and (with a
+                   tokenizer) how many samples exceed data.max_length and will be truncated
+
+Selection is deterministic: each source's samples are shuffled by an RNG seeded from
+(cfg.seed, source label), so adding a source leaves the others' selection unchanged;
+the first `heldout` go to held-out, the next `train` to training. The two sets are
+disjoint by construction, and by content id, since identical samples are deduplicated
+when loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from ual.config import ExperimentConfig
+from ual.data.formats import DataError
+from ual.data.sample import Sample
+from ual.data.sources import input_path, load_source, source_label
+from ual.io import write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("samples.jsonl", "heldout.jsonl", "data_stats.json")
+
+
+def split_source(samples: list[Sample], label: str, seed: int, heldout: int,
+                 train: int | None) -> tuple[list[Sample], list[Sample]]:
+    """Seeded shuffle, then held-out first and training next; an error if there are too few."""
+    want = heldout + (train or 0)
+    if len(samples) < want:
+        asked = f"{heldout} held-out + {train} training" if train is not None else f"{heldout} held-out"
+        raise DataError(f"source '{label}' has only {len(samples)} usable samples, but {asked} = "
+                        f"{want} were asked; lower the counts or add data")
+    order = list(samples)
+    random.Random(f"{seed}:{label}").shuffle(order)
+    held = order[:heldout]
+    rest = order[heldout:]
+    return (rest if train is None else rest[:train]), held
+
+
+def length_stats(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool) -> dict:
+    """How many samples the max_length cut would truncate, and how many it leaves nothing to learn."""
+    from ual.data.tokenize import encode_sample
+
+    lengths, truncated, emptied = [], 0, 0
+    for s in samples:
+        enc = encode_sample(tokenizer, s.messages, None, train_on_prompt)
+        lengths.append(len(enc["input_ids"]))
+        if len(enc["input_ids"]) > max_length:
+            truncated += 1
+            if all(label == -100 for label in enc["labels"][:max_length]):
+                emptied += 1
+    return {
+        "truncated": truncated,
+        "no_supervised_tokens_after_truncation": emptied,
+        "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
+        "tokens_max": max(lengths, default=0),
+    }
+
+
+def _check_outputs(cfg: ExperimentConfig) -> None:
+    """Refuse to write over any file the user gave as input."""
+    outs = {(cfg.run_path / name).resolve() for name in OUTPUTS}
+    for spec in cfg.data.sources:
+        path = input_path(spec)
+        if path is not None and path.resolve() in outs:
+            raise DataError(f"source file {path} is also an output of `ual data` in {cfg.run_path}; "
+                            "it would be overwritten: use another run folder or move the file")
+
+
+def build_dataset(cfg: ExperimentConfig, tokenizer=None) -> dict:
+    """Run the data stage for `cfg`; returns (and writes) the data statistics."""
+    if not cfg.data.sources:
+        raise DataError("no data sources configured (data.sources is empty)")
+    _check_outputs(cfg)
+    labels = [source_label(s) for s in cfg.data.sources]
+    if len(set(labels)) != len(labels):
+        raise DataError(f"two sources share a label in {labels}; give them distinct `label`s")
+
+    train_all: list[Sample] = []
+    held_all: list[Sample] = []
+    per_source = {}
+    for spec, label in zip(cfg.data.sources, labels):
+        need = spec.heldout + spec.train if spec.train is not None else None
+        log.info("data: loading %s (%s)", label, spec.name)
+        samples, stats = load_source(spec, need, cfg.data.on_error)
+        train, held = split_source(samples, label, cfg.seed, spec.heldout, spec.train)
+        for s in train:
+            s.meta["split"] = "train"
+        for s in held:
+            s.meta["split"] = "heldout"
+        stats.update(available=len(samples), train=len(train), heldout=len(held))
+        if tokenizer is not None:
+            stats["train_lengths"] = length_stats(tokenizer, train, cfg.data.max_length, cfg.data.train_on_prompt)
+            stats["heldout_lengths"] = length_stats(tokenizer, held, cfg.data.max_length, cfg.data.train_on_prompt)
+            stats["truncated"] = stats["train_lengths"]["truncated"] + stats["heldout_lengths"]["truncated"]
+        per_source[label] = stats
+        train_all += train
+        held_all += held
+        log.info("data: %s: %d read, %d skipped, %d train, %d held-out", label,
+                 stats["read"], stats["skipped"], len(train), len(held))
+
+    # Ids hash (source label, messages), labels are distinct and each source is deduplicated,
+    # so no id is in both sets; checked anyway, as evaluation on trained samples would mislead.
+    assert not {s.id for s in train_all} & {s.id for s in held_all}
+    random.Random(f"{cfg.seed}:mix").shuffle(train_all)  # sources interleaved in the file
+    out = cfg.run_path
+    write_jsonl(out / "samples.jsonl", (s.to_dict() for s in train_all))
+    write_jsonl(out / "heldout.jsonl", (s.to_dict() for s in held_all))
+    result = {
+        "seed": cfg.seed,
+        "max_length": cfg.data.max_length,
+        "train_on_prompt": cfg.data.train_on_prompt,
+        "train": len(train_all),
+        "heldout": len(held_all),
+        "sources": per_source,
+    }
+    write_json(out / "data_stats.json", result)
+    return result
+
+
+def read_samples(path: str | Path) -> list[Sample]:
+    """Samples written by build_dataset (samples.jsonl or heldout.jsonl)."""
+    from ual.io import read_jsonl
+
+    return [Sample.from_dict(row) for row in read_jsonl(path)]
