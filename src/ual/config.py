@@ -37,6 +37,7 @@ class SourceConfig:
     format: str = _f("auto", "auto | messages | sharegpt | alpaca | prompt_completion | lima")
     split: str = _f("train", "split to read for hub data sets")
     label: str | None = _f(None, "name of the source in reports (default: derived from name)")
+    max_turns: int | None = _f(None, "keep only the first N user/assistant exchanges of each conversation (null: all)")
 
 
 @dataclass

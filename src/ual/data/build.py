@@ -65,6 +65,27 @@ def length_stats(tokenizer, samples: list[Sample], max_length: int, train_on_pro
     }
 
 
+def first_exchanges(sample: Sample, max_turns: int) -> Sample:
+    """Keep the system prompt and the first `max_turns` user/assistant exchanges."""
+    kept, answers = [], 0
+    for m in sample.messages:
+        if answers == max_turns:
+            break
+        kept.append(m)
+        answers += m["role"] == "assistant"
+    return Sample.create(sample.source, kept, sample.meta)
+
+
+def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool):
+    """Samples whose response is cut away entirely by max_length teach nothing and cannot be
+    scored (0 response tokens); they are dropped before the split and counted."""
+    from ual.data.tokenize import encode_sample
+
+    kept = [s for s in samples
+            if any(x != -100 for x in encode_sample(tokenizer, s.messages, max_length, train_on_prompt)["labels"])]
+    return kept, len(samples) - len(kept)
+
+
 def _check_outputs(cfg: ExperimentConfig) -> None:
     """Refuse to write over any file the user gave as input."""
     outs = {(cfg.run_path / name).resolve() for name in OUTPUTS}
@@ -89,8 +110,18 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None) -> dict:
     per_source = {}
     for spec, label in zip(cfg.data.sources, labels):
         need = spec.heldout + spec.train if spec.train is not None else None
+        if need is not None and tokenizer is not None:
+            need += need // 2 + 8  # read a margin, so dropping unlearnable samples still leaves enough
         log.info("data: loading %s (%s)", label, spec.name)
         samples, stats = load_source(spec, need, cfg.data.on_error)
+        if spec.max_turns is not None:
+            unique = {s.id: s for s in (first_exchanges(s, spec.max_turns) for s in samples)}
+            stats["max_turns"] = spec.max_turns
+            stats["duplicates_after_max_turns"] = len(samples) - len(unique)
+            samples = list(unique.values())
+        if tokenizer is not None:
+            samples, dropped = drop_unlearnable(tokenizer, samples, cfg.data.max_length, cfg.data.train_on_prompt)
+            stats["dropped_no_response_tokens"] = dropped
         train, held = split_source(samples, label, cfg.seed, spec.heldout, spec.train)
         for s in train:
             s.meta["split"] = "train"

@@ -1,0 +1,102 @@
+"""Every stage of the CLI, in order, on a tiny random model and small real data; then reruns."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ual.cli import main
+from ual.io import read_json, read_jsonl
+
+
+def _config(tmp_path, model_dir):
+    chat = tmp_path / "chat.jsonl"
+    rows = [
+        {"conversations": [{"from": "human", "value": f"Tell me something nice #{i}"},
+                           {"from": "gpt", "value": "Sunsets over the sea are lovely. " * (1 + i % 4)}]}
+        for i in range(24)
+    ]
+    chat.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"""
+name: e2e
+run_dir: {tmp_path / 'run'}
+model: {model_dir}
+data:
+  max_length: 96
+  sources:
+    - {{name: {chat}, label: chat, train: 16, heldout: 4}}
+    - {{name: gsm8k, train: 16, heldout: 4}}
+score: {{batch_size: 8}}
+smoothing: {{target_mean: 0.2}}
+train: {{max_steps: 3, batch_size: 4, logging_steps: 1}}
+eval: {{max_new_tokens: 8, batch_size: 4}}
+""")
+    return cfg
+
+
+def test_every_stage_then_resume(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    for stage in ("data", "score", "map", "train", "eval", "report"):
+        assert main([stage, "--config", str(cfg)]) == 0, stage
+
+    samples = read_jsonl(run / "samples.jsonl")
+    assert len(samples) == 32 and {s["source"] for s in samples} == {"chat", "gsm8k"}
+    scores = read_jsonl(run / "scores.jsonl")
+    assert len(scores) == 32 and all(0 <= r["score"] <= 1 for r in scores)
+    eps = [r["eps"] for r in read_jsonl(run / "smoothing.jsonl")]
+    assert abs(sum(eps) / len(eps) - 0.2) < 1e-9
+    for mode in ("sft", "ls", "ual"):
+        result = read_json(run / "train" / mode / "result.json")
+        assert result["steps"] == 3
+        assert (run / "train" / mode / "adapter" / "adapter_config.json").exists()
+    assert read_json(run / "train" / "ls" / "result.json")["mean_eps"] == pytest.approx(0.2)
+    metrics = read_json(run / "metrics.json")
+    assert set(metrics["eval"]) == {"base", "sft", "ls", "ual"}
+    for name, e in metrics["eval"].items():
+        assert set(e["nll"]) == {"chat", "gsm8k", "all"}
+        assert e["maths"]["n"] == 4
+    # LoRA training moved the held-out NLL of each trained mode away from the base model's
+    base_nll = metrics["eval"]["base"]["nll"]["all"]["nll"]
+    assert all(metrics["eval"][m]["nll"]["all"]["nll"] != base_nll for m in ("sft", "ls", "ual"))
+    report = (run / "report.md").read_text()
+    for needle in ("| base |", "| sft |", "| ls |", "| ual |", "scores.png", "smoothing.png", "loss.png"):
+        assert needle in report
+    for png in ("scores.png", "smoothing.png", "loss.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Rerunning training and evaluation reuses what is done.
+    before = (run / "train" / "ual" / "result.json").stat().st_mtime_ns
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert main(["eval", "--config", str(cfg)]) == 0
+    assert (run / "train" / "ual" / "result.json").stat().st_mtime_ns == before
+
+
+def test_bad_input_is_a_clear_error_and_input_untouched(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    content = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"instruction": "x"}\n'
+    bad.write_text(content)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'r'}\nmodel: {tiny_model_dir}\ndata:\n  sources:\n    - {{name: {bad}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "ual.cli", "data", "--config", str(cfg)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "bad.jsonl:2" in proc.stderr and "output" in proc.stderr
+    assert bad.read_text() == content
+
+
+def test_map_refuses_missing_scores_unless_told(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    assert main(["data", "--config", str(cfg)]) == 0
+    ids = [r["id"] for r in read_jsonl(run / "samples.jsonl")]
+    from ual.io import write_jsonl
+
+    write_jsonl(run / "scores.jsonl", [{"id": i, "source": "x", "score": 0.5, "scorer": "t", "details": {}} for i in ids[:-3]])
+    assert main(["map", "--config", str(cfg)]) == 2
+    assert main(["map", "--config", str(cfg), "--smoothing.missing", "drop"]) == 0
+    assert len(read_jsonl(run / "smoothing.jsonl")) == len(ids) - 3
+    assert main(["map", "--config", str(cfg), "--smoothing.missing", "mean"]) == 0
+    assert len(read_jsonl(run / "smoothing.jsonl")) == len(ids)
