@@ -1,0 +1,361 @@
+"""Uncertainty from a judge LLM behind any OpenAI-compatible endpoint (METHOD.md §1).
+
+OpenAI, vLLM, llama.cpp or Ollama: the official `openai` client talks to all
+of them. Judging thousands of samples costs money and time, so:
+- every answer is committed to a SQLite cache the moment it arrives (cache.py):
+  a rerun, or a run after SIGKILL, sends nothing for what is already answered;
+- requests run concurrently (cfg.concurrency workers) under optional request and
+  token rate limits, with exponential backoff that honours Retry-After on 429,
+  5xx and time-outs (the client's own retries are off, so every attempt is ours,
+  counted and visible);
+- a malformed or unparseable answer is retried (at a small temperature, since a
+  greedy rerun would repeat it) and after cfg.max_retries listed as a failure
+  with its reasons: no score is ever invented;
+- when the endpoint returns top log-probabilities the score is their expectation
+  (prompt.expected_score); the sampled number is recorded next to it;
+- n_samples > 1 adds draws at a small temperature and averages them.
+The API key comes only from $OPENAI_API_KEY (a local base_url needs none) and is
+scrubbed from every message we keep: it never reaches logs, cache or outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Sequence
+
+from ual.config import ScoreConfig
+from ual.data.sample import Sample
+from ual.scoring.base import ScoreResult
+from ual.scoring.cache import JudgeCache
+from ual.scoring.prompt import JudgePrompt, load_prompt, parse_answer, expected_score
+
+log = logging.getLogger(__name__)
+
+# USD per million (input, output) tokens; a model not listed gets token counts only.
+# Public list prices, mid-2025: check your provider's page before trusting a total.
+PRICES_PER_MTOK = {
+    "gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4-turbo": (10.00, 30.00), "gpt-4": (30.00, 60.00), "gpt-3.5-turbo": (0.50, 1.50),
+}
+NO_KEY_PLACEHOLDER = "sk-no-key-required"  # for base_url endpoints that take none
+
+
+def price_for(model: str) -> tuple[float, float] | None:
+    """Exact name, else the longest listed prefix ("gpt-4o-2024-08-06" -> "gpt-4o")."""
+    hits = [k for k in PRICES_PER_MTOK if model == k or model.startswith(k + "-")]
+    return PRICES_PER_MTOK[max(hits, key=len)] if hits else None
+
+
+@dataclass
+class JudgeOptions:
+    """Knobs beyond ScoreConfig, with defaults that suit OpenAI and local servers alike."""
+
+    timeout_s: float = 120.0  # per request
+    max_tokens: int = 16  # the answer is one integer; room for "Score: 73"
+    logprobs: bool = True  # ask for top log-probabilities (turned off if the endpoint refuses)
+    top_logprobs: int = 20  # OpenAI's maximum
+    extra_temperature: float = 0.7  # for draws 1..n-1 and for retries after an unparseable answer
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None  # estimated prompt + max_tokens per request
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    chars_per_token: float = 4.0  # token estimate before sending (dry run, rate limit)
+    progress: bool = True
+
+
+class JudgeFatalError(RuntimeError):
+    """An error that retrying cannot fix (bad key, unknown model): the run stops."""
+
+
+class RateLimiter:
+    """Token buckets for requests/min and tokens/min, plus a shared pause after a 429."""
+
+    def __init__(self, rpm: float | None, tpm: float | None):
+        self.buckets = [[r / 60.0, r / 6.0, r / 6.0, time.monotonic()] for r in (rpm, tpm) if r]
+        self.kinds = [k for k, r in (("req", rpm), ("tok", tpm)) if r]
+        self.paused_until = 0.0
+
+    async def acquire(self, tokens: float) -> None:
+        now, wait = time.monotonic(), 0.0
+        for kind, b in zip(self.kinds, self.buckets):
+            rate, cap, level, last = b
+            need = min(1.0 if kind == "req" else tokens, cap)
+            level = min(cap, level + (now - last) * rate) - need  # reserve now, may go negative
+            b[2], b[3] = level, now
+            wait = max(wait, -level / rate if level < 0 else 0.0)
+        wait = max(wait, self.paused_until - now)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+
+class JudgeScorer:
+    """Scorer protocol over an OpenAI-compatible chat endpoint; see the module docstring."""
+
+    def __init__(self, cfg: ScoreConfig, cache_path: str | Path, prompt: JudgePrompt | None = None,
+                 options: JudgeOptions | None = None):
+        if not cfg.model:
+            raise ValueError("score.model must name the judge model for scorer 'judge'")
+        if cfg.n_samples < 1 or cfg.concurrency < 1 or cfg.max_retries < 0:
+            raise ValueError("score.n_samples and score.concurrency must be >= 1, score.max_retries >= 0")
+        self.cfg, self.opts = cfg, options or JudgeOptions()
+        self.prompt = prompt or load_prompt(cfg.prompt_file)
+        self.cache = JudgeCache(cache_path)
+        self.model = cfg.model
+        self.name = f"judge:{self.model}:{self.prompt.version}"
+        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None}
+        self.last_plan: dict | None = None
+        self._use_logprobs = self.opts.logprobs
+        self._key = os.environ.get("OPENAI_API_KEY") or ""
+
+    # ------------------------------------------------------------------ public
+
+    def score(self, samples: Sequence[Sample]) -> list[ScoreResult]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.ascore(samples))
+        with ThreadPoolExecutor(1) as pool:  # called from inside an event loop (notebooks)
+            return pool.submit(asyncio.run, self.ascore(samples)).result()
+
+    async def ascore(self, samples: Sequence[Sample]) -> list[ScoreResult]:
+        rendered = [self.prompt.render(s.messages) for s in samples]
+        hashes = [_content_hash(msgs) for msgs, _ in rendered]
+        rows = self.cache.lookup(self.model, self.prompt.version, hashes)
+        todo = [(i, d) for i, h in enumerate(hashes) for d in range(self.cfg.n_samples)
+                if not rows.get((h, d), {}).get("ok")]
+        cached = {h for h in hashes if all(rows.get((h, d), {}).get("ok") for d in range(self.cfg.n_samples))}
+        if self.cfg.dry_run:
+            self.last_plan = self._plan([rendered[i][0] for i, _ in todo], len(cached))
+            print(_plan_text(self.last_plan))
+            return [ScoreResult(s.id, None, {"error": "dry run: nothing sent"}) for s in samples]
+        if todo:
+            await self._run(todo, rendered, hashes, rows)
+        return [self._result(s, h, rows, cut, h in cached) for s, h, (_, cut) in zip(samples, hashes, rendered)]
+
+    def plan(self, samples: Sequence[Sample]) -> dict:
+        """What a run would send: request count and estimated tokens/cost (sends nothing)."""
+        rendered = [self.prompt.render(s.messages)[0] for s in samples]
+        hashes = [_content_hash(m) for m in rendered]
+        rows = self.cache.lookup(self.model, self.prompt.version, hashes)
+        todo = [m for m, h in zip(rendered, hashes) for d in range(self.cfg.n_samples)
+                if not rows.get((h, d), {}).get("ok")]
+        return self._plan(todo, sum(all(rows.get((h, d), {}).get("ok") for d in range(self.cfg.n_samples))
+                                    for h in hashes))
+
+    # ------------------------------------------------------------------ the run
+
+    async def _run(self, todo, rendered, hashes, rows) -> None:
+        from openai import AsyncOpenAI
+        from tqdm.auto import tqdm
+
+        key = self._key or (NO_KEY_PLACEHOLDER if self.cfg.base_url else "")
+        if not key:
+            raise JudgeFatalError("OPENAI_API_KEY is not set (it is read from the environment only)")
+        client = AsyncOpenAI(api_key=key, base_url=self.cfg.base_url, max_retries=0, timeout=self.opts.timeout_s)
+        limiter = RateLimiter(self.opts.requests_per_minute, self.opts.tokens_per_minute)
+        queue: asyncio.Queue = asyncio.Queue()
+        for job in todo:
+            queue.put_nowait(job)
+        price = price_for(self.model)
+        bar = tqdm(total=len(todo), unit="req", desc=f"judge {self.model}", disable=not self.opts.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+
+        async def worker():
+            while True:
+                try:
+                    i, draw = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                msgs = rendered[i][0]
+                record = await self._answer(client, limiter, msgs, draw)
+                self.cache.put(self.model, self.prompt.version, hashes[i], draw, record["ok"],
+                               record.get("score"), record)  # committed now: survives a kill
+                rows[(hashes[i], draw)] = {"ok": record["ok"], "score": record.get("score"), "record": record}
+                bar.update(1)
+                bar.set_postfix_str(self._usage_text(price), refresh=False)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(self.cfg.concurrency, len(todo)))))
+        finally:
+            bar.close()
+            await client.close()
+        log.info("judge %s: %s", self.model, self._usage_text(price))
+
+    async def _answer(self, client, limiter: RateLimiter, msgs: list[dict], draw: int) -> dict:
+        """One (sample, draw): retry until a parseable answer or cfg.max_retries retries."""
+        import openai
+
+        reasons, unparseable, est = [], 0, _estimate_tokens(msgs, self.opts)
+        for attempt in range(self.cfg.max_retries + 1):
+            await limiter.acquire(est)
+            temperature = 0.0 if draw == 0 and unparseable == 0 else self.opts.extra_temperature
+            kwargs = dict(model=self.model, messages=msgs, temperature=temperature, max_tokens=self.opts.max_tokens)
+            if self._use_logprobs:
+                kwargs.update(logprobs=True, top_logprobs=self.opts.top_logprobs)
+            self.stats["requests"] += 1
+            try:
+                resp = await client.chat.completions.create(**kwargs)
+                text, content, usage = _unpack(resp)
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                raise JudgeFatalError(self._redact(f"{type(e).__name__}: {e}")) from None
+            except openai.BadRequestError as e:
+                if self._use_logprobs and "logprob" in str(e).lower():
+                    self._use_logprobs = False  # the endpoint does not do log-probabilities: go without
+                    reasons.append("endpoint refused logprobs; retrying without")
+                    continue
+                reasons.append(self._redact(f"bad request: {e}"))
+                break  # the same request would fail the same way
+            except Exception as e:  # 429, 5xx, time-outs, dropped connections, garbage bodies
+                status = getattr(e, "status_code", None)
+                if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
+                    reasons.append(self._redact(f"HTTP {status}: {e}"))
+                    break
+                retry_after = _retry_after(e)
+                reasons.append(self._redact(f"{type(e).__name__}{f' {status}' if status else ''}: {e}")[:300])
+                delay = min(self.opts.backoff_max_s, self.opts.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1)
+                if retry_after is not None:
+                    delay = min(retry_after, 600.0)
+                    limiter.pause(delay)  # everyone waits, not just this request
+                await asyncio.sleep(delay)
+                continue
+            self.stats["prompt_tokens"] += usage[0]
+            self.stats["completion_tokens"] += usage[1]
+            parsed = parse_answer(text)
+            if parsed.value is None:
+                unparseable += 1
+                reasons.append(self._redact(f"unparseable answer: {parsed.error}")[:300])
+                continue
+            exp = expected_score(content, text, parsed.span) if content else None
+            return {"ok": True, "score": exp["expected"] if exp else parsed.value, "sampled": parsed.value,
+                    "expected": exp and exp["expected"], "numeric_mass": exp and exp["numeric_mass"],
+                    "strict": parsed.strict, "answer": self._redact(text)[:200], "temperature": temperature,
+                    "attempts": attempt + 1, "reasons": reasons, "usage": list(usage)}
+        return {"ok": False, "score": None, "error": reasons[-1] if reasons else "no attempt made",
+                "reasons": reasons, "attempts": len(reasons)}
+
+    # ------------------------------------------------------------------ results
+
+    def _result(self, sample: Sample, h: str, rows: dict, cut: int, cached: bool) -> ScoreResult:
+        draws = [rows.get((h, d)) for d in range(self.cfg.n_samples)]
+        good = [r["record"] for r in draws if r and r["ok"]]
+        base = {"judge": self.model, "prompt_version": self.prompt.version, "content_hash": h}
+        if cut:
+            base["truncated_chars"] = cut
+        if not good:
+            failed = [r["record"] for r in draws if r]
+            reasons = [x for r in failed for x in r.get("reasons", [])]
+            return ScoreResult(sample.id, None, {**base, "error": failed[0]["error"] if failed else "not scored",
+                                                 "reasons": reasons})
+        value = sum(r["score"] for r in good) / len(good)
+        first = good[0]
+        details = {**base, "score_0_99": value, "sampled": first["sampled"], "expected": first["expected"],
+                   "numeric_mass": first["numeric_mass"], "strict": first["strict"], "answer": first["answer"],
+                   "attempts": first["attempts"], "cached": cached}
+        if self.cfg.n_samples > 1:
+            details["draws"] = [{k: r[k] for k in ("sampled", "expected", "temperature")} for r in good]
+            details["draws_failed"] = self.cfg.n_samples - len(good)
+        return ScoreResult(sample.id, value / 99.0, details)
+
+    def _plan(self, todo_msgs: list[list[dict]], n_cached: int) -> dict:
+        tin = sum(_estimate_tokens(m, self.opts) - self.opts.max_tokens for m in todo_msgs)
+        tout = self.opts.max_tokens * len(todo_msgs)
+        price = price_for(self.model)
+        return {"judge": self.model, "prompt_version": self.prompt.version, "requests": len(todo_msgs),
+                "samples_cached": n_cached, "est_prompt_tokens": int(tin), "est_completion_tokens": int(tout),
+                "est_cost_usd": (tin * price[0] + tout * price[1]) / 1e6 if price else None}
+
+    def _usage_text(self, price) -> str:
+        tin, tout = self.stats["prompt_tokens"], self.stats["completion_tokens"]
+        if price:
+            self.stats["cost_usd"] = (tin * price[0] + tout * price[1]) / 1e6
+        cost = f"${self.stats['cost_usd']:.4f}" if price else "cost n/a"
+        return f"tok in {tin} out {tout}, {cost}"
+
+    def _redact(self, text: str) -> str:
+        """Scrub the API key (and anything shaped like one) from a message we keep."""
+        if self._key and len(self._key) >= 6:
+            text = text.replace(self._key, "***")
+        text = re.sub(r"sk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
+        return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _content_hash(msgs: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _estimate_tokens(msgs: list[dict], opts: JudgeOptions) -> float:
+    return sum(len(m["content"]) / opts.chars_per_token + 4 for m in msgs) + opts.max_tokens
+
+
+def _unpack(resp) -> tuple[str, list[dict] | None, tuple[int, int]]:
+    """Answer text, the per-token log-probabilities (or None) and (prompt, completion) tokens.
+
+    A body that is not a chat completion (garbage from a proxy) raises here and
+    is retried like any transport error.
+    """
+    choice = resp.choices[0]
+    text = choice.message.content
+    if not isinstance(text, str):
+        raise ValueError(f"malformed response: no message content ({type(text).__name__})")
+    content = None
+    lp = getattr(choice, "logprobs", None)
+    if lp is not None and getattr(lp, "content", None):
+        content = [{"token": t.token, "logprob": t.logprob,
+                    "top_logprobs": [{"token": a.token, "logprob": a.logprob} for a in (t.top_logprobs or [])]}
+                   for t in lp.content]
+    u = getattr(resp, "usage", None)
+    return text, content, (int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0))
+
+
+def _retry_after(exc) -> float | None:
+    """Seconds from Retry-After / retry-after-ms headers (number or HTTP date), if any."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if not headers:
+        return None
+    try:
+        if headers.get("retry-after-ms"):
+            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
+        value = headers.get("retry-after")
+        if value:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def _plan_text(plan: dict) -> str:
+    cost = f"~${plan['est_cost_usd']:.4f}" if plan["est_cost_usd"] is not None else "cost unknown (model not in price table)"
+    return (f"dry run: judge {plan['judge']} ({plan['prompt_version']}): {plan['requests']} requests to send, "
+            f"{plan['samples_cached']} samples already cached; est. {plan['est_prompt_tokens']} prompt + "
+            f"{plan['est_completion_tokens']} completion tokens, {cost}; nothing sent")
+
+
+def build_judge_scorer(cfg: ScoreConfig, run_dir: str | Path, options: JudgeOptions | None = None) -> JudgeScorer:
+    """The `ual score` entry for scorer 'judge'.
+
+    The cache is run_dir/judge_cache.sqlite, or $UAL_JUDGE_CACHE to share one
+    file across runs (answers are keyed by content, so sharing is always safe).
+    """
+    cache = os.environ.get("UAL_JUDGE_CACHE") or Path(run_dir) / "judge_cache.sqlite"
+    return JudgeScorer(cfg, cache, options=options)
