@@ -215,7 +215,7 @@ class JudgeScorer:
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
                 raise JudgeFatalError(self._redact(f"{type(e).__name__}: {e}")) from None
             except openai.BadRequestError as e:
-                if self._use_logprobs and "logprob" in str(e).lower():
+                if "logprobs" in kwargs and "logprob" in str(e).lower():
                     self._use_logprobs = False  # the endpoint does not do log-probabilities: go without
                     reasons.append("endpoint refused logprobs; retrying without")
                     continue

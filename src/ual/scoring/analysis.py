@@ -1,0 +1,144 @@
+"""Scores report: what the scorer said, per data source, what failed and why, and how two scorers agree.
+
+Reads the scores.jsonl rows `ual score` writes ({"id", "source", "score",
+"scorer", "details"}). Produces:
+- one histogram of u per data source (the paper's Appendix B shows that high-
+  and low-entropy sets separate), plus all sources overlaid, as PNG;
+- the failures, each with its reason, and a count per reason (a failure is
+  never hidden behind a default score, so it must be visible here);
+- the Spearman rank correlation between two scorers on the ids both scored
+  (judge vs perplexity: ranks, because their scales are unrelated).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from ual.io import read_jsonl, write_json, write_jsonl
+
+
+def load_scores(path: str | Path) -> list[dict]:
+    return read_jsonl(path)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Counts and moments per source and overall."""
+    by_source = defaultdict(list)
+    for r in rows:
+        by_source[r.get("source", "?")].append(r)
+    out = {"all": _stats(rows)}
+    out.update({src: _stats(rs) for src, rs in sorted(by_source.items())})
+    return out
+
+
+def _stats(rows: list[dict]) -> dict:
+    vals = sorted(r["score"] for r in rows if r.get("score") is not None)
+    n = len(vals)
+    if not n:
+        return {"n": len(rows), "scored": 0, "failed": len(rows)}
+    mean = sum(vals) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / n)
+    return {"n": len(rows), "scored": n, "failed": len(rows) - n, "mean": mean, "std": sd,
+            "min": vals[0], "median": vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2,
+            "max": vals[-1]}
+
+
+def failures(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Failed rows (id, source, scorer, error) and how many per kind of reason."""
+    failed = [{"id": r["id"], "source": r.get("source"), "scorer": r.get("scorer"),
+               "error": (r.get("details") or {}).get("error", "no reason recorded")}
+              for r in rows if r.get("score") is None]
+    kinds = Counter(_reason_kind(f["error"]) for f in failed)
+    return failed, dict(kinds.most_common())
+
+
+def _reason_kind(error: str) -> str:
+    """'unparseable answer: out of range: 150' -> 'unparseable answer: out of range'."""
+    parts = [p.strip() for p in str(error).split(":")]
+    kind = parts[0] if len(parts) < 3 else f"{parts[0]}: {parts[1]}"
+    return re.sub(r"\d+", "N", kind)[:80]
+
+
+def histograms(rows: list[dict], out_dir: str | Path, bins: int = 20) -> list[Path]:
+    """hist_<source>.png per source and hist_all.png (sources overlaid); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_source = defaultdict(list)
+    for r in rows:
+        if r.get("score") is not None:
+            by_source[r.get("source", "?")].append(r["score"])
+    edges = [i / bins for i in range(bins + 1)]
+    paths = []
+    for src, vals in sorted(by_source.items()):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.hist(vals, bins=edges, color="tab:blue", edgecolor="white")
+        ax.set(title=f"{src}: n={len(vals)}, mean u={sum(vals) / len(vals):.3f}", xlabel="u = score / 99",
+               ylabel="samples", xlim=(0, 1))
+        fig.tight_layout()
+        path = out_dir / f"hist_{re.sub(r'[^A-Za-z0-9_.-]+', '_', src)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    if by_source:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for src, vals in sorted(by_source.items()):
+            ax.hist(vals, bins=edges, alpha=0.5, label=f"{src} (n={len(vals)})", density=True)
+        ax.set(title="uncertainty per data source", xlabel="u = score / 99", ylabel="density", xlim=(0, 1))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "hist_all.png", dpi=100)
+        plt.close(fig)
+        paths.append(out_dir / "hist_all.png")
+    return paths
+
+
+def rank_correlation(a: str | Path | list[dict], b: str | Path | list[dict]) -> dict:
+    """Spearman's rho between two scorers' scores on the ids both scored.
+
+    Reports how many ids were shared and how many only one side had (or had
+    failed), so a correlation over a small overlap is not mistaken for more.
+    """
+    from scipy.stats import spearmanr
+
+    ra = {r["id"]: r for r in (load_scores(a) if isinstance(a, (str, Path)) else a)}
+    rb = {r["id"]: r for r in (load_scores(b) if isinstance(b, (str, Path)) else b)}
+    common = [i for i in ra if i in rb and ra[i].get("score") is not None and rb[i].get("score") is not None]
+    out = {"scorer_a": _scorer_name(ra), "scorer_b": _scorer_name(rb), "n": len(common),
+           "only_a": len(set(ra) - set(rb)), "only_b": len(set(rb) - set(ra)),
+           "failed_either": sum(1 for i in set(ra) & set(rb) if i not in set(common)), "spearman": None}
+    if len(common) < 3:
+        out["note"] = "fewer than 3 ids scored by both"
+        return out
+    rho = spearmanr([ra[i]["score"] for i in common], [rb[i]["score"] for i in common]).statistic
+    if rho is None or not math.isfinite(float(rho)):
+        out["note"] = "a constant score on one side: rank correlation undefined"
+    else:
+        out["spearman"] = float(rho)
+    return out
+
+
+def _scorer_name(rows: dict) -> str | None:
+    names = {r.get("scorer") for r in rows.values()}
+    return names.pop() if len(names) == 1 else ",".join(sorted(str(n) for n in names))
+
+
+def scores_report(scores_path: str | Path, out_dir: str | Path, compare_with: list[str | Path] = ()) -> dict:
+    """Write scores_report.json, failures.jsonl and the histograms into out_dir; return the report."""
+    rows = load_scores(scores_path)
+    out_dir = Path(out_dir)
+    failed, kinds = failures(rows)
+    report = {"scores": str(scores_path), "summary": summarize(rows), "failures": len(failed),
+              "failure_reasons": kinds,
+              "histograms": [p.name for p in histograms(rows, out_dir)],
+              "rank_correlation": [rank_correlation(rows, other) | {"other": str(other)} for other in compare_with]}
+    write_jsonl(out_dir / "failures.jsonl", failed)
+    write_json(out_dir / "scores_report.json", report)
+    return report
