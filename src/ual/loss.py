@@ -71,3 +71,262 @@ def _denominator(targets, num_items_in_batch, ignore_index):
         count = torch.as_tensor(num_items_in_batch, device=targets.device)
     # An all-ignored batch yields 0 / 1 = 0 with a zero gradient, never NaN.
     return count.clamp_min(1).float()
+
+
+# --------------------------------------------------------------------------
+# Chunked loss from hidden states and the output projection (never all logits)
+# --------------------------------------------------------------------------
+#
+# Design (CPU first, see benchmarks/loss.py for the numbers):
+# - Only supervised rows are gathered first, so ignored (prompt, padding)
+#   tokens cost nothing: no matmul, no softmax, no gradient rows.
+# - Per chunk of C rows: one matmul into a reused (C, V) fp32 buffer, one
+#   in-place row softmax (torch's row-blocked kernel: the row stays in cache
+#   for its max / exp-sum / normalise, so it reads and writes the buffer once).
+#   The loss terms never need another pass over the buffer:
+#     gold  z_y          gathered before the softmax (C values),
+#     lse   = z_y - log p_y   (p_y gathered after the softmax; rows where p_y
+#           underflows are recomputed exactly with logsumexp, rarely if ever),
+#     mean  mean_v(z) = h . mean_v(w_v) + mean(b)   (a matvec, not a pass).
+# - Gradients are computed in the forward (like torch's own chunked
+#   linear_cross_entropy), from the softmax buffer before it is reused:
+#     dL/dz = a * (p - (1 - eps) onehot(y) - eps / V),   a = 1 / denominator.
+#   The constant and one-hot parts are never written into the buffer: they are
+#   folded into (C, H) / (V, H)-sized terms instead,
+#     dh = a * (P @ W - (1 - eps) W[y] - (eps / V) sum_v w_v)
+#     dW = a * (sum_chunks P^T h - index_add_y((1 - eps) h) - 1 (x) sum (eps / V) h)
+#   so each chunk costs exactly three matmuls (the minimum: the same three a
+#   plain linear + cross-entropy does) plus one softmax over the buffer.
+#   Recomputing the logits in the backward instead would cost a fourth matmul
+#   (+33% of the dominant cost on CPU); storing dh and dW (fp32) costs no more
+#   memory than the backward allocates anyway. The backward only scales them
+#   by the incoming gradient.
+# - fp32 accumulation throughout. On CPU (no native bf16 GEMM with AVX2) bf16
+#   / fp16 inputs are upcast to fp32 for the matmuls; on CUDA the matmuls run
+#   in the input dtype with fp32 output and the softmax in fp32.
+
+_LSE_TINY = 1e-30  # below this p_y, lse = z_y - log p_y loses precision: recompute
+# Devices whose bf16 / fp16 GEMMs are native (run them in the input dtype with an
+# fp32 result); elsewhere low-precision inputs are upcast to fp32 for the matmuls.
+_LOWP_MM_DEVICES = ("cuda",)
+_warned_module_fallback = False
+
+
+def _default_chunk_size(n_rows: int, vocab: int, hidden: int, device: torch.device) -> int:
+    """Rows per chunk: a (C, V) fp32 logits buffer of about 128 MiB on CPU (the
+    matmuls dominate and get a little faster with more rows; the buffer is far
+    larger than the caches at any useful size), 1 GiB on CUDA; a multiple of 64."""
+    budget = (1 << 30) if device.type == "cuda" else (128 << 20)
+    c = max(64, budget // (4 * vocab) // 64 * 64)
+    return max(1, min(c, n_rows))
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    try:  # CUDA: low-precision GEMM with an fp32 output
+        r = torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        r = torch.mm(a.float(), b.float())
+    if out is None:
+        return r
+    return out.copy_(r)
+
+
+class _ChunkedSmoothedCE(torch.autograd.Function):
+    """Sum over rows of a * (lse(z) - (1 - eps) z_y - eps mean(z)), z = h W^T + b.
+
+    Inputs are already restricted to supervised rows. Returns the fp32 scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, eps, scale, chunk_size, need_h, need_w, need_b, lse_from_softmax):
+        n, hid = h.shape
+        vocab = w.shape[0]
+        dev = h.device
+        f32 = torch.float32
+        # Matmul dtype: fp32 on CPU (bf16 GEMM is emulated there) or whenever
+        # either side is fp32; the input dtype on CUDA for bf16 / fp16.
+        low = h.dtype == w.dtype and h.dtype in (torch.bfloat16, torch.float16) and dev.type in _LOWP_MM_DEVICES
+        mm_dtype = h.dtype if low else f32
+        wm = w.to(mm_dtype)
+        hm = h.to(mm_dtype)
+        w_mean = torch.mean(w, 0, dtype=f32)  # mean_v(z) = h . w_mean + mean(b)
+        b32 = None if b is None else b.to(f32)
+        keep = 1.0 - eps  # (n,) fp32
+        spread = eps / vocab  # (n,) fp32
+
+        loss = torch.zeros((), dtype=f32, device=dev)
+        gh = torch.empty(n, hid, dtype=f32, device=dev) if need_h else None
+        gw = torch.zeros(vocab, hid, dtype=f32, device=dev) if need_w else None
+        gb = torch.zeros(vocab, dtype=f32, device=dev) if need_b else None
+        w_sum = torch.sum(w, 0, dtype=f32) if need_h else None
+        h_spread = torch.zeros(hid, dtype=f32, device=dev) if need_w else None
+
+        c = chunk_size or _default_chunk_size(n, vocab, hid, dev)
+        buf = torch.empty(min(c, n), vocab, dtype=f32, device=dev) if n else None
+        wt = wm.t()
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            z = buf[: e - s]
+            hc = hm[s:e]
+            yc = y[s:e].unsqueeze(1)
+            kc, sc = keep[s:e], spread[s:e]
+            _mm_f32(hc, wt, out=z)
+            if b32 is not None:
+                z.add_(b32)
+            gold = z.gather(1, yc).squeeze(1)
+            hc32 = hc.to(f32)
+            mean = hc32 @ w_mean
+            if b32 is not None:
+                mean = mean + b32.mean()
+            if lse_from_softmax:
+                torch._softmax(z, 1, False, out=z)  # z <- softmax, in place
+                p_gold = z.gather(1, yc).squeeze(1)
+                lse = gold - torch.log(p_gold)
+                bad = (p_gold < _LSE_TINY).nonzero().squeeze(1)
+                if bad.numel():  # exact fallback for the (rare) underflowed rows
+                    zr = _mm_f32(hc.index_select(0, bad), wt)
+                    if b32 is not None:
+                        zr.add_(b32)
+                    lse[bad] = torch.logsumexp(zr, 1)
+            else:  # no data-dependent branch (no host sync): for CUDA
+                lse = torch.logsumexp(z, 1)
+                z.sub_(lse.unsqueeze(1)).exp_()
+            loss += (lse - kc * gold - eps[s:e] * mean).sum()
+            if need_h or need_w:
+                zm = z if mm_dtype == f32 else z.to(mm_dtype)
+            if need_h:
+                g = _mm_f32(zm, wm)  # P @ W
+                g.addcmul_(wm.index_select(0, yc.squeeze(1)).to(f32), kc.unsqueeze(1), value=-1.0)
+                g.addr_(sc, w_sum, alpha=-1.0)
+                torch.mul(g, scale, out=gh[s:e])
+            if need_w:
+                if mm_dtype == f32:
+                    gw.addmm_(zm.t(), hc32)
+                else:
+                    gw.add_(_mm_f32(zm.t(), hc))
+                gw.index_add_(0, yc.squeeze(1), hc32 * kc.unsqueeze(1), alpha=-1.0)
+                h_spread.addmv_(hc32.t(), sc)
+            if need_b:
+                gb.add_(z.sum(0))
+                gb.index_add_(0, yc.squeeze(1), kc, alpha=-1.0)
+        if need_w:
+            gw.sub_(h_spread).mul_(scale)
+        if need_b:
+            gb.sub_(spread.sum()).mul_(scale)
+        ctx.grads = (gh, gw, gb)
+        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("chunked_smoothed_cross_entropy: backward called twice (gradients are precomputed once)")
+        grads, ctx.grads = ctx.grads, None  # release our references: no copy when autograd takes them
+        one = grad_out.device.type == "cpu" and float(grad_out) == 1.0
+        out = []
+        for g, dt in zip(grads, ctx.dtypes):
+            if g is None:
+                out.append(None)
+                continue
+            if not one:
+                g = g.mul_(grad_out)
+            out.append(g.to(dt))
+        return (out[0], out[1], out[2]) + (None,) * 8
+
+
+def _is_plain_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) and not hasattr(module, "lora_A")
+
+
+def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_index):
+    """Output projection that is not a plain Linear (e.g. carries LoRA): logits
+    per chunk through the module, each chunk checkpointed, so memory stays at one
+    chunk of logits; slower (the logits are computed twice)."""
+    global _warned_module_fallback
+    if not _warned_module_fallback:
+        import warnings
+
+        warnings.warn(
+            f"chunked_smoothed_cross_entropy: the output projection is a {type(head).__name__}, not a plain "
+            "nn.Linear (e.g. it carries LoRA); using the slower chunk-by-chunk path through the module.",
+            stacklevel=3,
+        )
+        _warned_module_fallback = True
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(hc, yc, ec):
+        return token_smoothed_nll(head(hc), yc, ec, ignore_index).sum()
+
+    n = hidden.shape[0]
+    vocab = getattr(head, "out_features", None) or 32768
+    c = chunk_size or _default_chunk_size(n, vocab, hidden.shape[-1], hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, c):
+        hc = hidden[s : s + c]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(chunk_loss, hc, targets[s : s + c], eps_tok[s : s + c], use_reentrant=False)
+        else:
+            total = total + chunk_loss(hc, targets[s : s + c], eps_tok[s : s + c])
+    return total * scale
+
+
+def chunked_smoothed_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor | torch.nn.Module,
+    targets: torch.Tensor,
+    eps: torch.Tensor | float,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    lse_from_softmax: bool | None = None,
+) -> torch.Tensor:
+    """`smoothed_cross_entropy(hidden @ weight.T + bias, ...)` without ever
+    materialising all logits.
+
+    hidden: (B, T, H) final hidden states (the output projection's input);
+    weight: (V, H) output-projection weight, or the projection module itself
+    (a plain nn.Linear takes the fast path with its bias; any other module,
+    e.g. a LoRA-wrapped lm_head, takes a correct slower chunk-by-chunk path,
+    with a one-time warning); targets: (B, T) already shifted; eps: (B,) per
+    sample or a float. Normalisation as `smoothed_cross_entropy`.
+    chunk_size: supervised rows per chunk (default: a ~32 MiB fp32 logits
+    buffer on CPU). lse_from_softmax: how the log-normaliser is obtained
+    (default: True on CPU, False on CUDA, where it avoids a host sync).
+    Returns an fp32 scalar; an all-ignored batch gives 0 with zero gradients.
+    """
+    hid = hidden.shape[-1]
+    flat_t = targets.reshape(-1)
+    rows = (flat_t != ignore_index).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hid).index_select(0, rows)
+    y = flat_t.index_select(0, rows)
+    eps_t = torch.as_tensor(eps, dtype=torch.float32, device=hidden.device)
+    if eps_t.dim() == 1:
+        eps_t = eps_t.view(-1, *([1] * (targets.dim() - 1)))
+    eps_tok = eps_t.expand(targets.shape).reshape(-1).index_select(0, rows)
+    scale = 1.0 / float(_denominator(targets, num_items_in_batch, ignore_index))
+
+    if isinstance(weight, torch.nn.Module):
+        if not _is_plain_linear(weight):
+            return _module_fallback(h, weight, y, eps_tok, scale, chunk_size, ignore_index)
+        weight, bias = weight.weight, weight.bias
+    if lse_from_softmax is None:
+        lse_from_softmax = hidden.device.type != "cuda"
+    grad = torch.is_grad_enabled()
+    return _ChunkedSmoothedCE.apply(
+        h,
+        weight,
+        bias,
+        y,
+        eps_tok,
+        scale,
+        chunk_size,
+        grad and h.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+        lse_from_softmax,
+    )

@@ -1,0 +1,368 @@
+"""Exactness of the per-sample label-smoothed losses (METHOD.md §3).
+
+Everything is checked against a dense reference written out by hand here: the
+full (T, V) target distribution (1 - eps) * onehot(y) + eps / V, and
+-sum(target * log_softmax(logits)), in float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ual.loss as L
+from ual.loss import IGNORE_INDEX, chunked_smoothed_cross_entropy, shift_labels, smoothed_cross_entropy
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+
+
+def dense_reference(logits, targets, eps, num_items_in_batch=None, ignore_index=IGNORE_INDEX):
+    """-sum(target * log_softmax) with the dense target built explicitly (float64)."""
+    logits = logits.double()
+    vocab = logits.shape[-1]
+    eps = torch.as_tensor(eps, dtype=torch.float64)
+    if eps.dim() == 1:
+        eps = eps.view(-1, *([1] * (targets.dim() - 1)))
+    eps = eps.expand(targets.shape).unsqueeze(-1)
+    mask = targets != ignore_index
+    onehot = F.one_hot(targets.clamp_min(0), vocab).double()
+    target_dist = (1 - eps) * onehot + eps / vocab
+    per_token = -(target_dist * torch.log_softmax(logits, dim=-1)).sum(-1)
+    total = (per_token * mask).sum()
+    denom = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+    return total / denom.clamp_min(1).double()
+
+
+def _close(actual, expected, rtol, floor=0.0):
+    """Relative to the tensor's own scale (elementwise relative error is meaningless
+    where a gradient entry is a cancellation of much larger terms), or to `floor`,
+    the scale of the terms that cancel, where that is larger."""
+    expected = expected.double()
+    actual = actual.double()
+    scale = max(expected.abs().max().item(), floor)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-12))
+
+
+@st.composite
+def problems(draw, max_b=3, max_t=6, max_h=8, max_v=24):
+    b = draw(st.integers(1, max_b))
+    t = draw(st.integers(1, max_t))
+    h = draw(st.integers(1, max_h))
+    v = draw(st.integers(2, max_v))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    eps_values = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
+    eps = torch.tensor(draw(st.lists(eps_values, min_size=b, max_size=b)), dtype=torch.float32)
+    if draw(st.booleans()):
+        eps = float(eps[0])
+    mask_p = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))  # fraction supervised
+    targets = torch.randint(0, v, (b, t), generator=gen)
+    targets[torch.rand(b, t, generator=gen) >= mask_p] = IGNORE_INDEX
+    logit_scale = draw(st.sampled_from([0.1, 1.0, 3.0]))
+    hidden = torch.randn(b, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * logit_scale / h**0.5
+    bias = torch.randn(v, generator=gen) if draw(st.booleans()) else None
+    n_sup = int((targets != IGNORE_INDEX).sum())
+    num_items = draw(st.sampled_from([None, n_sup + draw(st.integers(0, 5))]))
+    chunk = draw(st.sampled_from([None, 1, 2, 3, 5, 64]))
+    lse_from_softmax = draw(st.booleans())
+    grad_scale = draw(st.sampled_from([1.0, 2.5]))
+    return hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale
+
+
+def _grads_chunked(hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale, dtype):
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    b = None if bias is None else bias.to(dtype).requires_grad_()
+    loss = chunked_smoothed_cross_entropy(
+        h, w, targets, eps, num_items, chunk_size=chunk, bias=b, lse_from_softmax=lse_from_softmax
+    )
+    (loss * grad_scale).backward()
+    return loss, h.grad, w.grad, None if b is None else b.grad, (h, w, b)
+
+
+def _grads_dense(h, w, b, targets, eps, num_items, grad_scale):
+    h = h.detach().double().requires_grad_()
+    w = w.detach().double().requires_grad_()
+    b = None if b is None else b.detach().double().requires_grad_()
+    logits = h @ w.T + (0 if b is None else b)
+    loss = dense_reference(logits, targets, eps, num_items)
+    (loss * grad_scale).backward()
+    return loss, h.grad, w.grad, None if b is None else b.grad
+
+
+def _check_chunked(problem, dtype, rtol, term_scale=False):
+    hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale = problem
+    loss, gh, gw, gb, leaves = _grads_chunked(
+        hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale, dtype
+    )
+    ref, rh, rw, rb = _grads_dense(*leaves, targets, eps, num_items, grad_scale)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert gh.dtype == dtype and gw.dtype == dtype
+    # With low-precision GEMMs the softmax is rounded before it meets W (or h):
+    # the error is relative to |p @ W| <= max|W| (and to max|h|), not to the
+    # (possibly much smaller) difference p - target.
+    g = grad_scale
+    _close(loss, ref, rtol)
+    _close(gh, rh, rtol, g * leaves[1].detach().abs().max().item() if term_scale else 0.0)
+    _close(gw, rw, rtol, g * leaves[0].detach().abs().max().item() if term_scale else 0.0)
+    if bias is not None:
+        _close(gb, rb, rtol, g if term_scale else 0.0)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(problems())
+def test_chunked_matches_dense_reference_fp32(problem):
+    _check_chunked(problem, torch.float32, 1e-5)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(problems())
+def test_chunked_matches_dense_reference_bf16(problem):
+    # Inputs are bf16; the reference uses the same bf16 values in float64, so the
+    # only loss of precision is rounding the returned gradients to bf16.
+    _check_chunked(problem, torch.bfloat16, 1e-2)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(problems())
+def test_chunked_bf16_native_matmul_path(problem):
+    # The CUDA code path (bf16 GEMMs with fp32 results), exercised on CPU.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(L, "_LOWP_MM_DEVICES", ("cuda", "cpu"))
+        _check_chunked(problem, torch.bfloat16, 2e-2, term_scale=True)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(problems())
+def test_naive_matches_dense_reference(problem):
+    hidden, weight, bias, targets, eps, num_items, *_ = problem
+    logits = (hidden @ weight.T + (0 if bias is None else bias)).requires_grad_()
+    loss = smoothed_cross_entropy(logits, targets, eps, num_items)
+    loss.backward()
+    leaf = logits.detach().double().requires_grad_()
+    ref = dense_reference(leaf, targets, eps, num_items)
+    ref.backward()
+    _close(loss, ref, 1e-5)
+    _close(logits.grad, leaf.grad, 1e-5)
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(problems())
+def test_naive_eps_zero_is_cross_entropy(problem):
+    hidden, weight, bias, targets, *_ = problem
+    logits = hidden @ weight.T
+    ours = smoothed_cross_entropy(logits, targets, torch.zeros(targets.shape[0]))
+    ours_float = smoothed_cross_entropy(logits, targets, 0.0)
+    if (targets != IGNORE_INDEX).any():
+        ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert ours.item() == 0.0
+    torch.testing.assert_close(ours, ours_float)
+
+
+def test_naive_uniform_eps_is_torch_label_smoothing():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 13)
+    targets = torch.randint(0, 13, (2, 5))
+    targets[0, :2] = IGNORE_INDEX
+    ours = smoothed_cross_entropy(logits, targets, 0.3)
+    ref = F.cross_entropy(logits.reshape(-1, 13), targets.reshape(-1), label_smoothing=0.3)
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_gradient_accumulation_equals_one_big_batch(impl):
+    torch.manual_seed(1)
+    b, t, hid, v = 4, 9, 6, 17
+    hidden = torch.randn(b, t, hid)
+    weight = torch.randn(v, hid)
+    targets = torch.randint(0, v, (b, t))
+    targets[torch.rand(b, t) < 0.4] = IGNORE_INDEX
+    targets[2] = IGNORE_INDEX  # one half has fewer supervised tokens
+    eps = torch.tensor([0.0, 0.2, 0.5, 0.9])
+
+    def loss_fn(h, w, y, e, n):
+        if impl == "naive":
+            return smoothed_cross_entropy(h @ w.T, y, e, n)
+        return chunked_smoothed_cross_entropy(h, w, y, e, n, chunk_size=4)
+
+    w_big = weight.clone().requires_grad_()
+    loss_fn(hidden, w_big, targets, eps, None).backward()
+
+    total = int((targets != IGNORE_INDEX).sum())
+    w_acc = weight.clone().requires_grad_()
+    losses = []
+    for part in (slice(0, 2), slice(2, 4)):
+        loss = loss_fn(hidden[part], w_acc, targets[part], eps[part], total)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(w_acc.grad, w_big.grad, rtol=1e-5, atol=1e-7)
+    big = smoothed_cross_entropy(hidden @ weight.T, targets, eps)
+    torch.testing.assert_close(sum(losses), big, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_all_ignored_batch_is_zero_with_zero_grads(impl, dtype):
+    hidden = torch.randn(2, 3, 4, dtype=dtype, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=dtype, requires_grad=True)
+    targets = torch.full((2, 3), IGNORE_INDEX)
+    if impl == "naive":
+        loss = smoothed_cross_entropy(hidden @ weight.T, targets, torch.tensor([0.1, 0.5]))
+    else:
+        loss = chunked_smoothed_cross_entropy(hidden, weight, targets, torch.tensor([0.1, 0.5]))
+    loss.backward()
+    assert loss.item() == 0.0
+    for g in (hidden.grad, weight.grad):
+        assert g is not None and torch.isfinite(g).all() and (g == 0).all()
+
+
+def test_chunked_underflowing_gold_probability_is_exact():
+    # Gold logits far below the max: p_y underflows in fp32 and the log-normaliser
+    # must come from the exact fallback, not from log(p_y).
+    torch.manual_seed(2)
+    hidden = torch.randn(1, 6, 8)
+    weight = torch.randn(40, 8) * 30
+    logits = hidden @ weight.T
+    targets = logits.argmin(-1)  # the least likely token: loss of hundreds of nats
+    eps = torch.tensor([0.3])
+    for lse_from_softmax in (True, False):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        loss = chunked_smoothed_cross_entropy(h, w, targets, eps, chunk_size=4, lse_from_softmax=lse_from_softmax)
+        loss.backward()
+        ref, rh, rw, _ = _grads_dense(h, w, None, targets, eps, None, 1.0)
+        assert ref.item() > 100
+        _close(loss, ref, 1e-5)
+        _close(h.grad, rh, 1e-5)
+        _close(w.grad, rw, 1e-5)
+
+
+def test_chunked_without_grad_and_single_backward():
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    targets = torch.randint(0, 9, (2, 5))
+    with torch.no_grad():
+        loss = chunked_smoothed_cross_entropy(hidden, weight, targets, 0.1)
+    torch.testing.assert_close(loss, smoothed_cross_entropy(hidden @ weight.T, targets, 0.1).detach())
+    # Only the hidden states need a gradient (a frozen lm_head, as with LoRA).
+    frozen = weight.detach()
+    chunked_smoothed_cross_entropy(hidden, frozen, targets, 0.1).backward()
+    hidden_grad = hidden.grad.clone()
+    hidden.grad = None
+    smoothed_cross_entropy(hidden @ frozen.T, targets, 0.1).backward()
+    torch.testing.assert_close(hidden_grad, hidden.grad)
+    loss = chunked_smoothed_cross_entropy(hidden, weight, targets, 0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_chunked_tied_embeddings_accumulate():
+    """The output projection shares its weight with the input embedding."""
+    torch.manual_seed(4)
+    v, hid = 19, 6
+    emb = torch.nn.Embedding(v, hid)
+    mix = torch.nn.Linear(hid, hid)
+    ids = torch.randint(0, v, (3, 7))
+    targets = shift_labels(ids)
+    targets[0, :3] = IGNORE_INDEX
+    eps = torch.tensor([0.0, 0.4, 1.0])
+
+    def run(chunked):
+        emb.zero_grad()
+        mix.zero_grad()
+        hidden = torch.tanh(mix(emb(ids)))
+        if chunked:
+            loss = chunked_smoothed_cross_entropy(hidden, emb.weight, targets, eps, chunk_size=5)
+        else:
+            loss = smoothed_cross_entropy(hidden @ emb.weight.T, targets, eps)
+        loss.backward()
+        return loss.detach(), emb.weight.grad.clone(), mix.weight.grad.clone()
+
+    naive, chunked = run(False), run(True)
+    for a, b in zip(chunked, naive):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Both uses contribute: the gradient differs from the head-only gradient.
+    head_only = emb.weight.grad.clone()
+    assert not torch.allclose(naive[1], head_only * 0)
+
+
+def _tiny_llama(tie=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _model_losses(model, head_arg):
+    torch.manual_seed(6)
+    ids = torch.randint(0, 64, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    targets = shift_labels(labels)
+    eps = torch.tensor([0.2, 0.6])
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        if chunked:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            head = base.get_output_embeddings()
+            loss = chunked_smoothed_cross_entropy(hidden, head_arg(head), targets, eps, chunk_size=3)
+        else:
+            loss = smoothed_cross_entropy(model(input_ids=ids, use_cache=False).logits, targets, eps)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("head_arg", [lambda m: m.weight, lambda m: m], ids=["weight", "module"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_on_hf_causal_lm(tie, head_arg):
+    model = _tiny_llama(tie)
+    (naive_loss, naive_grads), (loss, grads) = _model_losses(model, head_arg)
+    torch.testing.assert_close(loss, naive_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == naive_grads.keys()
+    for name in grads:
+        _close(grads[name], naive_grads[name], 1e-5)
+
+
+@pytest.mark.parametrize("targets_", [["q_proj", "v_proj"], ["q_proj", "v_proj", "lm_head"]])
+def test_chunked_with_lora(targets_, recwarn):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        _tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, target_modules=targets_, init_lora_weights=False)
+    )
+    L._warned_module_fallback = False
+    (naive_loss, naive_grads), (loss, grads) = _model_losses(model, lambda m: m)
+    torch.testing.assert_close(loss, naive_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == naive_grads.keys() and any("lora" in n for n in grads)
+    for name in grads:
+        _close(grads[name], naive_grads[name], 1e-5)
+    fallback = [w for w in recwarn.list if "slower chunk-by-chunk" in str(w.message)]
+    assert len(fallback) == ("lm_head" in targets_)
+    if fallback:  # said once, not at every call
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _model_losses(model, lambda m: m)
