@@ -57,7 +57,7 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
     assert set(metrics["eval"]) == {"base", "sft", "ls", "ual"}
     for name, e in metrics["eval"].items():
         assert set(e["nll"]) == {"chat", "gsm8k", "all"}
-        assert e["maths"]["n"] == 4
+        assert e["maths"]["n_questions"] == 4
     # LoRA training moved the held-out NLL of each trained mode away from the base model's
     base_nll = metrics["eval"]["base"]["nll"]["all"]["nll"]
     assert all(metrics["eval"][m]["nll"]["all"]["nll"] != base_nll for m in ("sft", "ls", "ual"))

@@ -89,6 +89,6 @@ def eval_table(ev: dict) -> list[str]:
         cells = [name] + [f"{nll[s]['nll']:.4f}" if s in nll else "" for s in sources]
         cells.append(f"{nll['all']['nll']:.4f}" if "all" in nll else "")
         maths = e.get("maths")
-        cells.append(f"{maths['accuracy']:.3f} ({maths['correct']}/{maths['n']})" if maths else "")
+        cells.append(f"{maths['accuracy']:.3f} ({maths['correct']}/{maths['n_questions']})" if maths else "")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
