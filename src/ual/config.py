@@ -38,6 +38,7 @@ class SourceConfig:
     split: str = _f("train", "split to read for hub data sets")
     label: str | None = _f(None, "name of the source in reports (default: derived from name)")
     max_turns: int | None = _f(None, "keep only the first N user/assistant exchanges of each conversation (null: all)")
+    path: str | None = _f(None, "local file (published layout) for a named paper source (lima, deita-6k, metamathqa, sharegpt-v3, *-6k/*-3k selections); null: the hub")
 
 
 @dataclass
@@ -71,7 +72,8 @@ class SmoothingConfig:
 
 @dataclass
 class TrainConfig:
-    modes: list[str] = _f(["sft", "ls", "ual"], "modes trained side by side: sft (eps 0), ls (uniform eps = target mean), ual (per-sample eps)")
+    modes: list[str] = _f(["sft", "ls", "ual"], "modes trained side by side: sft (eps 0), ls (uniform eps = target mean), ual (per-sample eps), "
+                                                "ppl (eps from each sample's current NLL relative to its running mean)")
     lora: bool = _f(True, "train LoRA adapters (false: full fine-tuning)")
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
@@ -88,9 +90,13 @@ class TrainConfig:
     loss: str = _f("naive", "naive (full logits) | chunked (from hidden states, never materialising all logits)")
     logging_steps: int = _f(1, "log the loss every N optimiser steps")
     save_steps: int = _f(0, "checkpoint every N optimiser steps (0: only at the end)")
+    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (null: all)")
+    resume: bool = _f(False, "resume each unfinished mode from its newest complete checkpoint (also: `ual train --resume`)")
+    global_batch_size: int | None = _f(None, "effective batch (samples per optimiser step over all processes); when set, "
+                                             "gradient_accumulation_steps = global / (batch_size x processes)")
     bf16: bool = _f(False, "train in bfloat16 mixed precision (GPU)")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
-    report_to: str = _f("none", "transformers report_to: none | tensorboard | wandb | trackio")
+    report_to: str = _f("auto", "transformers report_to: auto (tensorboard when installed, else none) | none | tensorboard | wandb | trackio")
 
 
 @dataclass

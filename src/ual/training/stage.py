@@ -4,6 +4,7 @@ The modes differ only in each sample's eps:
   sft  eps = 0 for every sample (plain cross-entropy)
   ls   eps = smoothing.target_mean for every sample (uniform label smoothing)
   ual  eps from smoothing.jsonl (per-sample, from the uncertainty scores)
+  ppl  eps from each sample's current NLL relative to the running mean (training/ppl.py)
 The data order is fixed by the seed, so every mode sees the same batches.
 A finished mode (train/MODE/result.json) is skipped on rerun.
 """
@@ -20,7 +21,7 @@ from ual.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
-MODES = ("sft", "ls", "ual")
+MODES = ("sft", "ls", "ual", "ppl")
 
 
 def smoothing_for_mode(mode: str, samples, cfg: ExperimentConfig, run: RunFolder) -> list[float]:
@@ -34,6 +35,8 @@ def smoothing_for_mode(mode: str, samples, cfg: ExperimentConfig, run: RunFolder
         if missing:
             raise ValueError(f"{len(missing)} training samples have no eps in {run.smoothing} (first: {missing[0]}); rerun `ual map`")
         return [eps[s.id] for s in samples]
+    if mode == "ppl":  # placeholders: the trainer's eps_fn sets each batch's eps from its own NLL
+        return [cfg.smoothing.target_mean] * len(samples)
     raise ValueError(f"unknown training mode {mode!r}; choose from {MODES}")
 
 
@@ -65,20 +68,28 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
     import torch
     from transformers import set_seed
 
-    from ual.models import load_model, pick_device
+    from ual.models import load_model
     from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
 
     tc = cfg.train
     set_seed(cfg.seed)  # same LoRA init for every mode
-    device = pick_device(cfg.device)
+    device = local_device(cfg.device)
     dtype = torch.bfloat16 if tc.bf16 and device.type == "cuda" else torch.float32
-    model = load_model(cfg.model, cfg.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    dataset = SmoothedDataset(encoded, eps)
+    # The arguments come before the model: under `accelerate launch` with DeepSpeed ZeRO-3
+    # they make from_pretrained load each weight already partitioned.
+    args = training_arguments(cfg, out, len(dataset), device.type)
+    model = load_model(cfg.model, str(device), dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if tc.lora:
         model = add_lora(model, tc)
-    dataset = SmoothedDataset(encoded, eps)
-    args = training_arguments(cfg, out, len(dataset), device.type)
+    eps_fn, callbacks = None, []
+    if mode == "ppl":
+        from ual.training.ppl import PerplexitySmoothing, ppl_callback
+
+        eps_fn = PerplexitySmoothing(cfg.smoothing.target_mean, cfg.smoothing.eps_max)
+        callbacks.append(ppl_callback(eps_fn))
     trainer = UALTrainer(
         model=model,
         args=args,
@@ -86,12 +97,21 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         data_collator=SmoothingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         loss_impl=tc.loss,
+        eps_fn=eps_fn,
+        callbacks=callbacks,
     )
+    resume = latest_checkpoint(out / "checkpoints") if tc.resume else None
+    if resume is not None:
+        log.info("training %s: resuming from %s", mode, resume)
+        if eps_fn is not None and not eps_fn.load(resume):
+            log.warning("%s has no ppl running mean; it restarts from this step", resume)
     start = time.time()
     log.info("training %s: %d samples, %d optimiser steps", mode, len(dataset), args.max_steps)
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
-    model.save_pretrained(out / "adapter" if tc.lora else out / "model")
+    trainer.save_model(str(out / "adapter" if tc.lora else out / "model"))  # main process only, gathers shards
+    if not trainer.is_world_process_zero():
+        return {"mode": mode, "steps": trainer.state.global_step, "rank": trainer.args.process_index}
     if not tc.lora:
         tokenizer.save_pretrained(out / "model")
     losses = [h for h in trainer.state.log_history if "loss" in h]
@@ -100,7 +120,11 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         "mode": mode,
         "steps": trainer.state.global_step,
         "samples": len(dataset),
-        "mean_eps": float(sum(eps) / len(eps)),
+        "mean_eps": float(sum(eps_fn.history) / len(eps_fn.history)) if eps_fn and eps_fn.history
+        else float(sum(eps) / len(eps)),
+        "resumed_from": str(resume) if resume else None,
+        "processes": trainer.args.world_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1]["loss"] if losses else None,
         "seconds": seconds,
@@ -109,6 +133,62 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
     }
     write_json(out / "result.json", result)
     return result
+
+
+def local_device(device: str = "auto"):
+    """This process's device: under `accelerate launch` / torchrun each rank takes its own GPU."""
+    import os
+
+    import torch
+
+    from ual.models import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def latest_checkpoint(folder):
+    """The newest complete Trainer checkpoint in `folder` (None if there is none).
+
+    trainer_state.json is written last, so a checkpoint being written when the run
+    was killed has none and is passed over.
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def resolve_report_to(report_to: str) -> str:
+    """`auto`: TensorBoard when it is installed, else nothing."""
+    import importlib.util
+
+    if report_to != "auto":
+        return report_to
+    has_tb = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    return "tensorboard" if has_tb else "none"
+
+
+def accumulation_steps(tc: TrainConfig, processes: int | None = None) -> int:
+    """gradient_accumulation_steps, derived from train.global_batch_size when that is set."""
+    processes = processes or world_size()
+    if tc.global_batch_size is None:
+        return tc.gradient_accumulation_steps
+    per_step = tc.batch_size * processes
+    if tc.global_batch_size % per_step:
+        raise ValueError(f"train.global_batch_size {tc.global_batch_size} is not a multiple of batch_size "
+                         f"{tc.batch_size} x {processes} process(es)")
+    return tc.global_batch_size // per_step
 
 
 def add_lora(model, tc: TrainConfig):
@@ -129,7 +209,8 @@ def training_arguments(cfg: ExperimentConfig, out, n_samples: int, device_type: 
     from transformers import TrainingArguments
 
     tc = cfg.train
-    per_step = tc.batch_size * tc.gradient_accumulation_steps
+    accumulation = accumulation_steps(tc)
+    per_step = tc.batch_size * accumulation * world_size()
     steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * n_samples / per_step)
     # Warm-up is counted in optimiser steps (the reference code compared micro-steps
     # with optimiser steps, which kept its learning rate near 5e-5).
@@ -137,7 +218,7 @@ def training_arguments(cfg: ExperimentConfig, out, n_samples: int, device_type: 
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=tc.batch_size,
-        gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler,
         warmup_steps=warmup,
@@ -146,7 +227,8 @@ def training_arguments(cfg: ExperimentConfig, out, n_samples: int, device_type: 
         logging_steps=tc.logging_steps,
         save_strategy="steps" if tc.save_steps > 0 else "no",
         save_steps=tc.save_steps if tc.save_steps > 0 else 500,
-        report_to=tc.report_to,
+        save_total_limit=tc.save_total_limit,
+        report_to=resolve_report_to(tc.report_to),
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,

@@ -63,8 +63,11 @@ class UALTrainer(Trainer):
     # token count), so the Trainer must not divide it again by the accumulation steps.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_impl: str = "naive", **kwargs):
+    def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, **kwargs):
         super().__init__(*args, **kwargs)
+        # eps_fn (the ppl mode, training/ppl.py): per-sample eps computed from this
+        # very forward pass, replacing the collator's eps; None: the collator's eps.
+        self.eps_fn = eps_fn
         if loss_impl not in ("naive", "chunked"):
             raise ValueError(f"train.loss must be naive or chunked, got {loss_impl!r}")
         self.loss_impl = loss_impl
@@ -81,12 +84,16 @@ class UALTrainer(Trainer):
             from ual.loss import chunked_smoothed_cross_entropy
 
             hidden, head = final_hidden_states(model, inputs)
+            if self.eps_fn is not None:
+                eps = self.eps_fn(targets, hidden=hidden.detach(), head=head, training=model.training)
             loss = chunked_smoothed_cross_entropy(
                 hidden, head.weight, targets, eps, num_items_in_batch=num_items_in_batch
             )
             outputs = None
         else:
             outputs = model(**inputs, use_cache=False)
+            if self.eps_fn is not None:
+                eps = self.eps_fn(targets, logits=outputs.logits.detach(), training=model.training)
             loss = smoothed_cross_entropy(outputs.logits, targets, eps, num_items_in_batch=num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch is summed over processes; DDP averages gradients,
