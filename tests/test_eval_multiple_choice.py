@@ -14,6 +14,7 @@ from ual.evaluation.multiple_choice import (
     load_mc_file,
     load_packaged_mc,
     loglikelihoods,
+    next_token_logprobs,
     shuffle_choices,
 )
 
@@ -95,6 +96,18 @@ def test_loglikelihoods_match_unpadded_computation(tiny):
             logp = model(torch.tensor([c + k])).logits[0].log_softmax(-1)
         want = sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(k))
         assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_next_token_logprobs_left_padding_matches_unpadded(tiny):
+    import torch
+
+    model, tok = tiny
+    contexts = ["Short one", "A considerably longer context that needs a lot of left padding:", "Mid length here"]
+    got = next_token_logprobs(model, tok, contexts, batch_size=3)
+    for ctx, lp in zip(contexts, got):
+        with torch.no_grad():
+            want = model(torch.tensor([tok(ctx, add_special_tokens=False)["input_ids"]])).logits[0, -1].log_softmax(-1)
+        assert lp.shape == want.shape and torch.allclose(lp, want, atol=1e-4)
 
 
 QS = [

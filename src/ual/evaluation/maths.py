@@ -151,6 +151,8 @@ def evaluate_maths(
     from ual.evaluation.generate import generate_answers
 
     samples = list(samples)
+    if not samples:
+        raise ValueError("no maths samples to evaluate")
     golds = [gold_answer(s) for s in samples]
     prompts = [s.prompt_messages for s in samples]
     greedy = generate_answers(
@@ -167,9 +169,9 @@ def evaluate_maths(
     result = {
         "n_questions": total,
         "correct": correct,
-        "accuracy": correct / total if total else float("nan"),
+        "accuracy": correct / total,
         "substring_match_accuracy": (
-            sum(substring_match(r["prediction"], r["gold"]) for r in records) / total if total else float("nan")
+            sum(substring_match(r["prediction"], r["gold"]) for r in records) / total
         ),
         "decoding": "greedy",
         "max_new_tokens": max_new_tokens,
@@ -194,9 +196,9 @@ def evaluate_maths(
                 "n": n,
                 "temperature": temperature,
                 "seed": seed,
-                f"pass@{n}": hits / total if total else float("nan"),
-                "pass_at_n": hits / total if total else float("nan"),
-                "sample_accuracy": draws / (total * n) if total else float("nan"),
+                f"pass@{n}": hits / total,
+                "pass_at_n": hits / total,
+                "sample_accuracy": draws / (total * n),
             }
         )
     result["records"] = records

@@ -92,13 +92,13 @@ class LocalPairwiseJudge:
         """log p(A) - log p(B) for each (instruction, answer_a, answer_b); variants like " A" count too."""
         import torch
 
-        from ual.evaluation.multiple_choice import _letter_tokens, _score
+        from ual.evaluation.multiple_choice import _letter_tokens, next_token_logprobs
 
         letters = _letter_tokens(self.tokenizer, 2)
-        scored = _score(self.model, self.tokenizer, [(self._context(*t), "") for t in triples],
-                        self.batch_size, False, want_next=True)
+        logps = next_token_logprobs(self.model, self.tokenizer, [self._context(*t) for t in triples],
+                                    self.batch_size)
         out = []
-        for _, logp in scored:
+        for logp in logps:
             la = torch.logsumexp(logp[letters[0]], 0).item()
             lb = torch.logsumexp(logp[letters[1]], 0).item()
             out.append(la - lb)
