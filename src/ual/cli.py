@@ -7,13 +7,20 @@
     ual eval    --config ...                    held-out NLL and maths accuracy per model
     ual report  --config ...                    report.md, metrics.json, plots
     ual demo    [--config ...]                  all of the above on the built-in default
+    ual ablate  CONFIG [--sweep 0.1,0.2] [--eval]  sft, ls, ual and ppl side by side, one comparison table
+    ual select  --source ... --n 6000 --out F   DEITA-style selection (complexity x quality, then diversity)
+    ual export  CONFIG --mode ual --out DIR     merge a LoRA adapter into a standalone model folder
 
 Every config field is also a flag (`ual train --help` lists them): `--train.max_steps 5`.
+The config file may also be given as the first argument: `ual train configs/demo.yaml`.
+`ual train CONFIG --dry-run` checks a config and prints a memory/time estimate; `--resume`
+continues each unfinished mode from its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -32,6 +39,15 @@ STAGES = {
 }
 
 
+# Commands beyond the stages: (module, help). Each module has add_arguments(parser) and run(args) -> result.
+COMMANDS = {
+    "ablate": ("ual.training.ablate", "train sft, ls, ual and ppl with the same seed, order and steps; one comparison "
+                                      "table (and evaluation with --eval); --sweep for the target mean"),
+    "select": ("ual.data.deita", "DEITA-style selection: complexity x quality from a judge, then an embedding diversity filter"),
+    "export": ("ual.training.export", "merge a trained LoRA adapter into a standalone model folder"),
+}
+
+
 def default_demo_config() -> Path:
     for candidate in (Path("configs/demo.yaml"), Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"):
         if candidate.exists():
@@ -40,6 +56,11 @@ def default_demo_config() -> Path:
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
+    if cfg.chat_template:  # base models ship no chat template: the config gives one
+        from ual.data.paper import resolve_chat_template
+        from ual.models import set_chat_template
+
+        set_chat_template(cfg.model, resolve_chat_template(cfg.chat_template))
     cfg.run_path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_path / "config.yaml")
     if stage == "data":
@@ -80,8 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help_text in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config (same as --config)")
         add_config_flags(p)
         p.add_argument("--force", action="store_true", help="redo work whose outputs already exist (train, eval)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name == "train":
+            p.add_argument("--dry-run", action="store_true", help="validate the config, resolve data and model "
+                           "(config only, no weights) and print a memory/time estimate; train nothing")
+            p.add_argument("--resume", action="store_true", help="resume unfinished modes from their newest checkpoint")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -90,11 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if getattr(args, "config_file", None):
+        if getattr(args, "config", None) not in (None, args.config_file):
+            print(f"ual {args.stage}: error: two configs given ({args.config_file} and --config {args.config})", file=sys.stderr)
+            return 2
+        args.config = args.config_file
     if args.stage == "demo" and args.config is None:
         args.config = str(default_demo_config())
     try:
-        cfg = config_from_args(args)
-        result = run_stage(args.stage, cfg, force=args.force)
+        if args.stage in COMMANDS:
+            result = importlib.import_module(COMMANDS[args.stage][0]).run(args)
+        else:
+            cfg = config_from_args(args)
+            if getattr(args, "resume", False):
+                cfg.train.resume = True
+            if getattr(args, "dry_run", False):
+                from ual.training.estimate import dry_run
+
+                result = dry_run(cfg)
+            else:
+                result = run_stage(args.stage, cfg, force=args.force)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
         return 2

@@ -117,6 +117,8 @@ class ExperimentConfig:
     seed: int = _f(0, "seed for data selection, LoRA init and data order (the same for every mode)")
     device: str = _f("auto", "auto | cpu | cuda | mps")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you ask)")
+    chat_template: str | None = _f(None, "chat template for a tokenizer that ships none (base models): a built-in "
+                                         "name (vicuna, chatml), a .jinja file, or Jinja text; null: the tokenizer's own")
     data: DataConfig = field(default_factory=DataConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)

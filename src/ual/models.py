@@ -84,10 +84,23 @@ def pick_device(device: str = "auto"):
     return torch.device("cpu")
 
 
+# model name -> chat template for tokenizers that ship none (base models); filled from the
+# config's `chat_template` by `ual.cli.run_stage` (see set_chat_template).
+_CHAT_TEMPLATES: dict[str, str] = {}
+
+
+def set_chat_template(name: str, template: str | None) -> None:
+    """Give `name`'s tokenizer this chat template when it has none of its own."""
+    if template:
+        _CHAT_TEMPLATES[name] = template
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    if not getattr(tok, "chat_template", None) and name in _CHAT_TEMPLATES:
+        tok.chat_template = _CHAT_TEMPLATES[name]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -146,6 +146,10 @@ def source_label(spec: SourceConfig) -> str:
     """The name a source goes by in samples and reports."""
     if spec.label:
         return spec.label
+    from ual.data.paper import PAPER_SOURCES  # named paper sources (data/paper.py)
+
+    if spec.name in PAPER_SOURCES:
+        return PAPER_SOURCES[spec.name].label
     if spec.name in PACKAGED:
         return spec.name
     if spec.name.startswith("hub:"):
@@ -155,6 +159,10 @@ def source_label(spec: SourceConfig) -> str:
 
 def input_path(spec: SourceConfig) -> Path | None:
     """The user's file behind a source (None for packaged and hub sources)."""
+    from ual.data.paper import PAPER_SOURCES
+
+    if spec.name in PAPER_SOURCES:
+        return Path(spec.path) if spec.path else None
     if spec.name in PACKAGED or spec.name.startswith("hub:"):
         return None
     return Path(spec.name)
@@ -168,6 +176,13 @@ def load_source(spec: SourceConfig, need: int | None = None, on_error: str = "ra
     selection can draw from all of them.
     """
     label = source_label(spec)
+    from ual.data.paper import PAPER_SOURCES, load_paper_source
+
+    if spec.name in PAPER_SOURCES:
+        return load_paper_source(spec, need, on_error)
+    if spec.path:
+        raise DataError(f"source '{spec.name}': `path` is only for the named paper sources "
+                        f"({', '.join(PAPER_SOURCES)}); give a local file as the source name instead")
     if spec.name == "sharegpt":
         return load_sharegpt(limit=need, source=label)
     if spec.name == "gsm8k":

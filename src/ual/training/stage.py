@@ -105,10 +105,12 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         log.info("training %s: resuming from %s", mode, resume)
         if eps_fn is not None and not eps_fn.load(resume):
             log.warning("%s has no ppl running mean; it restarts from this step", resume)
+    memory = estimate_and_measure_start(cfg, len(dataset), device)
     start = time.time()
     log.info("training %s: %d samples, %d optimiser steps", mode, len(dataset), args.max_steps)
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
+    memory = estimate_and_measure_end(memory, device)
     trainer.save_model(str(out / "adapter" if tc.lora else out / "model"))  # main process only, gathers shards
     if not trainer.is_world_process_zero():
         return {"mode": mode, "steps": trainer.state.global_step, "rank": trainer.args.process_index}
@@ -128,11 +130,47 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1]["loss"] if losses else None,
         "seconds": seconds,
+        "memory": memory,
         "adapter": str(out / "adapter") if tc.lora else None,
         "model": str(out / "model") if not tc.lora else None,
     }
     write_json(out / "result.json", result)
     return result
+
+
+def estimate_and_measure_start(cfg: ExperimentConfig, n_samples: int, device) -> dict:
+    """Log the memory/time estimate (training/estimate.py) and start measuring the real peak."""
+    from ual.training import estimate as E
+
+    memory: dict = {}
+    try:
+        est = E.estimate_for_config(cfg, n_samples, device=E.detect_device() if device.type == "cuda" else "cpu")
+        log.info("estimate before training:\n%s", est["text"])
+        memory["estimate_bytes"] = est["estimate"]["bytes"]
+    except Exception as exc:  # an estimate must never stop a run
+        log.warning("no memory estimate: %s", exc)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        E.reset_peak_rss()
+        memory["rss_before_bytes"] = E.rss_bytes()
+    return memory
+
+
+def estimate_and_measure_end(memory: dict, device) -> dict:
+    from ual.training import estimate as E
+
+    if device.type == "cuda":
+        import torch
+
+        memory["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        memory["measured"] = "torch.cuda.max_memory_allocated (weights included)"
+    elif memory.get("rss_before_bytes") is not None and E.rss_bytes("VmHWM") is not None:
+        memory["measured_peak_bytes"] = E.rss_bytes("VmHWM") - memory["rss_before_bytes"]
+        memory["measured"] = "peak RSS minus RSS before training (weights excluded)"
+    return memory
 
 
 def local_device(device: str = "auto"):

@@ -1,0 +1,219 @@
+"""The paper's data sets (METHOD.md §4), by name, from the hub or from a local copy in the published layout.
+
+Use them in `data.sources` by name, with an optional `path:` to a local file:
+
+    data:
+      sources:
+        - {name: lima}                                   # GAIR/lima train.jsonl from the hub (gated)
+        - {name: lima, path: /data/lima/train.jsonl}     # the same file, downloaded before
+        - {name: metamathqa, path: MetaMathQA-395K.json, train: 6000}
+
+  name          hub file (published layout)                                  label      layout
+  lima          GAIR/lima train.jsonl                                         lima       {"conversations": [str, str, ...], "source"}
+  deita-6k      hkust-nlp/deita-6k-v0 deita_6k.json                           deita      {"id", "conversations": [{"from", "value"}]}
+  metamathqa    meta-math/MetaMathQA MetaMathQA-395K.json                     metamath   {"query", "response", "type", "original_question"}
+  sharegpt-v3   anon8231489123/ShareGPT_Vicuna_unfiltered                     sharegpt   [{"id", "conversations": [{"from", "value"}]}]
+                ShareGPT_V3_unfiltered_cleaned_split.json
+  sharegpt-6k, sharegpt-3k, metamath-6k, metamath-3k
+                DEITA selections made by `ual select` (local JSONL in the `messages` layout; `path:` required)
+
+ShareGPT-6k, MetaMath-6k and the halves of Mixed-6k (3k + 3k) are DEITA selections
+from the ShareGPT and MetaMathQA pools (paper §4.1): build them with `ual select`
+(data/deita.py), then name them here. The labels are what reports and the maths
+evaluation go by: MetaMath samples are labelled `metamath` and carry their gold
+final answer (the text after "The answer is:") in meta["answer"].
+
+Hub files are fetched with `huggingface_hub.hf_hub_download` (cached by it) and then
+read exactly like a local copy, so one parser serves both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ual.data.formats import DataError, iter_json_array, load_file, read_records, samples_from_rows
+from ual.data.sample import Sample
+
+
+@dataclass(frozen=True)
+class PaperSource:
+    label: str
+    repo: str | None  # hub data set repo (None: a local selection, path required)
+    filename: str | None
+    layout: str  # lima | sharegpt | metamath | selection
+    note: str = ""
+    rows: int | None = None  # published size (for estimates)
+
+
+PAPER_SOURCES: dict[str, PaperSource] = {
+    "lima": PaperSource("lima", "GAIR/lima", "train.jsonl", "lima", "1,030 curated conversations; gated on the hub", 1030),
+    "deita-6k": PaperSource("deita", "hkust-nlp/deita-6k-v0", "deita_6k.json", "sharegpt", "6k DEITA selection (ShareGPT, UltraChat)", 6000),
+    "metamathqa": PaperSource("metamath", "meta-math/MetaMathQA", "MetaMathQA-395K.json", "metamath", "395k maths QA pool", 395000),
+    "sharegpt-v3": PaperSource("sharegpt", "anon8231489123/ShareGPT_Vicuna_unfiltered",
+                               "ShareGPT_V3_unfiltered_cleaned_split.json", "sharegpt_pool", "~94k conversations pool", 94145),
+    "sharegpt-6k": PaperSource("sharegpt", None, None, "selection", "ual select --source sharegpt-v3 --n 6000"),
+    "sharegpt-3k": PaperSource("sharegpt", None, None, "selection", "ual select --source sharegpt-v3 --n 3000"),
+    "metamath-6k": PaperSource("metamath", None, None, "selection", "ual select --source metamathqa --n 6000"),
+    "metamath-3k": PaperSource("metamath", None, None, "selection", "ual select --source metamathqa --n 3000"),
+}
+
+ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.S)
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """Download (or find in the hub cache) one file of a hub data set."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset"))
+    except Exception as exc:  # offline, gated, not found: say what to do instead
+        raise DataError(f"hub {repo}/{filename}: could not download ({type(exc).__name__}: {exc}); download it "
+                        f"where the hub is reachable (gated sets need `huggingface-cli login` and accepting their "
+                        f"terms) and give the file as `path:` of the source") from None
+
+
+def source_file(name: str, path: str | None) -> Path:
+    spec = PAPER_SOURCES[name]
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            hint = f"; build it with `{spec.note} --out {p}`" if spec.repo is None else ""
+            raise DataError(f"source '{name}': path {p}: no such file{hint}")
+        return p
+    if spec.repo is None:
+        raise DataError(f"source '{name}' is a DEITA selection with no hub copy: build it with `{spec.note} --out FILE` "
+                        f"and give FILE as its `path:`")
+    return hub_file(spec.repo, spec.filename)
+
+
+def metamath_answer(response: str) -> str | None:
+    """The gold final answer of a MetaMathQA response ("... The answer is: 18" -> "18")."""
+    m = ANSWER.search(response.strip().splitlines()[-1]) if response.strip() else None
+    if m is None:
+        m = ANSWER.search(response)
+    if m is None:
+        return None
+    return m.group(1).strip().rstrip(".").replace(",", "") if m.group(1).strip() else None
+
+
+def load_paper_source(spec, need: int | None = None, on_error: str = "raise") -> tuple[list[Sample], dict]:
+    """Load a named paper source (SourceConfig `spec`): unique samples in file order, and stats."""
+    info = PAPER_SOURCES[spec.name]
+    label = spec.label or info.label
+    path = source_file(spec.name, spec.path)
+    if info.layout == "metamath":
+        samples, stats = _metamath(path, label, on_error)
+    elif info.layout == "sharegpt_pool":
+        samples, stats = _sharegpt_pool(path, label, need)
+    elif info.layout == "selection":
+        samples, stats = load_file(path, source=label, fmt=spec.format, on_error=on_error)
+        if info.label == "metamath":
+            _add_answers(samples)
+    else:
+        fmt = spec.format if spec.format != "auto" else info.layout
+        samples, stats = load_file(path, source=label, fmt=fmt, on_error=on_error)
+    stats.update(path=str(path), paper_source=spec.name, hub=None if spec.path else info.repo)
+    return samples, stats
+
+
+def _add_answers(samples: list[Sample]) -> None:
+    for s in samples:
+        ans = metamath_answer(s.final_response)
+        if ans is not None:
+            s.meta["answer"] = ans
+
+
+def _metamath(path: Path, label: str, on_error: str) -> tuple[list[Sample], dict]:
+    """MetaMathQA rows {query, response, type, original_question} as user=query, assistant=response."""
+    kinds: dict[str, str] = {}
+
+    def rows():
+        for where, row in read_records(path):
+            for key in ("query", "response"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    err = DataError(f"{where}: field '{key}': missing or not a non-empty string")
+                    if on_error == "raise":
+                        raise err
+                    yield where, err
+                    break
+            else:
+                kinds[where] = str(row.get("type", ""))
+                yield where, {"prompt": row["query"], "completion": row["response"]}
+
+    samples, stats = samples_from_rows(rows(), label, "prompt_completion", on_error)
+    for s in samples:
+        s.meta["type"] = kinds.get(s.meta["origin"], "")
+    _add_answers(samples)
+    stats["with_answer"] = sum("answer" in s.meta for s in samples)
+    return samples, stats
+
+
+def _sharegpt_pool(path: Path, label: str, need: int | None) -> tuple[list[Sample], dict]:
+    """The ShareGPT V3 dump (a JSON list): the first part of each conversation, noisy rows skipped and counted.
+
+    Same rules as the packaged `sharegpt` source: ids "abc_1", "abc_2" are later parts of
+    "abc" (they mostly start mid-conversation, and would leak across a train/held-out split).
+    """
+    other = {"other_parts": 0}
+
+    def rows():
+        seen = set()
+        for line, row in iter_json_array(path, truncated_ok=True):
+            rid = str(row.get("id", "")) if isinstance(row, dict) else ""
+            base = rid.rsplit("_", 1)[0] if re.search(r"_\d+$", rid) else rid
+            if base and base in seen:
+                other["other_parts"] += 1
+                continue
+            seen.add(base)
+            yield f"{path.name}:{line}", row
+
+    samples, stats = samples_from_rows(rows(), label, "sharegpt", on_error="skip", limit=need)
+    stats.update(other)
+    return samples, stats
+
+
+def describe() -> list[dict]:
+    """The named sources, for docs and `--dry-run`."""
+    return [{"name": k, "label": v.label, "hub": f"{v.repo}/{v.filename}" if v.repo else None, "note": v.note}
+            for k, v in PAPER_SOURCES.items()]
+
+
+# --------------------------------------------------------------------------- chat templates for base models
+
+# The paper fine-tuned base models (Llama-2-7B, Mistral-7B), whose tokenizers ship no chat
+# template. `chat_template: vicuna` in a config gives them the Vicuna v1.1 format (FastChat's,
+# used by most Llama-2 SFT recipes of the time), with BOS at the start and EOS closing each
+# reply, so the model learns to stop. Both templates are prefix-consistent, as ual's
+# assistant-token masking requires (data/tokenize.py).
+CHAT_TEMPLATES = {
+    "vicuna": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+        "{% else %}A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.{% endif %}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}{{ ' USER: ' + m['content'] }}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ASSISTANT: ' + m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(value: str) -> str:
+    """A built-in template name, a .jinja file, or Jinja text."""
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{%" in value or "{{" in value:
+        return value
+    p = Path(value)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    raise ValueError(f"chat_template: '{value}' is not a built-in template ({', '.join(CHAT_TEMPLATES)}), "
+                     "a file, or Jinja text")

@@ -1,0 +1,395 @@
+"""Memory and time estimate of a training run, before it starts; and `ual train CONFIG --dry-run`.
+
+The estimate is per process (per GPU), for the peak of one optimiser step:
+
+  weights      every parameter, in the training dtype (bf16 on GPU with train.bf16, else fp32)
+  gradients    trainable parameters (LoRA: the adapters, kept in fp32 by peft; full: all, in the weight dtype)
+  optimiser    AdamW: two moments per trainable parameter, in the trainable parameters' dtype
+  activations  what autograd keeps for the backward, per token and decoder layer, for a
+               Llama/Mistral-style block with SDPA attention (no T x T matrix):
+                 attention  7 h + 3 kv     (norm in/out, q, k, v, rotated q/k, attention out)
+                 MLP        4 I            (gate, up, act(gate), act(gate) * up)
+                 LoRA       h per adapted module (its dropout's output)
+               with gradient checkpointing: h per layer (the layer input) plus one layer's full set.
+  loss         naive: the (B, T, V) logits in the weight dtype, their fp32 copy, the fp32
+               softmax gradient and the gradient in the weight dtype;
+               chunked: one (C, V) fp32 chunk plus fp32 (tokens, h) hidden-state gradients.
+
+B x T is the micro-batch at data.max_length (the padded worst case). With ZeRO/FSDP the
+weight, gradient and optimiser terms are divided by the number of processes (ZeRO-2:
+gradients and optimiser only). Not counted: the CUDA context and allocator slack
+(~0.5-2 GiB on a GPU), the Python process itself on CPU.
+
+Time: 2 N FLOPs per token forward; the backward costs 4 N for full fine-tuning (input
+and weight gradients) and 2 N for LoRA (input gradients only: frozen weights get none;
+the adapters' own cost is negligible); gradient checkpointing adds a forward. Divided by an assumed sustained throughput (40% of the
+device's dense bf16 peak). A rough order of magnitude: trust a measured step time over it.
+
+The parameter count is exact: the model is instantiated from its config on PyTorch's
+`meta` device (no weights are read or allocated). Offline, the configs of the paper's
+base models are built in, so `--dry-run` on configs/paper/*.yaml works without the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+# Public architecture configs of the paper's base models (for offline dry runs).
+KNOWN_CONFIGS = {
+    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                     vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "mistralai/Mistral-7B-v0.1": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                      vocab_size=32000, max_position_embeddings=32768, sliding_window=4096,
+                                      tie_word_embeddings=False),
+}
+
+# Dense bf16 peak TFLOP/s; the estimate assumes 40% of it is sustained. CPU: a guess for a few cores.
+DEVICE_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX3090": 71.0, "RTX4090": 165.0,
+                 "cpu": 0.2}
+MFU = 0.4
+
+
+# --------------------------------------------------------------------------- model shape
+
+def model_config(name: str, trust_remote_code: bool = False):
+    """(config, where it came from): the local/cached config, else the built-in table, else the hub."""
+    from transformers import AutoConfig
+
+    from ual.models import BUILTIN_MODELS, resolve_model
+
+    if name in BUILTIN_MODELS:
+        return AutoConfig.from_pretrained(resolve_model(name)), "built-in alias"
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code), "local"
+    except Exception:
+        pass
+    if name in KNOWN_CONFIGS:
+        kw = dict(KNOWN_CONFIGS[name])
+        return AutoConfig.for_model(kw.pop("model_type"), **kw), "built-in table (offline)"
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "hub"
+    except Exception as exc:
+        raise ValueError(f"model '{name}': cannot read its config ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         "give a local model folder, a hub id reachable from here, or a built-in alias") from None
+
+
+def model_shape(config, lora_targets: list[str] | None = None, lora_r: int = 8,
+                trust_remote_code: bool = False) -> dict:
+    """Exact parameter counts (and LoRA-trainable ones) from a model instantiated on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    lora = 0
+    adapted = 0
+    if lora_targets:
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in lora_targets):
+                lora += lora_r * (mod.in_features + mod.out_features)
+                adapted += 1
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = tc.hidden_size
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or h // heads
+    return {
+        "parameters": total,
+        "lora_parameters": lora,
+        "lora_modules": adapted,
+        "hidden": h,
+        "intermediate": getattr(tc, "intermediate_size", 4 * h),
+        "layers": tc.num_hidden_layers,
+        "kv_dim": (getattr(tc, "num_key_value_heads", None) or heads) * head_dim,
+        "vocab": tc.vocab_size,
+        "tied": bool(getattr(tc, "tie_word_embeddings", False)),
+    }
+
+
+# --------------------------------------------------------------------------- the estimate
+
+def estimate(shape: dict, *, batch_size: int, seq_len: int, lora: bool, lora_targets_per_layer: int = 2,
+             weight_bytes: int = 4, gradient_checkpointing: bool = False, loss: str = "naive",
+             processes: int = 1, sharding: str = "none", chunk_rows: int | None = None) -> dict:
+    """Bytes per process at the peak of one optimiser step; see the module docstring for each term."""
+    N = shape["parameters"]
+    h, I, kv, L, V = shape["hidden"], shape["intermediate"], shape["kv_dim"], shape["layers"], shape["vocab"]
+    act_bytes = weight_bytes  # activations live in the compute dtype
+    if lora:
+        trainable = shape["lora_parameters"]
+        train_bytes = 4  # peft keeps adapters in fp32
+    else:
+        trainable, train_bytes = N, weight_bytes
+    weights = N * weight_bytes
+    grads = trainable * train_bytes
+    optim = 2 * trainable * train_bytes
+    shard = max(1, processes)
+    if sharding in ("zero3", "fsdp"):
+        weights, grads, optim = weights / shard, grads / shard, optim / shard
+    elif sharding == "zero2":
+        grads, optim = grads / shard, optim / shard
+    tokens = batch_size * seq_len
+    per_layer = 7 * h + 3 * kv + 4 * I + (lora_targets_per_layer * h if lora else 0)
+    if gradient_checkpointing:
+        acts = tokens * (L * h + per_layer) * act_bytes
+    else:
+        acts = tokens * L * per_layer * act_bytes
+    if loss == "chunked":
+        c = chunk_rows or max(64, (128 << 20) // (4 * V))
+        loss_bytes = min(c, tokens) * V * 4 + 2 * tokens * h * 4
+    else:
+        loss_bytes = tokens * V * (act_bytes + 4 + 4 + act_bytes if act_bytes != 4 else 3 * 4)
+    total = weights + grads + optim + acts + loss_bytes
+    return {
+        "parameters": N, "trainable": trainable, "tokens_per_micro_batch": tokens,
+        "bytes": {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts,
+                  "loss_logits": loss_bytes, "total": total},
+    }
+
+
+def flops_per_token(shape: dict, lora: bool, gradient_checkpointing: bool) -> float:
+    N = shape["parameters"]
+    fwd = 2 * N
+    bwd = 2 * N if lora else 4 * N  # LoRA: input gradients only (frozen weights get none)
+    return fwd + bwd + (fwd if gradient_checkpointing else 0)
+
+
+def time_estimate(shape: dict, *, tokens_per_step: int, steps: int, lora: bool, gradient_checkpointing: bool,
+                  device: str, processes: int = 1) -> dict:
+    peak = DEVICE_TFLOPS.get(device, DEVICE_TFLOPS["cpu"]) * 1e12
+    f = flops_per_token(shape, lora, gradient_checkpointing) * tokens_per_step
+    step_s = f / (peak * MFU * max(1, processes))
+    return {"device": device, "assumed_tflops": peak / 1e12, "mfu": MFU, "flops_per_step": f,
+            "seconds_per_step": step_s, "steps": steps, "hours": step_s * steps / 3600}
+
+
+def detect_device() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0).replace(" ", "")
+            for k in DEVICE_TFLOPS:
+                if k.replace(" ", "") in name:
+                    return k
+            return "A100"
+    except Exception:
+        pass
+    return "cpu"
+
+
+def format_estimate(est: dict, t: dict | None = None) -> str:
+    b = est["bytes"]
+    lines = [f"parameters {est['parameters'] / 1e6:,.1f} M, trainable {est['trainable'] / 1e6:,.2f} M "
+             f"({100 * est['trainable'] / est['parameters']:.2f}%), {est['tokens_per_micro_batch']} tokens per micro-batch",
+             "memory per process (estimate):"]
+    for k in ("weights", "gradients", "optimizer", "activations", "loss_logits", "total"):
+        lines.append(f"  {k:<12} {b[k] / GiB:9.2f} GiB")
+    if t:
+        lines.append(f"time: {t['seconds_per_step']:.2f} s per optimiser step, {t['steps']} steps, ~{t['hours']:.2f} h "
+                     f"(assuming {t['mfu']:.0%} of {t['assumed_tflops']:g} TFLOP/s on {t['device']}; rough)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- from a config
+
+def sharding_from_env() -> str:
+    """ZeRO stage / FSDP as `accelerate launch` announces it to the processes."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        return "zero3" if stage == "3" else "zero2"
+    return "none"
+
+
+def estimate_for_config(cfg, n_samples: int | None = None, shape: dict | None = None, device: str | None = None) -> dict:
+    from ual.training.stage import accumulation_steps, world_size
+
+    tc = cfg.train
+    if shape is None:
+        config, _ = model_config(cfg.model, cfg.trust_remote_code)
+        shape = model_shape(config, tc.lora_target_modules if tc.lora else None, tc.lora_r, cfg.trust_remote_code)
+    assumed = ""
+    if device is None:
+        device = detect_device()
+        if device == "cpu" and tc.bf16 and cfg.device in ("auto", "cuda"):
+            device, assumed = "H100", "no GPU here and train.bf16 is set: estimated for one H100"
+    gpu = device != "cpu"
+    procs = world_size()
+    est = estimate(shape, batch_size=tc.batch_size, seq_len=cfg.data.max_length, lora=tc.lora,
+                   lora_targets_per_layer=max(1, shape["lora_modules"] // max(1, shape["layers"])) if tc.lora else 0,
+                   weight_bytes=2 if (tc.bf16 and gpu) else 4, gradient_checkpointing=tc.gradient_checkpointing,
+                   loss=tc.loss, processes=procs, sharding=sharding_from_env())
+    acc = accumulation_steps(tc, procs)
+    per_step = tc.batch_size * acc * procs
+    if tc.max_steps > 0:
+        steps = tc.max_steps
+    elif n_samples:
+        steps = math.ceil(tc.epochs * n_samples / per_step)
+    else:
+        steps = 0
+    t = time_estimate(shape, tokens_per_step=per_step * cfg.data.max_length, steps=steps, lora=tc.lora,
+                      gradient_checkpointing=tc.gradient_checkpointing, device=device, processes=procs)
+    text = format_estimate(est, t) + (f"\n({assumed})" if assumed else "")
+    return {"estimate": est, "time": t, "shape": shape, "samples_per_step": per_step, "assumed": assumed or None,
+            "gradient_accumulation_steps": acc, "processes": procs, "text": text}
+
+
+# --------------------------------------------------------------------------- --dry-run
+
+def validate(cfg) -> list[str]:
+    """Problems in a config that loading alone does not catch (types are checked by load_config)."""
+    from ual.training.stage import MODES, accumulation_steps
+
+    tc, problems = cfg.train, []
+    bad = [m for m in tc.modes if m not in MODES]
+    if bad or not tc.modes:
+        problems.append(f"train.modes: unknown mode(s) {bad}; choose from {list(MODES)}")
+    if tc.loss not in ("naive", "chunked"):
+        problems.append(f"train.loss must be naive or chunked, got {tc.loss!r}")
+    for field in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps"):
+        if getattr(tc, field) <= 0:
+            problems.append(f"train.{field} must be positive, got {getattr(tc, field)}")
+    if tc.learning_rate <= 0:
+        problems.append(f"train.learning_rate must be positive, got {tc.learning_rate}")
+    if not 0 <= tc.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1), got {tc.warmup_ratio}")
+    if not 0 <= tc.lora_dropout < 1:
+        problems.append(f"train.lora_dropout must be in [0, 1), got {tc.lora_dropout}")
+    if tc.lora and not tc.lora_target_modules:
+        problems.append("train.lora_target_modules is empty")
+    if tc.max_steps <= 0 and tc.epochs <= 0:
+        problems.append("set train.max_steps > 0 or train.epochs > 0")
+    if tc.report_to not in ("auto", "none", "tensorboard", "wandb", "trackio", "all"):
+        problems.append(f"train.report_to: unknown {tc.report_to!r}")
+    if tc.batch_size > 0 and (tc.global_batch_size is None or tc.global_batch_size > 0):
+        try:
+            accumulation_steps(tc)
+        except ValueError as exc:
+            problems.append(str(exc))
+    elif tc.global_batch_size is not None and tc.global_batch_size <= 0:
+        problems.append(f"train.global_batch_size must be positive, got {tc.global_batch_size}")
+    sm = cfg.smoothing
+    if not 0 <= sm.target_mean < sm.eps_max <= 1:
+        problems.append(f"smoothing: need 0 <= target_mean < eps_max <= 1, got {sm.target_mean}, {sm.eps_max}")
+    if cfg.data.max_length <= 0:
+        problems.append("data.max_length must be positive")
+    if not cfg.data.sources:
+        problems.append("data.sources is empty")
+    return problems
+
+
+def resolve_sources(cfg) -> list[dict]:
+    """Where each source's data comes from, checked without downloading or reading it whole."""
+    from ual.data.formats import DataError, normalize_record, read_records
+    from ual.data.paper import PAPER_SOURCES
+    from ual.data.sources import PACKAGED, gsm8k_path, sharegpt_path, source_label
+
+    out = []
+    for spec in cfg.data.sources:
+        r = {"name": spec.name, "label": source_label(spec), "train": spec.train, "heldout": spec.heldout}
+        path = None
+        if spec.name in PAPER_SOURCES:
+            info = PAPER_SOURCES[spec.name]
+            if spec.path:
+                path = spec.path
+                r["kind"] = "paper source, local file"
+            elif info.repo is None:
+                raise DataError(f"source '{spec.name}' needs `path:` (a DEITA selection: {info.note} --out FILE)")
+            else:
+                r["kind"] = f"paper source, hub {info.repo}/{info.filename} (fetched by `ual data`)"
+                r["rows"] = info.rows
+                try:
+                    from huggingface_hub import try_to_load_from_cache
+
+                    cached = try_to_load_from_cache(info.repo, info.filename, repo_type="dataset")
+                    r["cached"] = isinstance(cached, str)
+                except Exception:
+                    r["cached"] = False
+        elif spec.name in PACKAGED:
+            r["kind"] = "packaged"
+            r["path"] = str(sharegpt_path() if spec.name == "sharegpt" else gsm8k_path())
+        elif spec.name.startswith("hub:"):
+            r["kind"] = "hub data set (fetched by `ual data`)"
+        else:
+            path = spec.name
+            r["kind"] = "local file"
+        if path is not None:
+            import os
+
+            if not os.path.isfile(path):
+                hint = ""
+                if spec.name in PAPER_SOURCES and PAPER_SOURCES[spec.name].repo is None:
+                    hint = f"; build it with `{PAPER_SOURCES[spec.name].note} --out {path}`"
+                raise DataError(f"source '{spec.name}': {path}: no such file{hint}")
+            if path.endswith(".jsonl"):
+                with open(path, "rb") as fh:
+                    r["rows"] = sum(1 for line in fh if line.strip())
+            r["path"], r["bytes"] = path, os.path.getsize(path)
+            if not (spec.name in PAPER_SOURCES and PAPER_SOURCES[spec.name].layout in ("metamath", "sharegpt_pool")):
+                fmt = spec.format if spec.format != "auto" else (
+                    PAPER_SOURCES[spec.name].layout if spec.name in PAPER_SOURCES
+                    and PAPER_SOURCES[spec.name].layout not in ("selection",) else "auto")
+                for where, row in read_records(path):
+                    normalize_record(row, fmt, where)  # the first row parses, or a clear error
+                    break
+        out.append(r)
+    return out
+
+
+def dry_run(cfg) -> dict:
+    """Validate, resolve data and model (config only), print the estimate. Raises ValueError on a bad config."""
+    problems = validate(cfg)
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    sources = resolve_sources(cfg)
+    config, where = model_config(cfg.model, cfg.trust_remote_code)
+    n = sum(s["train"] if s["train"] is not None else max(0, (s.get("rows") or 0) - s["heldout"])
+            for s in sources) or None
+    result = estimate_for_config(cfg, n_samples=n)
+    print(f"config ok: {cfg.name} -> {cfg.run_path}")
+    for s in sources:
+        print(f"  data {s['label']}: {s['kind']}" + (f" ({s['path']})" if s.get("path") else "")
+              + (f", train {s['train']}" if s["train"] is not None else ", train all") + f", held-out {s['heldout']}")
+    print(f"  model {cfg.model}: {config.model_type} config from {where}")
+    print(f"  modes {', '.join(cfg.train.modes)}; {'LoRA r=%d' % cfg.train.lora_r if cfg.train.lora else 'full fine-tuning'}; "
+          f"{result['samples_per_step']} samples per optimiser step "
+          f"({cfg.train.batch_size} x {result['gradient_accumulation_steps']} accumulation x {result['processes']} process(es))")
+    print(result["text"])
+    return {"ok": True, "sources": sources, "model_config_from": where,
+            "estimate_bytes": result["estimate"]["bytes"], "parameters": result["estimate"]["parameters"],
+            "trainable": result["estimate"]["trainable"], "seconds_per_step": result["time"]["seconds_per_step"],
+            "steps": result["time"]["steps"]}
+
+
+# --------------------------------------------------------------------------- measuring
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes(field: str = "VmRSS") -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
