@@ -366,3 +366,21 @@ def test_chunked_with_lora(targets_, recwarn):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _model_losses(model, lambda m: m)
+
+
+def test_loss_benchmark_quick_runs_and_ends_with_json():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "loss.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert any(line.startswith("| ual_chunked |") for line in lines)
+    result = json.loads(lines[-1])
+    for shape in ("smollm2", "llama7b_head"):
+        for key in ("time_vs_ce", "time_vs_torch_chunked", "mem_vs_ce"):
+            assert result[shape][key] is None or result[shape][key] > 0
+        assert result[shape]["time_vs_ce"] > 0
