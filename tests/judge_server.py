@@ -59,7 +59,7 @@ def request_key(body: dict) -> str:
 class LlamaServer:
     """`python -m llama_cpp.server` on loopback serving the SmolLM2 GGUF; a context manager."""
 
-    def __init__(self, n_ctx: int = 2048, n_threads: int = 2, log_path: str | Path | None = None):
+    def __init__(self, n_ctx: int = 2048, n_threads: int = 1, log_path: str | Path | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
@@ -119,6 +119,10 @@ class _Base:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    json.loads(body)
+                except ValueError:  # a client killed mid-request leaves a short body behind
+                    return self.drop()
                 owner.handle_post(self, body)
 
             def reply(self, status: int, obj=None, raw: bytes | None = None, headers: dict | None = None):

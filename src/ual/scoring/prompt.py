@@ -37,7 +37,7 @@ Judge the task as a whole, over all turns; do not judge the quality of the respo
 {conversation}
 </conversation>
 
-Reply with a single integer from 0 to 99 and nothing else."""
+What is the diversity score of this conversation, from 0 to 99? Reply with the integer only."""
 
 
 @dataclass(frozen=True)
