@@ -101,10 +101,9 @@ def test_one_paper_config_on_smollm2(tmp_path, monkeypatch):
     assert main(["train", str(cfg), "--dry-run"] + flags) == 0
     for stage in ("data", "score", "map"):
         assert main([stage, str(cfg)] + flags) == 0, stage
-    assert main(["train", str(cfg), "--train.modes", "[sft,ual]"] + flags) == 0
-    for mode in ("sft", "ual"):
-        res = read_json(tmp_path / "run" / "train" / mode / "result.json")
-        assert res["steps"] == 2 and res["final_loss"] > 0
+    assert main(["train", str(cfg), "--train.modes", "[ual]"] + flags) == 0
+    res = read_json(tmp_path / "run" / "train" / "ual" / "result.json")
+    assert res["steps"] == 2 and res["final_loss"] > 0
 
 
 def test_bad_config_is_exit_2(tmp_path, capsys):
