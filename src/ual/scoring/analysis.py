@@ -117,8 +117,9 @@ def rank_correlation(a: str | Path | list[dict], b: str | Path | list[dict]) -> 
     if len(common) < 3:
         out["note"] = "fewer than 3 ids scored by both"
         return out
-    rho = spearmanr([ra[i]["score"] for i in common], [rb[i]["score"] for i in common]).statistic
-    if rho is None or not math.isfinite(float(rho)):
+    xa, xb = [ra[i]["score"] for i in common], [rb[i]["score"] for i in common]
+    rho = spearmanr(xa, xb).statistic if len(set(xa)) > 1 and len(set(xb)) > 1 else float("nan")
+    if not math.isfinite(float(rho)):
         out["note"] = "a constant score on one side: rank correlation undefined"
     else:
         out["spearman"] = float(rho)
