@@ -1,0 +1,76 @@
+"""`ual ablate`: sft, ls, ual and ppl with the same seed, order and steps, on the demo's data; and the sweep."""
+
+import pytest
+
+from ual.cli import main
+from ual.io import read_json
+
+
+def _config(tmp_path, model_dir):
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text(f"""
+name: abl
+run_dir: {tmp_path / 'run'}
+model: {model_dir}
+data:
+  max_length: 64
+  sources:
+    - {{name: sharegpt, max_turns: 1, train: 8, heldout: 2}}
+    - {{name: gsm8k, train: 8, heldout: 2}}
+score: {{batch_size: 8}}
+smoothing: {{target_mean: 0.2}}
+train: {{max_steps: 2, batch_size: 4, logging_steps: 1, report_to: none}}
+eval: {{max_new_tokens: 4, batch_size: 4}}
+""")
+    return cfg
+
+
+def test_ablation_four_modes_with_eval(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["ablate", str(cfg), "--eval"]) == 0
+    run = tmp_path / "run"
+    table = read_json(run / "ablation.json")
+    rows = {r["mode"]: r for r in table["rows"]}
+    assert set(rows) == {"base", "sft", "ls", "ual", "ppl"} and table["same_steps"]
+    assert all(rows[m]["steps"] == 2 for m in ("sft", "ls", "ual", "ppl"))
+    assert rows["sft"]["mean_eps"] == 0 and rows["ls"]["mean_eps"] == pytest.approx(0.2)
+    assert rows["ual"]["mean_eps"] == pytest.approx(0.2, abs=0.05)  # the mean over the batches seen
+    assert 0 < rows["ppl"]["mean_eps"] < 0.99
+    for m in rows:
+        assert "all" in rows[m]["nll"] and "gsm8k_accuracy" in rows[m]
+    md = (run / "ablation.md").read_text()
+    for m in ("| sft |", "| ls |", "| ual |", "| ppl |", "| base |"):
+        assert m in md
+    # Same data order: the first logged loss of sft and ls differ only by the smoothing term,
+    # and every mode's first step saw the same batch (same number of tokens).
+    logs = {m: read_json(run / "train" / m / "log.json") for m in ("sft", "ls", "ual", "ppl")}
+    assert len({len([h for h in log if "loss" in h]) for log in logs.values()}) == 1
+    assert (run / "report.md").exists()
+
+
+def test_ablation_sweep(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["ablate", str(cfg), "--sweep", "0.1,0.3", "--modes", "sft,ls,ual"]) == 0
+    run = tmp_path / "run"
+    table = read_json(run / "ablation.json")
+    assert table["sweep"] == [0.1, 0.3] and table["same_steps"]
+    got = [(r["target_mean"], r["mode"]) for r in table["rows"]]
+    assert got == [(None, "sft"), (0.1, "ls"), (0.1, "ual"), (0.3, "ls"), (0.3, "ual")]
+    for mean in (0.1, 0.3):
+        sub = run / "sweep" / f"mean-{mean:g}"
+        assert read_json(sub / "train" / "ls" / "result.json")["mean_eps"] == pytest.approx(mean)
+        assert read_json(sub / "smoothing_stats.json")["target_mean"] == mean
+        assert (sub / "samples.jsonl").read_bytes() == (run / "samples.jsonl").read_bytes()
+        assert not (sub / "train" / "sft").exists()  # sft does not depend on the mean: trained once
+    assert (run / "train" / "sft" / "result.json").exists()
+    # Rerun: everything is reused.
+    before = (run / "sweep" / "mean-0.3" / "train" / "ual" / "result.json").stat().st_mtime_ns
+    assert main(["ablate", str(cfg), "--sweep", "0.1,0.3", "--modes", "sft,ls,ual"]) == 0
+    assert (run / "sweep" / "mean-0.3" / "train" / "ual" / "result.json").stat().st_mtime_ns == before
+
+
+def test_bad_sweep_is_exit_2(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["ablate", str(cfg), "--sweep", "0.1,abc"]) == 2
+    assert main(["ablate", str(cfg), "--sweep", "1.5"]) == 2
+    assert main(["ablate", str(cfg), "--modes", "sft,xx"]) == 2
