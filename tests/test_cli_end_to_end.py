@@ -31,7 +31,7 @@ data:
 score: {{batch_size: 8}}
 smoothing: {{target_mean: 0.2}}
 train: {{max_steps: 3, batch_size: 4, logging_steps: 1}}
-eval: {{max_new_tokens: 8, batch_size: 4}}
+eval: {{max_new_tokens: 8, batch_size: 4, mc_limit: 6, mc_samples: 2, clustering_texts: 6, clustering_top_k: 5, pairwise: ["ual:sft"], pairwise_source: chat, pairwise_limit: 3, pairwise_max_new_tokens: 8}}
 """)
     return cfg
 
@@ -61,7 +61,17 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
     # LoRA training moved the held-out NLL of each trained mode away from the base model's
     base_nll = metrics["eval"]["base"]["nll"]["all"]["nll"]
     assert all(metrics["eval"][m]["nll"]["all"]["nll"] != base_nll for m in ("sft", "ls", "ual"))
+    assert all(e["multiple_choice"]["n_questions"] == 6 for e in metrics["eval"].values())
+    clustering = read_json(run / "clustering.json")
+    assert set(clustering["models"]) == {"base", "sft", "ls", "ual"}
+    assert all(r["n_pairs"] == 10 and -1 <= r["mean_all_pairs"] <= 1 for r in clustering["models"].values())
+    pairwise = read_json(run / "eval" / "pairwise.json")["comparisons"]["ual:sft"]
+    assert pairwise["n_instructions"] == 3 and pairwise["wins"] + pairwise["ties"] + pairwise["losses"] == pairwise["n_valid"]
+    answers = read_json(run / "eval" / "answers" / "ual.json")
+    assert len(answers) == 3 and set(answers[0]) >= {"instruction", "output", "generator"}
     report = (run / "report.md").read_text()
+    for needle in ("## Pairwise comparison", "## Feature clustering", "MC acc", "clustering.png"):
+        assert needle in report
     for needle in ("| base |", "| sft |", "| ls |", "| ual |", "scores.png", "smoothing.png", "loss.png"):
         assert needle in report
     for png in ("scores.png", "smoothing.png", "loss.png"):

@@ -107,6 +107,18 @@ class EvalConfig:
     gsm8k_limit: int | None = _f(None, "evaluate at most this many held-out maths samples")
     max_new_tokens: int = _f(256, "generation budget per maths answer")
     batch_size: int = _f(8, "samples per batch for NLL and generation")
+    multiple_choice: bool = _f(True, "four-choice questions: letter accuracy, acc_norm, and pass@N from sampled letters")
+    mc_file: str | None = _f(None, "local multiple-choice file (default: the 1,000 MMLU-style questions packaged in `evals`)")
+    mc_limit: int | None = _f(100, "evaluate at most this many multiple-choice questions")
+    mc_samples: int = _f(4, "N of pass@N (sampled answer letters; the paper's 'Best-of-N')")
+    clustering: bool = _f(True, "feature-clustering silhouette (paper §4) on held-out texts")
+    clustering_texts: int = _f(32, "held-out samples whose final hidden states are clustered")
+    clustering_top_k: int = _f(20, "most frequent next tokens; all K(K-1)/2 pairs are scored")
+    pairwise: list[str] = _f(["ual:sft"], "A:B model pairs compared by a judge on held-out chat prompts (both orders)")
+    pairwise_source: str = _f("sharegpt", "held-out source whose prompts are answered for the pairwise comparison")
+    pairwise_limit: int = _f(16, "prompts in the pairwise comparison")
+    pairwise_max_new_tokens: int = _f(128, "answer length budget for the pairwise comparison")
+    pairwise_judge: str | None = _f(None, "local judge model (default: the run's model), or 'openai:MODEL' (uses score.base_url, key from $OPENAI_API_KEY)")
 
 
 @dataclass

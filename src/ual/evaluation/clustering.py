@@ -179,6 +179,17 @@ def clustering_report(models: dict, texts: list[str], max_length: int = 256, bat
     """
     collected = {name: collect_features(m, tok, texts, max_length, batch_size, progress)
                  for name, (m, tok) in models.items()}
+    tokenizer = next(iter(models.values()))[1]
+    return clustering_from_features(collected, tokenizer, top_k, max_per_token, seed, n_boot, plot_path,
+                                    n_plot_pairs, selection, n_texts=len(texts), max_length=max_length)
+
+
+def clustering_from_features(collected: dict, tokenizer, top_k: int = 42, max_per_token: int = 200, seed: int = 0,
+                             n_boot: int = 1000, plot_path=None, n_plot_pairs: int = 3,
+                             selection: tuple[str, str, int] | None = None, n_texts: int | None = None,
+                             max_length: int | None = None) -> dict:
+    """clustering.json content from {name: (features, next_token_ids)} collected on the same texts
+    (one model at a time, so only one model need be in memory)."""
     first = next(iter(collected.values()))[1]
     for name, (_, labels) in collected.items():
         if not np.array_equal(labels, first):
@@ -189,12 +200,12 @@ def clustering_report(models: dict, texts: list[str], max_length: int = 256, bat
     report = {
         "models": {name: {k: r[k] for k in ("mean_all_pairs", "ci_low", "ci_high", "n_pairs", "top_k")}
                    for name, r in results.items()},
-        "settings": {"n_texts": len(texts), "n_positions": int(len(first)), "max_length": max_length,
+        "settings": {"n_texts": n_texts, "n_positions": int(len(first)), "max_length": max_length,
                      "top_k": top_k, "max_per_token": max_per_token, "seed": seed, "n_boot": n_boot,
                      "feature": "final hidden state (input of lm_head), labelled with the next token"},
         "tokens": tokens,
         "token_counts": next(iter(results.values()))["token_counts"],
-        "token_strings": [next(iter(models.values()))[1].decode([t]) for t in tokens],
+        "token_strings": [tokenizer.decode([t]) for t in tokens],
         "pairs": {name: [p["silhouette"] for p in r["pairs"]] for name, r in results.items()},
         "pair_ids": [[p["a"], p["b"]] for p in next(iter(results.values()))["pairs"]],
     }
@@ -208,7 +219,6 @@ def clustering_report(models: dict, texts: list[str], max_length: int = 256, bat
                      for name, r in results.items()},
         }
     if plot_path is not None:
-        tokenizer = next(iter(models.values()))[1]
         shown = list(itertools.combinations(tokens, 2))[:n_plot_pairs]
         report["plot"] = plot_pairs(collected, shown, tokenizer, plot_path, max_per_token, seed)
     return report

@@ -24,6 +24,11 @@ def collect(cfg: ExperimentConfig) -> dict:
     out["train"] = {m: read_json(run.train_dir(m) / "result.json")
                     for m in MODEL_ORDER if (run.train_dir(m) / "result.json").exists()}
     out["eval"] = {m: read_json(run.eval_file(m)) for m in MODEL_ORDER if run.eval_file(m).exists()}
+    if (run.root / "clustering.json").exists():
+        c = read_json(run.root / "clustering.json")
+        out["clustering"] = {k: c[k] for k in ("models", "settings", "selection") if k in c}
+    if (run.root / "eval" / "pairwise.json").exists():
+        out["pairwise"] = read_json(run.root / "eval" / "pairwise.json")
     return out
 
 
@@ -40,6 +45,8 @@ def run_report(cfg: ExperimentConfig) -> str:
         rows = read_jsonl(run.smoothing)
         images.append(("Label smoothing per source (UAL)", plot_distributions(
             rows, "eps", "per-sample label smoothing eps per data source", "eps", run.root / "smoothing.png")))
+    if (run.root / "clustering.png").exists():
+        images.append(("Feature clustering (PCA of a few token pairs)", run.root / "clustering.png"))
     histories = {m: read_json(run.train_dir(m) / "log.json") for m in metrics["train"]}
     if histories:
         images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
@@ -75,6 +82,32 @@ def render_markdown(m: dict, images) -> str:
                   "the held-out NLL below is.", ""]
     if m["eval"]:
         lines += ["## Evaluation", ""] + eval_table(m["eval"]) + [""]
+    if "pairwise" in m:
+        p = m["pairwise"]
+        lines += ["## Pairwise comparison", "",
+                  f"Judge `{p['judge']}` on held-out `{p['source']}` prompts, each pair judged in both answer orders "
+                  "(ties count half).", "",
+                  "| A vs B | prompts | wins | ties | losses | win rate of A | length-controlled | position consistency |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for pair, r in p["comparisons"].items():
+            lines.append(f"| {pair.replace(':', ' vs ')} | {r['n_valid']} | {r['wins']} | {r['ties']} | {r['losses']} | "
+                         f"{_fmt(r['win_rate'])} | {_fmt(r['lc_win_rate'])} | {_fmt(r['position_consistency'])} |")
+        lines.append("")
+    if "clustering" in m:
+        c = m["clustering"]
+        st = c["settings"]
+        lines += ["## Feature clustering", "",
+                  f"Silhouette of final hidden states grouped by next token, in a 2-D PCA per token pair: the "
+                  f"{st['top_k']} most frequent tokens of {st['n_texts']} held-out texts, mean over **all** pairs "
+                  "with a bootstrap 95% interval (higher = tighter same-token clusters).", "",
+                  "| model | mean over all pairs | 95% CI | pairs |", "|---|---:|---|---:|"]
+        for name, r in c["models"].items():
+            lines.append(f"| {name} | {r['mean_all_pairs']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['n_pairs']} |")
+        if "selection" in c:
+            sel = c["selection"]
+            lines += ["", f"Declared selection, not the headline: {sel['rule']}: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in sel["mean"].items()) + "."]
+        lines.append("")
     for title, path in images:
         lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
     return "\n".join(lines)
@@ -82,7 +115,7 @@ def render_markdown(m: dict, images) -> str:
 
 def eval_table(ev: dict) -> list[str]:
     sources = sorted({k for e in ev.values() for k in e.get("nll", {}) if k != "all"})
-    head = ["model"] + [f"NLL {s}" for s in sources] + ["NLL all", "GSM8K acc"]
+    head = ["model"] + [f"NLL {s}" for s in sources] + ["NLL all", "GSM8K acc", "MC acc", "MC acc_norm", "MC pass@N"]
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, e in ev.items():
         nll = e.get("nll", {})
@@ -90,5 +123,12 @@ def eval_table(ev: dict) -> list[str]:
         cells.append(f"{nll['all']['nll']:.4f}" if "all" in nll else "")
         maths = e.get("maths")
         cells.append(f"{maths['accuracy']:.3f} ({maths['correct']}/{maths['n_questions']})" if maths else "")
+        mc = e.get("multiple_choice")
+        cells += ([f"{mc['accuracy']:.3f} (n={mc['n_questions']})", _fmt(mc.get("acc_norm")),
+                   f"{_fmt(mc.get('pass_at_n'))} (N={mc.get('n_samples', '?')})"] if mc else ["", "", ""])
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.3f}"
