@@ -100,7 +100,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         eps_fn=eps_fn,
         callbacks=callbacks,
     )
-    resume = latest_checkpoint(out / "checkpoints") if tc.resume else None
+    resume = latest_checkpoint(out / "checkpoints", "ual_ppl_state.json" if eps_fn else None) if tc.resume else None
     if resume is not None:
         log.info("training %s: resuming from %s", mode, resume)
         if eps_fn is not None and not eps_fn.load(resume):
@@ -193,17 +193,17 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def latest_checkpoint(folder):
+def latest_checkpoint(folder, also: str | None = None):
     """The newest complete Trainer checkpoint in `folder` (None if there is none).
 
     trainer_state.json is written last, so a checkpoint being written when the run
-    was killed has none and is passed over.
+    was killed has none and is passed over (as is one without the file `also`).
     """
     from pathlib import Path
 
     folder = Path(folder)
     done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "trainer_state.json").exists()]
+            and (p / "trainer_state.json").exists() and (also is None or (p / also).exists())]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
