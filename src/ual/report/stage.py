@@ -1,4 +1,4 @@
-"""The `ual report` stage: one Markdown page (and metrics.json) from a run folder.
+"""The `ual report` stage: one Markdown page, the same as one self-contained HTML page, and metrics.json.
 
 Reads whatever stages have run (data stats, scores, smoothing, training logs,
 evaluations) and writes report.md with tables and PNG plots beside it.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ual.config import ExperimentConfig
 from ual.io import read_json, read_jsonl, write_json, write_text
+from ual.report.html import markdown_to_html
 from ual.report.plots import plot_distributions, plot_loss_curves
 from ual.runfolder import RunFolder
 
@@ -52,6 +53,7 @@ def run_report(cfg: ExperimentConfig) -> str:
         images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
     text = render_markdown(metrics, images)
     write_text(run.report, text)
+    write_text(run.root / "report.html", markdown_to_html(text, run.root, f"UAL run {cfg.name}"))
     return text
 
 
