@@ -1,0 +1,89 @@
+"""TRL drop-in: UALSFTTrainer keeps `eps`, uses ual's loss, and matches `ual train`'s UALTrainer on the same batch."""
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
+from trl import SFTConfig  # noqa: E402
+
+from ual.data.sample import Sample  # noqa: E402
+from ual.data.tokenize import encode_sample  # noqa: E402
+from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer  # noqa: E402
+from ual.training.trl import UALSFTTrainer  # noqa: E402
+
+EPS = [0.0, 0.5, 0.2, 0.9]
+
+
+def _encoded(tokenizer):
+    texts = [("hi", "hello there"), ("2+2?", "4"), ("tell me a story", "once upon a time " * 8), ("x", "y z")]
+    return [encode_sample(tokenizer, Sample.create("t", [{"role": "user", "content": q}, {"role": "assistant", "content": a}]).messages, 96)
+            for q, a in texts]
+
+
+def _sequential(trainer):
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    return trainer
+
+
+def _ual(model_dir, tokenizer, tmp_path, accumulation=1):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path / "ual"), per_device_train_batch_size=4 // accumulation,
+                             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+                             lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, seed=0, disable_tqdm=True)
+    return _sequential(UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(_encoded(tokenizer), EPS),
+                                  data_collator=SmoothingCollator(tokenizer.pad_token_id)))
+
+
+def _trl(model_dir, tokenizer, tmp_path, accumulation=1, **kw):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": x} for e, x in zip(_encoded(tokenizer), EPS)]
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4 // accumulation,
+                     gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+                     lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
+                     seed=0, disable_tqdm=True, max_length=None, bf16=False, gradient_checkpointing=False,
+                     **kw)  # SFTConfig defaults to bf16 + checkpointing; remove_unused_columns stays on: eps survives
+    return _sequential(UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                     processing_class=tokenizer))
+
+
+def test_same_batch_same_loss(tiny_model_dir, tokenizer, tmp_path):
+    ual, trl = _ual(tiny_model_dir, tokenizer, tmp_path), _trl(tiny_model_dir, tokenizer, tmp_path)
+    b_ual = next(iter(ual.get_train_dataloader()))
+    b_trl = next(iter(trl.get_train_dataloader()))
+    assert torch.equal(b_trl["eps"], b_ual["eps"]) and torch.equal(b_trl["labels"], b_ual["labels"])
+    with torch.no_grad():
+        l_ual = ual.compute_loss(ual.model, dict(b_ual))
+        l_trl = trl.compute_loss(trl.model, dict(b_trl))
+        l_sft = ual.compute_loss(ual.model, {**b_ual, "eps": torch.zeros(4)})
+    assert float(l_trl) == pytest.approx(float(l_ual), rel=1e-6)
+    assert float(l_trl) != pytest.approx(float(l_sft), rel=1e-4)  # eps is used, not dropped
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_same_update_as_ual_train(tiny_model_dir, tokenizer, tmp_path, accumulation):
+    runs = []
+    for make in (_ual, _trl):
+        t = make(tiny_model_dir, tokenizer, tmp_path, accumulation)
+        before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        out = t.train()
+        runs.append((out.training_loss, {n: before[n] - p.detach() for n, p in t.model.named_parameters()}))
+    (loss_a, upd_a), (loss_b, upd_b) = runs
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    worst = max(float((upd_a[n] - upd_b[n]).abs().max() / (upd_a[n].abs().max() + 1e-12)) for n in upd_a)
+    assert worst < 1e-5
+
+
+def test_refuses_what_would_break_per_sample_eps(tiny_model_dir, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="packing"):
+        _trl(tiny_model_dir, tokenizer, tmp_path, packing=True)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        _trl(tiny_model_dir, tokenizer, tmp_path, label_smoothing_factor=0.1)
+    t = _trl(tiny_model_dir, tokenizer, tmp_path)
+    with pytest.raises(ValueError, match="no `eps`"):
+        t.data_collator([{"input_ids": [1, 2], "labels": [1, 2]}])
