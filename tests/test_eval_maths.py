@@ -171,9 +171,9 @@ def test_smollm2_answers_gsm8k_questions():
 
     tok = load_tokenizer("smollm2-135m")
     model = load_model("smollm2-135m", device="cpu")
-    rows = [json.loads(line) for line in _gsm8k_file().open(encoding="utf-8")][:4]
+    rows = [json.loads(line) for line in _gsm8k_file().open(encoding="utf-8")][:3]
     samples = [_sample(r["question"], r["answer"].split("####")[-1].strip()) for r in rows]
-    out = evaluate_maths(model, tok, samples, batch_size=4, max_new_tokens=96, progress=False)
-    assert out["n_questions"] == 4 and all(r["prediction"] for r in out["records"])
-    assert sum(r["extracted"] is not None for r in out["records"]) >= 3
+    out = evaluate_maths(model, tok, samples, batch_size=3, max_new_tokens=64, progress=False)
+    assert out["n_questions"] == 3 and all(r["prediction"] for r in out["records"])
+    assert sum(r["extracted"] is not None for r in out["records"]) >= 2  # reasoning mentions numbers
     assert out["correct"] == sum(r["correct"] for r in out["records"])
