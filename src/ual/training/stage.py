@@ -72,6 +72,11 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
     from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
 
     tc = cfg.train
+    from ual.training.estimate import sharding_from_env
+
+    if tc.loss == "chunked" and sharding_from_env() in ("fsdp", "zero3"):
+        raise ValueError("train.loss chunked reads the output-projection weight outside the model's forward, where "
+                         "FSDP / ZeRO-3 keep it sharded: use train.loss naive here (docs/training.md)")
     set_seed(cfg.seed)  # same LoRA init for every mode
     device = local_device(cfg.device)
     dtype = torch.bfloat16 if tc.bf16 and device.type == "cuda" else torch.float32
