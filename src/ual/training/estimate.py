@@ -11,8 +11,9 @@ The estimate is per process (per GPU), for the peak of one optimiser step:
                  MLP        4 I            (gate, up, act(gate), act(gate) * up)
                  LoRA       h per adapted module (its dropout's output)
                with gradient checkpointing: h per layer (the layer input) plus one layer's full set.
-  loss         naive: the (B, T, V) logits in the weight dtype, their fp32 copy, the fp32
-               softmax gradient and the gradient in the weight dtype;
+  loss         naive: the (B, T, V) logits in the weight dtype plus four fp32 (B, T, V) tensors
+               alive at the backward's peak (the fp32 copy, logsumexp's exp, the softmax
+               gradient and the summed gradient): about 20 bytes per logit (measured on CPU);
                chunked: one (C, V) fp32 chunk plus fp32 (tokens, h) hidden-state gradients.
 
 B x T is the micro-batch at data.max_length (the padded worst case). With ZeRO/FSDP the
@@ -145,7 +146,7 @@ def estimate(shape: dict, *, batch_size: int, seq_len: int, lora: bool, lora_tar
         c = chunk_rows or max(64, (128 << 20) // (4 * V))
         loss_bytes = min(c, tokens) * V * 4 + 2 * tokens * h * 4
     else:
-        loss_bytes = tokens * V * (act_bytes + 4 + 4 + act_bytes if act_bytes != 4 else 3 * 4)
+        loss_bytes = tokens * V * (4 * 4 + act_bytes)
     total = weights + grads + optim + acts + loss_bytes
     return {
         "parameters": N, "trainable": trainable, "tokens_per_micro_batch": tokens,
