@@ -78,6 +78,9 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Rerunning training and evaluation reuses what is done.
+    scored = (run / "scores.jsonl").stat().st_mtime_ns
+    assert main(["score", "--config", str(cfg)]) == 0
+    assert (run / "scores.jsonl").stat().st_mtime_ns == scored
     before = (run / "train" / "ual" / "result.json").stat().st_mtime_ns
     assert main(["train", "--config", str(cfg)]) == 0
     assert main(["eval", "--config", str(cfg)]) == 0

@@ -71,7 +71,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
     if stage == "score":
         from ual.scoring.stage import run_score
 
-        return run_score(cfg)
+        return run_score(cfg, force=force)
     if stage == "map":
         from ual.mapping import run_map
 

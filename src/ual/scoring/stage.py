@@ -6,7 +6,7 @@ import logging
 from collections import Counter
 
 from ual.config import ExperimentConfig
-from ual.io import write_jsonl
+from ual.io import read_jsonl, write_jsonl
 from ual.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,20 @@ def build_scorer(cfg: ExperimentConfig):
     raise ValueError(f"score.scorer must be perplexity, judge or local_judge, got {sc.scorer!r}")
 
 
-def run_score(cfg: ExperimentConfig) -> dict:
+def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
     samples = run.load_samples("train")
     scorer = build_scorer(cfg)
+    if cfg.score.dry_run:
+        # Plan only: nothing is sent and scores.jsonl is left as it is.
+        if not hasattr(scorer, "plan"):
+            raise ValueError(f"--score.dry_run plans paid judge requests; scorer {cfg.score.scorer!r} has nothing to plan")
+        return {"dry_run": scorer.plan(samples)}
+    if run.scores.exists() and not force:
+        done = {r["id"]: r for r in read_jsonl(run.scores)}
+        if all(s.id in done and done[s.id]["scorer"] == scorer.name and done[s.id]["score"] is not None for s in samples):
+            log.info("scores.jsonl already scores every sample with %s; skipping (use --force to rescore)", scorer.name)
+            return {"scorer": scorer.name, "scored": len(samples), "failed": 0, "reused": True}
     results = scorer.score(samples)
     by_id = {s.id: s for s in samples}
     rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
