@@ -149,6 +149,8 @@ def estimate_and_measure_start(cfg: ExperimentConfig, n_samples: int, device) ->
 
     memory: dict = {}
     try:
+        if E.sharding_from_env() == "zero3":  # a meta-device model under zero.Init: skip, do not risk it
+            raise RuntimeError("not estimated under DeepSpeed ZeRO-3")
         est = E.estimate_for_config(cfg, n_samples, device=E.detect_device() if device.type == "cuda" else "cpu")
         log.info("estimate before training:\n%s", est["text"])
         memory["estimate_bytes"] = est["estimate"]["bytes"]
