@@ -3,9 +3,11 @@
 What is compared: for each parallelism c (1, 4, 8), the rate the server itself
 delivers for our exact request bodies (a bare http.client loop in c threads:
 no openai client, no parsing, no cache) against JudgeScorer's samples/s at
-concurrency c. Both use fresh, distinct samples of the same shape; raw and
-ours alternate in rounds (who goes first alternates too), because a shared
-machine drifts. llama-cpp-python's server runs one request at a time, so c
+concurrency c. In each round both send the same fresh samples (the server
+keeps only the last prompt's prefix, so neither gets a cache hit the other
+lacks, and the answers, hence the generated lengths, are the same; the
+scorer's own cache starts empty). Raw and ours alternate in rounds (who goes
+first alternates too), because a shared machine drifts. llama-cpp-python's server runs one request at a time, so c
 mostly hides client-side latency; what matters is that we keep it busy.
 JudgeScorer runs with max_retries=0 here so samples/s = requests/s (a weak
 judge's unparseable answers would otherwise add requests: a model property,
@@ -140,20 +142,24 @@ def main() -> None:
         raw_rate(srv.base_url, make_samples(3, "warm"), 1, opts)  # load pages, fill the prompt cache
         for c in args.levels:
             k, t_raw, t_ours, n_raw, n_ours, ok = max(c, args.per_round), 0.0, 0.0, 0, 0, 0
+            trace = []
             for r in range(args.rounds):  # alternate who goes first: drift on a shared box cancels out
+                batch = make_samples(k, f"{c}.{r}-")  # the same requests for both: same prompt and answer lengths
                 for who in (("raw", "ours") if r % 2 == 0 else ("ours", "raw")):
-                    batch = make_samples(k, f"{who}{c}.{r}-")
                     if who == "raw":
-                        t_raw += k / raw_rate(srv.base_url, batch, c, opts)
-                        n_raw += k
+                        dt = k / raw_rate(srv.base_url, batch, c, opts)
+                        t_raw, n_raw = t_raw + dt, n_raw + k
                     else:
                         rate, good = our_rate(srv.base_url, batch, c, work / f"c{c}.{r}.sqlite", opts)
-                        t_ours, n_ours, ok = t_ours + k / rate, n_ours + k, ok + good
+                        dt = k / rate
+                        t_ours, n_ours, ok = t_ours + dt, n_ours + k, ok + good
+                    trace.append(f"{who} {dt:.1f}s")
             server, ours = n_raw / t_raw, n_ours / t_ours
             rows[c] = {"server_req_s": round(server, 3), "ours_samples_s": round(ours, 3),
                        "ratio": round(ours / server, 3), "requests_each": n_raw, "parsed_ok": f"{ok}/{n_ours}"}
             print(f"c={c}: server {server:.3f} req/s, JudgeScorer {ours:.3f} samples/s, ratio {ours / server:.2f} "
                   f"({n_raw} requests each, interleaved in {args.rounds} rounds; answers parsed {ok}/{n_ours})", flush=True)
+            print(f"  rounds of {k}: " + ", ".join(trace), flush=True)
         single = rows[1]["server_req_s"] if 1 in rows else raw_rate(srv.base_url, make_samples(6, "s"), 1, opts)
         print(f"server single-stream rate: {single:.3f} req/s", flush=True)
         cached = cached_rerun(srv.base_url, args.cached, work, opts)

@@ -188,3 +188,22 @@ def test_build_judge_scorer(tmp_path, monkeypatch):
     assert s.cache.path == tmp_path / "judge_cache.sqlite" and s.name == "judge:gpt-4o-mini:uncertainty-v1"
     monkeypatch.setenv("UAL_JUDGE_CACHE", str(tmp_path / "shared.sqlite"))
     assert build_judge_scorer(cfg("http://127.0.0.1:9/v1"), tmp_path).cache.path == tmp_path / "shared.sqlite"
+
+
+def test_identical_samples_are_asked_once(tmp_path):
+    s = small_dataset(2)
+    with StubJudge(lambda b: completion("12")) as stub:
+        res = JudgeScorer(cfg(stub.base_url), tmp_path / "c.sqlite", options=FAST).score([s[0], s[1], s[0]])
+        assert len(stub.log) == 2 and res[0].score == res[2].score == pytest.approx(12 / 99)
+
+
+def test_retry_after_headers():
+    from ual.scoring.judge import _retry_after
+
+    class E:
+        def __init__(self, headers):
+            self.response = type("R", (), {"headers": headers})()
+
+    assert _retry_after(E({"retry-after": "2"})) == 2.0 and _retry_after(E({"retry-after-ms": "1500"})) == 1.5
+    assert _retry_after(E({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0  # a date in the past
+    assert _retry_after(E({})) is None and _retry_after(ValueError("x")) is None

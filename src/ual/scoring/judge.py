@@ -134,15 +134,9 @@ class JudgeScorer:
             return pool.submit(asyncio.run, self.ascore(samples)).result()
 
     async def ascore(self, samples: Sequence[Sample]) -> list[ScoreResult]:
-        rendered = [self.prompt.render(s.messages) for s in samples]
-        hashes = [_content_hash(msgs) for msgs, _ in rendered]
-        rows = self.cache.lookup(self.model, self.prompt.version, hashes)
-        todo = [(i, d) for i, h in enumerate(hashes) for d in range(self.cfg.n_samples)
-                if not rows.get((h, d), {}).get("ok")]
-        cached = {h for h in hashes if all(rows.get((h, d), {}).get("ok") for d in range(self.cfg.n_samples))}
+        rendered, hashes, rows, todo, cached = self._todo(samples)
         if self.cfg.dry_run:
-            self.last_plan = self._plan([rendered[i][0] for i, _ in todo], len(cached))
-            print(_plan_text(self.last_plan))
+            print(_plan_text(self.plan(samples)))
             return [ScoreResult(s.id, None, {"error": "dry run: nothing sent"}) for s in samples]
         if todo:
             await self._run(todo, rendered, hashes, rows)
@@ -150,13 +144,27 @@ class JudgeScorer:
 
     def plan(self, samples: Sequence[Sample]) -> dict:
         """What a run would send: request count and estimated tokens/cost (sends nothing)."""
-        rendered = [self.prompt.render(s.messages)[0] for s in samples]
-        hashes = [_content_hash(m) for m in rendered]
+        rendered, _, _, todo, cached = self._todo(samples)
+        tin = sum(_estimate_tokens(rendered[i][0], self.opts) - self.opts.max_tokens for i, _ in todo)
+        tout = self.opts.max_tokens * len(todo)
+        price = price_for(self.model)
+        self.last_plan = {"judge": self.model, "prompt_version": self.prompt.version, "requests": len(todo),
+                          "samples_cached": len(cached), "est_prompt_tokens": int(tin),
+                          "est_completion_tokens": int(tout),
+                          "est_cost_usd": (tin * price[0] + tout * price[1]) / 1e6 if price else None}
+        return self.last_plan
+
+    def _todo(self, samples: Sequence[Sample]):
+        """Render, hash, look up the cache; the (sample index, draw) pairs still to ask, once per content."""
+        rendered = [self.prompt.render(s.messages) for s in samples]
+        hashes = [_content_hash(msgs) for msgs, _ in rendered]
         rows = self.cache.lookup(self.model, self.prompt.version, hashes)
-        todo = [m for m, h in zip(rendered, hashes) for d in range(self.cfg.n_samples)
+        first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # identical samples: ask once
+        n = self.cfg.n_samples
+        todo = [(i, d) for h, i in sorted(first.items(), key=lambda x: x[1]) for d in range(n)
                 if not rows.get((h, d), {}).get("ok")]
-        return self._plan(todo, sum(all(rows.get((h, d), {}).get("ok") for d in range(self.cfg.n_samples))
-                                    for h in hashes))
+        cached = {h for h in first if all(rows.get((h, d), {}).get("ok") for d in range(n))}
+        return rendered, hashes, rows, todo, cached
 
     # ------------------------------------------------------------------ the run
 
@@ -190,8 +198,14 @@ class JudgeScorer:
                 bar.update(1)
                 bar.set_postfix_str(self._usage_text(price), refresh=False)
 
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.cfg.concurrency, len(todo)))]
         try:
-            await asyncio.gather(*(worker() for _ in range(min(self.cfg.concurrency, len(todo)))))
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # a fatal error (bad key) stops every worker, not just one
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         finally:
             bar.close()
             await client.close()
@@ -272,14 +286,6 @@ class JudgeScorer:
             details["draws_failed"] = self.cfg.n_samples - len(good)
         return ScoreResult(sample.id, value / 99.0, details)
 
-    def _plan(self, todo_msgs: list[list[dict]], n_cached: int) -> dict:
-        tin = sum(_estimate_tokens(m, self.opts) - self.opts.max_tokens for m in todo_msgs)
-        tout = self.opts.max_tokens * len(todo_msgs)
-        price = price_for(self.model)
-        return {"judge": self.model, "prompt_version": self.prompt.version, "requests": len(todo_msgs),
-                "samples_cached": n_cached, "est_prompt_tokens": int(tin), "est_completion_tokens": int(tout),
-                "est_cost_usd": (tin * price[0] + tout * price[1]) / 1e6 if price else None}
-
     def _usage_text(self, price) -> str:
         tin, tout = self.stats["prompt_tokens"], self.stats["completion_tokens"]
         if price:
@@ -327,21 +333,16 @@ def _unpack(resp) -> tuple[str, list[dict] | None, tuple[int, int]]:
 
 def _retry_after(exc) -> float | None:
     """Seconds from Retry-After / retry-after-ms headers (number or HTTP date), if any."""
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if not headers:
-        return None
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
     try:
         if headers.get("retry-after-ms"):
             return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
         value = headers.get("retry-after")
-        if value:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        if value and value.strip().replace(".", "", 1).isdigit():
+            return float(value)
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time()) if value else None
     except (TypeError, ValueError):
         return None
-    return None
 
 
 def _plan_text(plan: dict) -> str:

@@ -9,12 +9,14 @@ the number:
 Each candidate is tokenized the way the model would emit it after the
 generation prompt (SmolLM2 and Llama split numbers digit by digit, GPT-style
 vocabularies may have "73" as one token; both work). The candidates' token
-sequences form a trie (for SmolLM2: 10 first digits + 100 second digits = 110
-nodes). All of it is scored in ONE forward pass per sample: the trie's tokens
+sequences form a trie (for SmolLM2: "0".."9" and the 90 two-digit "10".."99",
+100 nodes). All of it is scored in ONE forward pass per sample: the trie's tokens
 are appended after the prompt with a tree attention mask (each node sees the
 prompt and its own ancestors only) and position ids by depth, so the logits at
 every node are exactly those of a separate forward over prompt + that prefix.
-That is ~110 extra tokens per sample instead of 100 forward passes.
+That is 100 extra tokens per sample instead of 100 forward passes. A leading-
+zero answer ("07") is not a candidate: the canonical spelling is what a
+judge writes.
 
 The scores are renormalised over the 100 candidates; `format_mass` records how
 much probability the model put on answering with a bare integer at all.
@@ -41,6 +43,9 @@ class LocalJudgeScorer:
         self.tokenizer = tokenizer or load_tokenizer(model_name)
         self.model = (model or load_model(model_name, device=device)).eval()
         self.batch_size, self.max_length = batch_size, max_length
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        if impl not in ("eager", "sdpa"):  # flash attention ignores a custom 4D mask: the trie would be wrong
+            raise ValueError(f"the local judge needs eager or sdpa attention, the model uses {impl!r}")
         self._trie = None  # built from the first prompt (tokenization after the generation prompt)
         self._digit_start = None
 
