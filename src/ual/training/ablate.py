@@ -146,6 +146,8 @@ def evaluate_models(cfg: ExperimentConfig, models: list[str], force: bool) -> di
 
     c = copy.deepcopy(cfg)
     c.eval.models = list(models)
+    # Pairwise comparisons need both models in this run folder (with a sweep, sft and base live in RUN).
+    c.eval.pairwise = [p for p in c.eval.pairwise if all(m.strip() in models for m in p.split(":"))]
     return run_stage("eval", c, force=force)
 
 
@@ -169,6 +171,13 @@ def comparison(cfg: ExperimentConfig, modes: list[str], sweep: list[float] | Non
             if e.get("maths"):
                 r["gsm8k_accuracy"] = e["maths"]["accuracy"]
                 r["gsm8k_n"] = e["maths"]["n_questions"]
+            if e.get("multiple_choice"):
+                r["mc_accuracy"] = e["multiple_choice"].get("accuracy")
+        clus = folder / "clustering.json"
+        if clus.exists():
+            sil = read_json(clus).get("models", {}).get(mode)
+            if sil:
+                r["silhouette"] = sil.get("mean_all_pairs")
         rows.append(r)
 
     if (root / "eval" / "base.json").exists():
@@ -195,7 +204,10 @@ def comparison(cfg: ExperimentConfig, modes: list[str], sweep: list[float] | Non
 def render(table: dict) -> str:
     rows = table["rows"]
     sources = sorted({k for r in rows for k in r.get("nll", {}) if k != "all"})
-    head = ["target mean", "mode", "steps", "mean eps", "final train loss"] + [f"NLL {s}" for s in sources] + ["NLL all", "GSM8K acc"]
+    extra = [(k, name) for k, name in (("mc_accuracy", "MC acc"), ("silhouette", "silhouette"))
+             if any(k in r for r in rows)]
+    head = (["target mean", "mode", "steps", "mean eps", "final train loss"] + [f"NLL {s}" for s in sources]
+            + ["NLL all", "GSM8K acc"] + [name for _, name in extra])
     lines = [f"# Ablation `{table['name']}`", "",
              f"Model `{table['model']}`, seed {table['seed']}; modes {', '.join(table['modes'])}"
              + (f"; target-mean sweep {', '.join(f'{m:g}' for m in table['sweep'])}" if table["sweep"] else "") + ".",
@@ -213,6 +225,7 @@ def render(table: dict) -> str:
         cells += [f(nll.get(s)) for s in sources] + [f(nll.get("all"))]
         acc = r.get("gsm8k_accuracy")
         cells.append("" if acc is None else f"{acc:.3f} (n={r['gsm8k_n']})")
+        cells += [f(r.get(k), 3) for k, _ in extra]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Note: {table['note']}. SFT does not depend on the target mean: with a sweep it is trained once.", ""]
     return "\n".join(lines)
