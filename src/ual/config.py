@@ -111,6 +111,7 @@ class EvalConfig:
     mc_file: str | None = _f(None, "local multiple-choice file (default: the 1,000 MMLU-style questions packaged in `evals`)")
     mc_limit: int | None = _f(100, "evaluate at most this many multiple-choice questions")
     mc_samples: int = _f(4, "N of pass@N (sampled answer letters; the paper's 'Best-of-N')")
+    mc_acc_norm: bool = _f(True, "also score each choice's text (length-normalised), ~4x the cost of letters alone")
     clustering: bool = _f(True, "feature-clustering silhouette (paper §4) on held-out texts")
     clustering_texts: int = _f(32, "held-out samples whose final hidden states are clustered")
     clustering_top_k: int = _f(20, "most frequent next tokens; all K(K-1)/2 pairs are scored")

@@ -153,7 +153,7 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
         from ual.evaluation.multiple_choice import evaluate_multiple_choice
 
         res = evaluate_multiple_choice(model, tokenizer, inputs.mc, batch_size=ec.batch_size,
-                                       n_samples=ec.mc_samples, seed=cfg.seed)
+                                       n_samples=ec.mc_samples, seed=cfg.seed, acc_norm=ec.mc_acc_norm)
         write_jsonl(run.root / "eval" / f"{name}.mc.jsonl", res.pop("records", []))
         metrics["multiple_choice"] = res
     if inputs.cluster_texts:
