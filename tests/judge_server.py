@@ -206,6 +206,7 @@ class FaultProxy(_Base):
         self.plan = plan or (lambda key, attempt: None)
         self.hang_s = hang_s
         self.attempts: dict[str, int] = {}
+        self.arrivals: list[str] = []  # keys in order of arrival (the log is written when a request ends)
 
     def handle_post(self, h, body: bytes) -> None:
         req = json.loads(body)
@@ -213,6 +214,7 @@ class FaultProxy(_Base):
         with self.lock:
             attempt = self.attempts.get(key, 0)
             self.attempts[key] = attempt + 1
+            self.arrivals.append(key)
         fault = self.plan(key, attempt)
         row = dict(key=key, attempt=attempt, fault=fault, status=None, delivered=False, content=None)
         if fault == "delay":

@@ -125,17 +125,17 @@ def test_sigkill_midrun_then_rerun(server, tmp_path):
         assert proc.poll() is None, f"finished before the kill: {proc.communicate()}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        first_run = [r["key"] for r in proxy.log]
+        first_run = list(proxy.arrivals)  # everything that reached the proxy, answered or still in flight
         rows = JudgeCache(cache_path).lookup(MODEL, default_prompt().version, [h for _, h in keys])
         answered = {k for k, h in keys if rows.get((h, 0), {}).get("ok")}
         stored = {k for k, h in keys if (h, 0) in rows}
         assert stored and len(stored) < n, "killed mid-run"
         lost = set(first_run) - stored
         assert len(lost) <= conc  # only what was in flight
-        mark = len(proxy.log)
+        mark = len(proxy.arrivals)
         cfg = ScoreConfig(scorer="judge", model=MODEL, base_url=proxy.base_url, concurrency=conc, max_retries=3)
         res = JudgeScorer(cfg, cache_path, options=OPTS).score(samples)
-        second_run = [r["key"] for r in proxy.log[mark:]]
+        second_run = proxy.arrivals[mark:]
     assert not answered & set(second_run)  # nothing committed was asked again
     check_contract(res)
     final = JudgeCache(cache_path).lookup(MODEL, default_prompt().version, [h for _, h in keys])
