@@ -44,6 +44,7 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
 
     samples = read_jsonl(run / "samples.jsonl")
     assert len(samples) == 32 and {s["source"] for s in samples} == {"chat", "gsm8k"}
+    assert read_json(run / "scores_report" / "scores_report.json")["failures"] == 0
     scores = read_jsonl(run / "scores.jsonl")
     assert len(scores) == 32 and all(0 <= r["score"] <= 1 for r in scores)
     eps = [r["eps"] for r in read_jsonl(run / "smoothing.jsonl")]

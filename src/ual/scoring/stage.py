@@ -49,6 +49,10 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
             for r in results]
     write_jsonl(run.scores, rows)
+    from ual.scoring.analysis import scores_report
+
+    # Histograms per source, failures with reasons (scores_report.json, failures.jsonl, *.png).
+    scores_report(run.scores, run.root / "scores_report")
     failed = [r for r in results if r.score is None]
     summary = {"scorer": scorer.name, "scored": len(results) - len(failed), "failed": len(failed),
                "failure_reasons": dict(Counter(str(r.details.get("error")) for r in failed).most_common(10))}
