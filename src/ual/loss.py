@@ -138,14 +138,17 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
 
 
 class _ChunkedSmoothedCE(torch.autograd.Function):
-    """Sum over rows of a * (lse(z) - (1 - eps) z_y - eps mean(z)), z = h W^T + b.
-
-    Inputs are already restricted to supervised rows. Returns the fp32 scalar.
+    """Sum over supervised rows r of a * (lse(z) - (1 - eps) z_y - eps mean(z)),
+    z = h[r] W^T + b. h: (N, H) all rows; rows: (n,) supervised row indices, with
+    their targets y and eps (n,). The supervised rows are gathered chunk by chunk
+    and their gradient is written straight into the (N, H) gradient (no gathered
+    copy of h, no separate gradient to scatter). Returns the fp32 scalar.
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, y, eps, scale, chunk_size, need_h, need_w, need_b, lse_from_softmax):
-        n, hid = h.shape
+    def forward(ctx, h, rows, w, b, y, eps, scale, chunk_size, need_h, need_w, need_b, lse_from_softmax):
+        n = rows.numel()
+        hid = h.shape[1]
         vocab = w.shape[0]
         dev = h.device
         f32 = torch.float32
@@ -154,7 +157,6 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
         low = h.dtype == w.dtype and h.dtype in (torch.bfloat16, torch.float16) and dev.type in _LOWP_MM_DEVICES
         mm_dtype = h.dtype if low else f32
         wm = w.to(mm_dtype)
-        hm = h.to(mm_dtype)
         w_sum = torch.sum(w, 0, dtype=f32)  # one pass over W: sum_v w_v
         w_mean = w_sum / vocab  # mean_v(z) = h . w_mean + mean(b)
         b32 = None if b is None else b.to(f32)
@@ -162,7 +164,7 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
         spread = eps / vocab  # (n,) fp32
 
         loss = torch.zeros((), dtype=f32, device=dev)
-        gh = torch.empty(n, hid, dtype=f32, device=dev) if need_h else None
+        gh = torch.zeros(h.shape, dtype=f32, device=dev) if need_h else None
         gw = torch.zeros(vocab, hid, dtype=f32, device=dev) if need_w else None
         gb = torch.zeros(vocab, dtype=f32, device=dev) if need_b else None
         h_spread = torch.zeros(hid, dtype=f32, device=dev) if need_w else None
@@ -173,7 +175,8 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
         for s in range(0, n, c):
             e = min(s + c, n)
             z = buf[: e - s]
-            hc = hm[s:e]
+            rc = rows[s:e]
+            hc = h.index_select(0, rc).to(mm_dtype)
             yc = y[s:e].unsqueeze(1)
             kc, sc = keep[s:e], spread[s:e]
             _mm_f32(hc, wt, out=z)
@@ -204,7 +207,7 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
                 g = _mm_f32(zm, wm)  # P @ W
                 g.addcmul_(wm.index_select(0, yc.squeeze(1)).to(f32), kc.unsqueeze(1), value=-1.0)
                 g.addr_(sc, w_sum, alpha=-1.0)
-                torch.mul(g, scale, out=gh[s:e])
+                gh.index_copy_(0, rc, g.mul_(scale))
             if need_w:
                 if mm_dtype == f32:
                     gw.addmm_(zm.t(), hc32, alpha=scale)
@@ -219,8 +222,8 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
             gw.sub_(h_spread.mul_(scale))
         if need_b:
             gb.sub_(spread.sum()).mul_(scale)
-        ctx.grads = (gh, gw, gb)
-        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        ctx.grads = (gh, None, gw, gb)
+        ctx.dtypes = (h.dtype, None, w.dtype, None if b is None else b.dtype)
         return loss * scale
 
     @staticmethod
@@ -237,7 +240,7 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
             if not one:
                 g = g.mul_(grad_out)
             out.append(g.to(dt))
-        return (out[0], out[1], out[2]) + (None,) * 8
+        return tuple(out) + (None,) * 8
 
 
 def _is_plain_linear(module) -> bool:
@@ -305,7 +308,6 @@ def chunked_smoothed_cross_entropy(
     hid = hidden.shape[-1]
     flat_t = targets.reshape(-1)
     rows = (flat_t != ignore_index).nonzero().squeeze(1)
-    h = hidden.reshape(-1, hid).index_select(0, rows)
     y = flat_t.index_select(0, rows)
     eps_t = torch.as_tensor(eps, dtype=torch.float32, device=hidden.device)
     if eps_t.dim() == 1:
@@ -315,13 +317,16 @@ def chunked_smoothed_cross_entropy(
 
     if isinstance(weight, torch.nn.Module):
         if not _is_plain_linear(weight):
+            h = hidden.reshape(-1, hid).index_select(0, rows)
             return _module_fallback(h, weight, y, eps_tok, scale, chunk_size, ignore_index)
         weight, bias = weight.weight, weight.bias
     if lse_from_softmax is None:
         lse_from_softmax = hidden.device.type != "cuda"
     grad = torch.is_grad_enabled()
+    h = hidden.reshape(-1, hid)
     return _ChunkedSmoothedCE.apply(
         h,
+        rows,
         weight,
         bias,
         y,
