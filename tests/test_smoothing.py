@@ -75,3 +75,11 @@ def test_property_mean_and_cap(scores, target):
     assert abs(eps.mean() - target) < 1e-9
     assert eps.max() <= 0.99 + 1e-12
     assert np.all(eps[u == 0] == 0)
+
+
+def test_tiny_score_under_a_large_one_keeps_the_exact_mean():
+    # Found by hypothesis in CI: summing the unclipped tail as "total - prefix"
+    # lost the 1e-12 to cancellation and the mean came out 4e-7 short.
+    eps = map_to_smoothing([1.0, 1e-12], 0.5)
+    assert abs(eps.mean() - 0.5) < 1e-12
+    assert eps[0] == 0.99

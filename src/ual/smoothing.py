@@ -39,8 +39,10 @@ def fit_scale(scores, target_mean: float, eps_max: float = 0.99) -> float:
         )
 
     desc = np.sort(u)[::-1]
-    # tail[m] = sum of the scores left unclipped when the m largest are clipped
-    tail = np.concatenate([[desc.sum()], desc.sum() - np.cumsum(desc)])
+    # tail[m] = sum of the scores left unclipped when the m largest are clipped,
+    # summed from the smallest up: "total - prefix" would cancel catastrophically
+    # when tiny scores sit under large ones (e.g. [1, 1e-12]).
+    tail = np.append(np.cumsum(desc[::-1])[::-1], 0.0)
     budget = n * target_mean
     for m in range(positive):
         k = (budget - m * eps_max) / tail[m]
