@@ -386,10 +386,10 @@ def test_loss_benchmark_quick_runs_and_ends_with_json():
         assert result[shape]["time_vs_ce"] > 0
 
 
-@pytest.mark.parametrize("lora_targets", [None, ["q_proj", "v_proj"]])
+@pytest.mark.parametrize("lora_targets", [None, ["q_proj", "v_proj"], ["v_proj", "lm_head"]])
 def test_trainer_chunked_step_equals_naive(tmp_path, lora_targets):
     """One optimiser step of UALTrainer (train.loss = chunked vs naive, tied
-    embeddings, with and without LoRA) gives the same update."""
+    embeddings, with and without LoRA, LoRA on the output projection too) gives the same update."""
     from transformers import TrainingArguments
 
     from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
@@ -429,3 +429,16 @@ def test_trainer_chunked_step_equals_naive(tmp_path, lora_targets):
         _close(chunked[name], naive[name], 1e-4)
         moved += bool(naive[name].abs().max() > 0)
     assert moved > 0
+
+
+def test_auto_loss_picks_chunked_where_it_can_run():
+    from transformers import Gemma2Config, LlamaConfig
+
+    from ual.training.stage import resolve_loss
+
+    assert resolve_loss("auto", "none", LlamaConfig()) == "chunked"
+    assert resolve_loss("auto", "fsdp", LlamaConfig()) == "naive"  # sharded lm_head
+    assert resolve_loss("auto", "zero3", LlamaConfig()) == "naive"
+    assert resolve_loss("auto", "zero2", LlamaConfig()) == "chunked"
+    assert resolve_loss("auto", "none", Gemma2Config(final_logit_softcapping=30.0)) == "naive"  # logits != h @ W
+    assert resolve_loss("naive", "none", LlamaConfig()) == "naive"

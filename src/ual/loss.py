@@ -256,7 +256,7 @@ def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_i
         import warnings
 
         warnings.warn(
-            f"chunked_smoothed_cross_entropy: the output projection is a {type(head).__name__}, not a plain "
+            f"chunked_smoothed_cross_entropy: the output projection is a {type(head).__module__}.{type(head).__name__}, not a plain "
             "nn.Linear (e.g. it carries LoRA); using the slower chunk-by-chunk path through the module.",
             stacklevel=3,
         )

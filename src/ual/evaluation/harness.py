@@ -30,11 +30,73 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 OPENLLM_TASKS = ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "gsm8k"]
+
+# What `ual eval --tasks` / `eval.tasks` accept besides lm-eval's own task names.
+TASK_SPEC_HELP = (
+    "lm-eval task names (hub: arc_challenge, hellaswag, mmlu, truthfulqa_mc2, gsm8k; 'openllm' for all five) and "
+    "offline ones: mmlu_packaged (the 1,000 questions in `evals`), gsm8k_heldout (this run's held-out GSM8K part), "
+    "gsm8k_packaged (all 1,319 GSM8K test rows: overlaps a run that trains on GSM8K), mc:FILE, gsm8k:FILE"
+)
+
+
+@dataclass
+class TaskPlan:
+    """Task specs resolved into what run_harness takes."""
+
+    hub: list[str] = field(default_factory=list)
+    local_mc: dict = field(default_factory=dict)
+    local_gsm8k: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return self.hub + list(self.local_mc) + list(self.local_gsm8k)
+
+
+def resolve_tasks(specs: list[str], work_dir: Path, heldout=None) -> TaskPlan:
+    """Turn task specs into hub names and local task data (GSM8K files are written into work_dir).
+
+    `heldout` is the run's held-out samples, needed only by gsm8k_heldout.
+    """
+    from ual.data.sources import gsm8k_path
+
+    plan = TaskPlan()
+    for spec in specs:
+        spec = spec.strip()
+        kind, sep, arg = spec.partition(":")
+        if spec == "openllm":
+            plan.hub += [t for t in OPENLLM_TASKS if t not in plan.hub]
+        elif spec == "mmlu_packaged":
+            plan.local_mc[spec] = "packaged"
+        elif spec == "gsm8k_packaged":
+            plan.local_gsm8k[spec] = gsm8k_path()
+        elif spec == "gsm8k_heldout":
+            rows = [{"question": s.prompt_messages[-1]["content"], "answer": s.final_response}
+                    for s in (heldout or []) if s.source == "gsm8k"]
+            if not rows:
+                raise ValueError("task gsm8k_heldout: this run has no held-out GSM8K samples "
+                                 "(run `ual data` with a gsm8k source, or use gsm8k_packaged)")
+            path = work_dir / "gsm8k_heldout.jsonl"
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            plan.local_gsm8k[spec] = path
+        elif sep and kind in ("mc", "gsm8k"):
+            path = Path(arg)
+            if not path.is_file():
+                raise FileNotFoundError(f"task {spec!r}: {path} is not a file")
+            name = f"{kind}_{path.stem}"
+            (plan.local_mc if kind == "mc" else plan.local_gsm8k)[name] = path
+        elif sep or not spec:
+            raise ValueError(f"task {spec!r}: not understood; tasks are {TASK_SPEC_HELP}")
+        elif spec not in plan.hub:
+            plan.hub.append(spec)
+    if not plan.names:
+        raise ValueError(f"no tasks given; tasks are {TASK_SPEC_HELP}")
+    return plan
 
 
 def _mc_questions(spec):

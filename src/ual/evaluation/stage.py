@@ -9,13 +9,16 @@ clustering (eval/features/MODEL.npz) and answers for the pairwise comparison
 (eval/answers/MODEL.json, in alpaca_eval's model_outputs format). Then:
   clustering.json    silhouette of same-next-token features, mean over all pairs
   eval/pairwise.json judge win rate of A over B, both answer orders
-A model whose eval file exists is skipped on rerun (delete it or use --force).
+and, with eval.tasks, lm-eval benchmarks per model in eval/tasks/MODEL.json.
+A model whose eval file exists is skipped on rerun (delete it or use --force);
+benchmarks are redone only when the task list or its settings change.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -28,17 +31,30 @@ log = logging.getLogger(__name__)
 MATHS_SOURCES = ("gsm8k", "metamath")
 
 
+def model_key(name: str) -> str:
+    """File name of a model's results: base, a trained mode, or an adapter/model folder's name."""
+    return Path(name).name if ("/" in name or name.startswith(".")) else name
+
+
 def load_for_eval(cfg: ExperimentConfig, name: str):
-    """The base model, or the base model with a trained mode's adapter merged in."""
+    """The base model, a trained mode, or a folder (LoRA adapter of cfg.model, or a whole model), merged."""
     from ual.models import load_model
 
     run = RunFolder(cfg.run_path)
     if name == "base":
         return load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
     out = run.train_dir(name)
-    if (out / "model").exists():
+    if model_key(name) != name:  # a folder given by path (`ual eval --adapter DIR`)
+        folder = Path(name)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such adapter or model folder")
+        if not (folder / "adapter_config.json").exists():
+            return load_model(str(folder), cfg.device, trust_remote_code=cfg.trust_remote_code)
+        adapter = folder
+    elif (out / "model").exists():
         return load_model(str(out / "model"), cfg.device, trust_remote_code=cfg.trust_remote_code)
-    adapter = run.require(out / "adapter", "train")
+    else:
+        adapter = run.require(out / "adapter", "train")
     from peft import PeftModel
 
     base = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
@@ -57,36 +73,79 @@ def _split_pair(pair: str) -> tuple[str, str]:
     return a, b
 
 
+def needs_heldout(ec) -> bool:
+    return ec.nll or ec.gsm8k or ec.clustering or bool(ec.pairwise) or "gsm8k_heldout" in ec.tasks
+
+
 def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
     from ual.models import load_tokenizer
 
     run = RunFolder(cfg.run_path)
-    heldout = run.load_samples("heldout")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     ec = cfg.eval
+    heldout = run.load_samples("heldout") if needs_heldout(ec) else []
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     for a, b in map(_split_pair, ec.pairwise):
         if a not in ec.models or b not in ec.models:
             raise ValueError(f"eval.pairwise compares {a} and {b}; both must be in eval.models {ec.models}")
     inputs = EvalInputs.build(cfg, heldout)
+    builtin = ec.nll or bool(inputs.maths) or bool(inputs.mc) or bool(inputs.cluster_texts) or bool(inputs.pair_prompts)
+    task_plan = None
+    if ec.tasks:
+        from ual.evaluation.harness import resolve_tasks
+
+        (run.root / "eval" / "tasks").mkdir(parents=True, exist_ok=True)
+        task_plan = resolve_tasks(ec.tasks, run.root / "eval" / "tasks", heldout)
     results = {}
     for name in ec.models:
-        path = run.eval_file(name)
-        if path.exists() and not force:
-            log.info("eval/%s.json exists; skipping", name)
-            results[name] = read_json(path)
+        key = model_key(name)
+        path, tasks_path = run.eval_file(key), run.root / "eval" / "tasks" / f"{key}.json"
+        do_builtin = builtin and (force or not path.exists())
+        do_tasks = task_plan is not None and (force or not _same_tasks(tasks_path, ec))
+        if path.exists() and not do_builtin:
+            results[key] = read_json(path)
+        if not (do_builtin or do_tasks):
+            log.info("%s: evaluated already; skipping (--force redoes it)", key)
             continue
         start = time.time()
         model = load_for_eval(cfg, name)
-        metrics = evaluate_model(cfg, name, model, tokenizer, inputs, run)
-        metrics["seconds"] = time.time() - start
-        write_json(path, metrics)
-        results[name] = metrics
+        if do_builtin:
+            metrics = evaluate_model(cfg, key, model, tokenizer, inputs, run)
+            metrics["seconds"] = time.time() - start
+            write_json(path, metrics)
+            results[key] = metrics
+        if do_tasks:
+            results.setdefault(key, {})["tasks"] = run_tasks(cfg, name, model, tokenizer, task_plan, tasks_path)
         del model
     if ec.clustering and inputs.cluster_texts:
         results["clustering"] = run_clustering(cfg, tokenizer, run, len(inputs.cluster_texts))
     if ec.pairwise and inputs.pair_prompts:
         results["pairwise"] = run_pairwise(cfg, run, force)
     return results
+
+
+def _task_settings(ec) -> dict:
+    return {"tasks": list(ec.tasks), "limit": ec.tasks_limit, "num_fewshot": ec.tasks_fewshot,
+            "apply_chat_template": ec.tasks_chat_template}
+
+
+def _same_tasks(path: Path, ec) -> bool:
+    return path.exists() and read_json(path).get("settings") == _task_settings(ec)
+
+
+def run_tasks(cfg: ExperimentConfig, name: str, model, tokenizer, plan, path: Path) -> dict:
+    """lm-eval benchmarks on one loaded model; eval/tasks/MODEL.json."""
+    from ual.evaluation.harness import run_harness
+
+    ec = cfg.eval
+    start = time.time()
+    log.info("%s: lm-eval tasks %s", model_key(name), ", ".join(plan.names))
+    out = run_harness(model, tasks=plan.hub, tokenizer=tokenizer, local_mc=plan.local_mc,
+                      local_gsm8k=plan.local_gsm8k, batch_size=ec.batch_size, limit=ec.tasks_limit,
+                      num_fewshot=ec.tasks_fewshot, apply_chat_template=ec.tasks_chat_template, seed=cfg.seed)
+    out["config"]["model"] = name
+    out.update(settings=_task_settings(ec), seconds=time.time() - start)
+    write_json(path, out)
+    return out
 
 
 class EvalInputs:
@@ -160,8 +219,7 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
         from ual.evaluation.clustering import collect_features
 
         features, labels = collect_features(model, tokenizer, inputs.cluster_texts, cfg.data.max_length, ec.batch_size)
-        with atomic_open(run.root / "eval" / "features" / f"{name}.npz", "wb") as fh:
-            np.savez(fh, features=features, labels=labels)
+        save_features(run.root / "eval" / "features" / f"{name}.npz", features, labels, inputs.cluster_texts)
     if name in _pairwise_models(cfg) and inputs.pair_prompts:
         from ual.evaluation.generate import generate_answers
         from ual.evaluation.pairwise import export_alpaca_eval
@@ -174,11 +232,23 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
     return metrics
 
 
+def save_features(path: Path, features, labels, texts: list[str]) -> None:
+    """Final hidden states with their next tokens, and a fingerprint of the texts they came from."""
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, features=features, labels=labels, texts_sha=texts_fingerprint(texts))
+
+
+def texts_fingerprint(texts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
+
+
 def run_clustering(cfg: ExperimentConfig, tokenizer, run: RunFolder, n_texts: int) -> dict:
     from ual.evaluation.clustering import clustering_from_features
 
     collected = {}
-    for name in cfg.eval.models:
+    for name in map(model_key, cfg.eval.models):
         with np.load(run.root / "eval" / "features" / f"{name}.npz") as data:
             collected[name] = (data["features"], data["labels"])
     selection = ("ual", "ls", 100) if {"ual", "ls"} <= set(collected) else None

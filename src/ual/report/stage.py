@@ -25,6 +25,15 @@ def collect(cfg: ExperimentConfig) -> dict:
     out["train"] = {m: read_json(run.train_dir(m) / "result.json")
                     for m in MODEL_ORDER if (run.train_dir(m) / "result.json").exists()}
     out["eval"] = {m: read_json(run.eval_file(m)) for m in MODEL_ORDER if run.eval_file(m).exists()}
+    if (run.root / "timings.json").exists():
+        out["timings"] = read_json(run.root / "timings.json")
+    tasks_dir = run.root / "eval" / "tasks"
+    if tasks_dir.is_dir():
+        found = {p.stem: read_json(p) for p in sorted(tasks_dir.glob("*.json"))}
+        order = [m for m in MODEL_ORDER if m in found] + [m for m in found if m not in MODEL_ORDER]
+        out["benchmarks"] = {m: found[m]["results"] for m in order}
+    if (run.root / "ablation.md").exists():
+        out["ablation_md"] = (run.root / "ablation.md").read_text(encoding="utf-8")
     if (run.root / "clustering.json").exists():
         c = read_json(run.root / "clustering.json")
         out["clustering"] = {k: c[k] for k in ("models", "settings", "selection") if k in c}
@@ -84,6 +93,11 @@ def render_markdown(m: dict, images) -> str:
                   "the held-out NLL below is.", ""]
     if m["eval"]:
         lines += ["## Evaluation", ""] + eval_table(m["eval"]) + [""]
+    if m.get("benchmarks"):
+        lines += ["## Benchmarks (lm-evaluation-harness)", ""] + benchmark_table(m["benchmarks"]) + [""]
+    if m.get("ablation_md"):
+        body = m["ablation_md"].split("\n")
+        lines += ["## Ablation", ""] + [ln for ln in body if not ln.startswith("# ")] + [""]
     if "pairwise" in m:
         p = m["pairwise"]
         lines += ["## Pairwise comparison", "",
@@ -110,6 +124,10 @@ def render_markdown(m: dict, images) -> str:
             lines += ["", f"Declared selection, not the headline: {sel['rule']}: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in sel["mean"].items()) + "."]
         lines.append("")
+    if m.get("timings"):
+        t = m["timings"]
+        lines += ["## Time per stage", "", "| " + " | ".join(t) + " | total |", "|" + "---:|" * (len(t) + 1),
+                  "| " + " | ".join(f"{v:.0f} s" for v in t.values()) + f" | {sum(t.values()) / 60:.1f} min |", ""]
     for title, path in images:
         lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
     return "\n".join(lines)
@@ -130,6 +148,27 @@ def eval_table(ev: dict) -> list[str]:
                    f"{_fmt(mc.get('pass_at_n'))} (N={mc.get('n_samples', '?')})"] if mc else ["", "", ""])
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def benchmark_table(bench: dict) -> list[str]:
+    """One row per task and metric, one column per model, then each model's delta against SFT."""
+    models = list(bench)
+    others = [m for m in models if m != "sft"] if "sft" in bench else []
+    head = ["task", "metric"] + models + [f"{m} − sft" for m in others]
+    rows = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    tasks = list(dict.fromkeys(t for r in bench.values() for t in r))
+    for task in tasks:
+        metrics = list(dict.fromkeys(k for r in bench.values() for k in r.get(task, {}) if "stderr" not in k))
+        for metric in metrics:
+            vals = {m: bench[m].get(task, {}).get(metric) for m in models}
+            sft = vals.get("sft")
+            deltas = [_fmt_signed(vals[m] - sft) if vals[m] is not None and sft is not None else "" for m in others]
+            rows.append("| " + " | ".join([task, metric] + [_fmt(vals[m]) for m in models] + deltas) + " |")
+    return rows
+
+
+def _fmt_signed(x: float) -> str:
+    return f"{x:+.3f}"
 
 
 def _fmt(x) -> str:

@@ -142,6 +142,8 @@ def estimate(shape: dict, *, batch_size: int, seq_len: int, lora: bool, lora_tar
         acts = tokens * (L * h + per_layer) * act_bytes
     else:
         acts = tokens * L * per_layer * act_bytes
+    if loss == "auto":  # as training resolves it (training/stage.py resolve_loss)
+        loss = "naive" if sharding in ("fsdp", "zero3") else "chunked"
     if loss == "chunked":
         c = chunk_rows or max(64, (128 << 20) // (4 * V))
         loss_bytes = min(c, tokens) * V * 4 + 2 * tokens * h * 4
@@ -256,8 +258,8 @@ def validate(cfg) -> list[str]:
     bad = [m for m in tc.modes if m not in MODES]
     if bad or not tc.modes:
         problems.append(f"train.modes: unknown mode(s) {bad}; choose from {list(MODES)}")
-    if tc.loss not in ("naive", "chunked"):
-        problems.append(f"train.loss must be naive or chunked, got {tc.loss!r}")
+    if tc.loss not in ("auto", "naive", "chunked"):
+        problems.append(f"train.loss must be auto, naive or chunked, got {tc.loss!r}")
     for field in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps"):
         if getattr(tc, field) <= 0:
             problems.append(f"train.{field} must be positive, got {getattr(tc, field)}")

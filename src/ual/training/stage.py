@@ -76,7 +76,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
 
     if tc.loss == "chunked" and sharding_from_env() in ("fsdp", "zero3"):
         raise ValueError("train.loss chunked reads the output-projection weight outside the model's forward, where "
-                         "FSDP / ZeRO-3 keep it sharded: use train.loss naive here (docs/training.md)")
+                         "FSDP / ZeRO-3 keep it sharded: use train.loss naive (or auto) here (docs/training.md)")
     set_seed(cfg.seed)  # same LoRA init for every mode
     device = local_device(cfg.device)
     dtype = torch.bfloat16 if tc.bf16 and device.type == "cuda" else torch.float32
@@ -89,6 +89,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         model.gradient_checkpointing_enable()
     if tc.lora:
         model = add_lora(model, tc)
+    loss_impl = resolve_loss(tc.loss, sharding_from_env(), model.config)
     eps_fn, callbacks = None, []
     if mode == "ppl":
         from ual.training.ppl import PerplexitySmoothing, ppl_callback
@@ -101,7 +102,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         train_dataset=dataset,
         data_collator=SmoothingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        loss_impl=tc.loss,
+        loss_impl=loss_impl,
         eps_fn=eps_fn,
         callbacks=callbacks,
     )
@@ -112,7 +113,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
             log.warning("%s has no ppl running mean; it restarts from this step", resume)
     memory = estimate_and_measure_start(cfg, len(dataset), device)
     start = time.time()
-    log.info("training %s: %d samples, %d optimiser steps", mode, len(dataset), args.max_steps)
+    log.info("training %s: %d samples, %d optimiser steps, %s loss", mode, len(dataset), args.max_steps, loss_impl)
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
     memory = estimate_and_measure_end(memory, device)
@@ -212,6 +213,22 @@ def latest_checkpoint(folder, also: str | None = None):
     done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
             and (p / "trainer_state.json").exists() and (also is None or (p / also).exists())]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def resolve_loss(loss: str, sharding: str | None, model_config) -> str:
+    """train.loss auto: the chunked loss (benchmarks/loss.py: faster and a fraction of the memory),
+    except where it cannot run: a sharded output projection (FSDP / ZeRO-3) or logits that are
+    not hidden @ lm_head (soft-capping, scaling)."""
+    if loss != "auto":
+        return loss
+    from ual.training.trainer import chunked_unsupported
+
+    reason = ("FSDP / ZeRO-3 shard the output projection" if sharding in ("fsdp", "zero3")
+              else chunked_unsupported(model_config))
+    if reason:
+        log.info("train.loss auto: naive loss, since %s", reason)
+        return "naive"
+    return "chunked"
 
 
 def resolve_report_to(report_to: str) -> str:

@@ -86,9 +86,9 @@ class UALTrainer(Trainer):
             hidden, head = final_hidden_states(model, inputs)
             if self.eps_fn is not None:
                 eps = self.eps_fn(targets, hidden=hidden.detach(), head=head, training=model.training)
-            loss = chunked_smoothed_cross_entropy(
-                hidden, head.weight, targets, eps, num_items_in_batch=num_items_in_batch
-            )
+            # The module, not its weight: a LoRA-carrying head then takes the loss's
+            # slower exact path instead of silently dropping its adapter.
+            loss = chunked_smoothed_cross_entropy(hidden, head, targets, eps, num_items_in_batch=num_items_in_batch)
             outputs = None
         else:
             outputs = model(**inputs, use_cache=False)
@@ -102,6 +102,15 @@ class UALTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def chunked_unsupported(config) -> str | None:
+    """Why logits are not hidden @ lm_head for this architecture (None: they are)."""
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0, 0, 0.0):
+            return f"{config.model_type} post-processes its logits ({attr}={value})"
+    return None
+
+
 def final_hidden_states(model, inputs):
     """Run a causal LM up to (not through) its output projection.
 
@@ -111,6 +120,9 @@ def final_hidden_states(model, inputs):
     lm = model
     if hasattr(lm, "get_base_model"):  # peft wrapper
         lm = lm.get_base_model()
+    reason = chunked_unsupported(lm.config)
+    if reason:
+        raise ValueError(f"train.loss chunked: {reason}; use train.loss: naive for this model")
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     out = decoder(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
     return out.last_hidden_state, lm.get_output_embeddings()

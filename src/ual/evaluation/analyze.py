@@ -1,0 +1,69 @@
+"""`ual analyze clustering`: the paper's feature-clustering analysis (§4, Table 5) as its own command.
+
+    ual analyze clustering CONFIG_OR_RUN [--eval.models base,sft,ls,ual] [--eval.clustering_texts 64]
+
+For each model (base, trained modes, or adapter folders) it takes the final
+hidden states (the input of the output projection) on the run's held-out texts,
+each labelled with its next token, and scores every pair of the K most frequent
+tokens (clustering.py). It writes eval/features/MODEL.npz, clustering.json (per
+model: mean_all_pairs, its bootstrap interval, the number of pairs) and
+clustering.png (PCA scatter plots of a few pairs, models side by side).
+Features already collected on the same texts (by `ual eval` or an earlier
+run of this command) are reused; --force recollects them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ANALYSES = ("clustering",)
+
+
+def add_arguments(p) -> None:
+    from ual.config import add_config_flags
+
+    p.add_argument("analysis", choices=ANALYSES, help="which analysis")
+    p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config or run folder")
+    add_config_flags(p)
+    p.add_argument("--force", action="store_true", help="recollect features that already exist")
+
+
+def run(args) -> dict:
+    from ual.config import config_from_args
+
+    return analyze_clustering(config_from_args(args), force=args.force)
+
+
+def analyze_clustering(cfg, force: bool = False) -> dict:
+    from ual.data.tokenize import render
+    from ual.evaluation.clustering import collect_features
+    from ual.evaluation.stage import (load_for_eval, model_key, round_robin_by_source, run_clustering,
+                                      save_features, texts_fingerprint)
+    from ual.models import load_tokenizer
+    from ual.runfolder import RunFolder
+
+    run = RunFolder(cfg.run_path)
+    ec = cfg.eval
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    picked = round_robin_by_source(run.load_samples("heldout"))[: ec.clustering_texts]
+    if not picked:
+        raise ValueError(f"{run.heldout}: no held-out samples to cluster")
+    texts = [render(tokenizer, s.messages) for s in picked]
+    fingerprint = texts_fingerprint(texts)
+    for name in ec.models:
+        path = run.root / "eval" / "features" / f"{model_key(name)}.npz"
+        if path.exists() and not force:
+            with np.load(path) as data:
+                if "texts_sha" in data and str(data["texts_sha"]) == fingerprint:
+                    log.info("%s: features on the same %d texts exist; reused", model_key(name), len(texts))
+                    continue
+        model = load_for_eval(cfg, name)
+        features, labels = collect_features(model, tokenizer, texts, cfg.data.max_length, ec.batch_size,
+                                            progress=True)
+        save_features(path, features, labels, texts)
+        del model
+    return run_clustering(cfg, tokenizer, run, len(texts))
