@@ -73,8 +73,10 @@ def render_markdown(m: dict, images) -> str:
         for src, s in m["data"].get("sources", {}).items():
             lines.append(f"| {src} | {s.get('read', '')} | {s.get('skipped', 0)} | {s.get('train', '')} | "
                          f"{s.get('heldout', '')} | {s.get('truncated', '')} |")
-        for note in m["data"].get("notes", []):
-            lines += ["", f"Note: {note}"]
+        notes = list(m["data"].get("notes", []))
+        notes += [f"{src}: {s['note']}" for src, s in m["data"].get("sources", {}).items() if s.get("note")]
+        for note in notes:
+            lines += ["", f"Note: {note}."]
         lines.append("")
     if "smoothing" in m:
         s = m["smoothing"]
@@ -147,6 +149,10 @@ def eval_table(ev: dict) -> list[str]:
         cells += ([f"{mc['accuracy']:.3f} (n={mc['n_questions']})", _fmt(mc.get("acc_norm")),
                    f"{_fmt(mc.get('pass_at_n'))} (N={mc.get('n_samples', '?')})"] if mc else ["", "", ""])
         rows.append("| " + " | ".join(cells) + " |")
+    chance = next((e["multiple_choice"].get("chance_accuracy") for e in ev.values() if e.get("multiple_choice")), None)
+    if chance is not None:
+        rows += ["", f"Multiple choice: chance accuracy is {chance:.3f}; the per-question records "
+                 "(eval/MODEL.mc.jsonl) show each model's predicted letters."]
     return rows
 
 
