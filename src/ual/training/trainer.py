@@ -76,6 +76,7 @@ class UALTrainer(Trainer):
         # shifted labels, exactly as our loss counts them.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        self._hidden_checked = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         eps = inputs.pop("eps")
@@ -83,7 +84,8 @@ class UALTrainer(Trainer):
         if self.loss_impl == "chunked":
             from ual.loss import chunked_smoothed_cross_entropy
 
-            hidden, head = final_hidden_states(model, inputs)
+            hidden, head = final_hidden_states(model, inputs, check=not self._hidden_checked)
+            self._hidden_checked = True
             if self.eps_fn is not None:
                 eps = self.eps_fn(targets, hidden=hidden.detach(), head=head, training=model.training)
             # The module, not its weight: a LoRA-carrying head then takes the loss's
@@ -111,18 +113,36 @@ def chunked_unsupported(config) -> str | None:
     return None
 
 
-def final_hidden_states(model, inputs):
+def final_hidden_states(model, inputs, check: bool = False):
     """Run a causal LM up to (not through) its output projection.
 
     Returns the final hidden states (B, T, H) and the output-projection module.
-    Works for plain and peft-wrapped Hugging Face causal LMs.
+    The model is called through its own forward, whatever wraps it (peft, DDP,
+    DeepSpeed), so the wrappers' hooks run (DDP must see the forward to reduce
+    gradients); `logits_to_keep=1` keeps the model's own logits to one position.
+    `check` compares the head applied to the last hidden state with the model's
+    own last logits, so an architecture whose last reported hidden state is not
+    the head's input fails loudly instead of training on the wrong features.
     """
-    lm = model
+    from accelerate.utils import extract_model_from_parallel
+
+    lm = extract_model_from_parallel(model)
     if hasattr(lm, "get_base_model"):  # peft wrapper
         lm = lm.get_base_model()
     reason = chunked_unsupported(lm.config)
     if reason:
         raise ValueError(f"train.loss chunked: {reason}; use train.loss: naive for this model")
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    out = decoder(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-    return out.last_hidden_state, lm.get_output_embeddings()
+    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False,
+                  output_hidden_states=True)
+    try:
+        out = model(**kwargs, logits_to_keep=1)
+    except TypeError:  # architectures without logits_to_keep: their full logits are computed and dropped
+        out = model(**kwargs)
+    hidden, head = out.hidden_states[-1], lm.get_output_embeddings()
+    if check:
+        with torch.no_grad():
+            ours, theirs = head(hidden[:, -1]).float(), out.logits[:, -1].float()
+            if (ours - theirs).abs().max() > 1e-2 * theirs.abs().max() + 1e-3:
+                raise ValueError(f"train.loss chunked: {type(lm).__name__}'s last hidden state is not the input of "
+                                 "its output projection; use train.loss: naive for this model")
+    return hidden, head

@@ -92,6 +92,7 @@ class UALSFTTrainer(SFTTrainer):
         # Count supervised tokens over the accumulated batch (shifted labels), as UALTrainer does.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        self._hidden_checked = False
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -99,6 +100,6 @@ class UALSFTTrainer(SFTTrainer):
             self._signature_columns = [*self._signature_columns, "eps"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The very function `ual train` uses (it reads only loss_impl, eps_fn, args, accelerator).
+        # The very function `ual train` uses (it reads only loss_impl, eps_fn, args, accelerator, _hidden_checked).
         return UALTrainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
