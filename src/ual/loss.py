@@ -113,13 +113,13 @@ _warned_module_fallback = False
 
 
 def _default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: a (C, V) fp32 logits buffer of about 64 MiB on CPU, at
+    """Rows per chunk: a (C, V) fp32 logits buffer of about 32 MiB on CPU, at
     least 256 rows (a multiple of 64); 1 GiB on CUDA. On CPU the matmuls are
     ~95% of the time and only a few percent faster with bigger chunks
     (SmolLM2 head: 256 rows 18.4 s, 2048 rows 17.4 s CPU time; Llama-7B head:
     256 rows 22.5 s, 512 rows 20.7 s, 1024 rows 19.5 s), while the buffer is
     most of the loss's own memory; the buffer never fits a cache anyway."""
-    budget = (1 << 30) if device.type == "cuda" else (64 << 20)
+    budget = (1 << 30) if device.type == "cuda" else (32 << 20)
     c = max(256, budget // (4 * vocab) // 64 * 64)
     return max(1, min(c, n_rows))
 
@@ -300,7 +300,7 @@ def chunked_smoothed_cross_entropy(
     e.g. a LoRA-wrapped lm_head, takes a correct slower chunk-by-chunk path,
     with a one-time warning); targets: (B, T) already shifted; eps: (B,) per
     sample or a float. Normalisation as `smoothed_cross_entropy`.
-    chunk_size: supervised rows per chunk (default: a ~64 MiB fp32 logits
+    chunk_size: supervised rows per chunk (default: a ~32 MiB fp32 logits
     buffer on CPU, >= 256 rows). lse_from_softmax: how the log-normaliser is obtained
     (default: True on CPU, False on CUDA, where it avoids a host sync).
     Returns an fp32 scalar; an all-ignored batch gives 0 with zero gradients.
