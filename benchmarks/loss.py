@@ -331,7 +331,6 @@ def main(argv=None):
             def ratio(key, base):
                 return None if rows.get(base) is None else round(ours[key] / rows[base][key], 3)
 
-
             entry = {
                 "time_vs_ce": ratio("time", "ce"),
                 "time_vs_torch_chunked": ratio("time", "torch_chunked"),

@@ -434,7 +434,7 @@ def test_trainer_chunked_step_equals_naive(tmp_path, lora_targets):
 def test_auto_loss_picks_chunked_where_it_can_run():
     from transformers import Gemma2Config, LlamaConfig
 
-    from ual.training.stage import resolve_loss
+    from ual.training.trainer import resolve_loss
 
     assert resolve_loss("auto", "none", LlamaConfig()) == "chunked"
     assert resolve_loss("auto", "fsdp", LlamaConfig()) == "naive"  # sharded lm_head

@@ -29,7 +29,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ual.config import ConfigError, ExperimentConfig, add_config_flags, config_from_args, save_config
+from ual.config import ConfigError, ExperimentConfig, add_config_flags, config_from_args, save_config, split_commas
 from ual.runfolder import RunFolder
 
 STAGES = {
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.config = args.config_file
         if Path(args.config_file).is_dir():  # a run folder: its resolved config, and the folder itself
-            args.config = str(RunFolder(Path(args.config_file)).require(Path(args.config_file) / "config.yaml", "data"))
+            run = RunFolder(Path(args.config_file))
+            args.config = str(run.require(run.config, "data"))
             setattr(args, "cfg:run_dir", args.config_file)
     if args.stage == "demo" and args.config is None:
         args.config = str(default_demo_config())
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "resume", False):
                 cfg.train.resume = True
             if getattr(args, "tasks", None):  # the benchmarks alone, not the built-in evaluations
-                cfg.eval.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+                cfg.eval.tasks = split_commas(args.tasks)
                 cfg.eval.nll = cfg.eval.gsm8k = cfg.eval.multiple_choice = cfg.eval.clustering = False
                 cfg.eval.pairwise = []
             if getattr(args, "adapter", None):

@@ -209,7 +209,7 @@ def _coerce(tp, value, where: str):
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str) and item is str:  # a flag: --train.modes sft,ual
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = split_commas(value)
         if not isinstance(value, list):
             value = [value]
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -235,6 +235,11 @@ def _coerce(tp, value, where: str):
 
 
 # --------------------------------------------------------------------------- CLI flags
+
+def split_commas(text: str) -> list[str]:
+    """"a, b,,c" -> ["a", "b", "c"]: list-valued flags."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add `--config` and one dotted flag per (non-list-of-dataclass) config field."""

@@ -28,7 +28,5 @@ def run_demo(cfg: ExperimentConfig, force: bool = False) -> dict:
         run_stage(stage, cfg, force=force)
         timings[stage] = round(time.time() - t, 1)
         log.info("== stage %s done in %.0f s (total %.0f s) ==", stage, timings[stage], time.time() - start)
-        if stage != "report":  # the report shows where the time went
-            write_json(cfg.run_path / "timings.json", timings)
-    write_json(cfg.run_path / "timings.json", timings)
+        write_json(cfg.run_path / "timings.json", timings)  # the report shows where the time went
     return {"run": str(cfg.run_path), "report": str(cfg.run_path / "report.md"), "seconds": timings}

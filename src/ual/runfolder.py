@@ -8,6 +8,7 @@
       smoothing.jsonl        id, source, score, eps (the UAL mode's per-sample smoothing)
       train/MODE/            adapter (or model), log.json, result.json
       eval/MODEL.json        metrics of one model (base or a trained mode)
+      eval/tasks/MODEL.json  lm-eval benchmarks of one model; eval/features/MODEL.npz for clustering
       report.md, metrics.json, *.png
 
 Every stage reads its inputs from here and writes its outputs atomically, so a
@@ -60,6 +61,16 @@ class RunFolder:
 
     def eval_file(self, model: str) -> Path:
         return self.root / "eval" / f"{model}.json"
+
+    def features_file(self, model: str) -> Path:
+        return self.root / "eval" / "features" / f"{model}.npz"
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.root / "eval" / "tasks"
+
+    def tasks_file(self, model: str) -> Path:
+        return self.tasks_dir / f"{model}.json"
 
     @property
     def report(self) -> Path:

@@ -39,23 +39,20 @@ def run(args) -> dict:
 
 
 def analyze_clustering(cfg, force: bool = False) -> dict:
-    from ual.data.tokenize import render
     from ual.evaluation.clustering import collect_features
-    from ual.evaluation.stage import (load_for_eval, model_key, round_robin_by_source, run_clustering,
-                                      save_features, texts_fingerprint)
+    from ual.evaluation.stage import clustering_texts, load_for_eval, model_key, run_clustering, save_features, texts_fingerprint
     from ual.models import load_tokenizer
     from ual.runfolder import RunFolder
 
     run = RunFolder(cfg.run_path)
     ec = cfg.eval
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    picked = round_robin_by_source(run.load_samples("heldout"))[: ec.clustering_texts]
-    if not picked:
+    texts = clustering_texts(run.load_samples("heldout"), tokenizer, ec.clustering_texts)
+    if not texts:
         raise ValueError(f"{run.heldout}: no held-out samples to cluster")
-    texts = [render(tokenizer, s.messages) for s in picked]
     fingerprint = texts_fingerprint(texts)
     for name in ec.models:
-        path = run.root / "eval" / "features" / f"{model_key(name)}.npz"
+        path = run.features_file(model_key(name))
         if path.exists() and not force:
             with np.load(path) as data:
                 if "texts_sha" in data and str(data["texts_sha"]) == fingerprint:

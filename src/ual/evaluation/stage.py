@@ -63,10 +63,10 @@ def load_for_eval(cfg: ExperimentConfig, name: str):
 
 
 def _pairwise_models(cfg) -> set[str]:
-    return {m for pair in cfg.eval.pairwise for m in _split_pair(pair)}
+    return {m for pair in cfg.eval.pairwise for m in split_pair(pair)}
 
 
-def _split_pair(pair: str) -> tuple[str, str]:
+def split_pair(pair: str) -> tuple[str, str]:
     a, sep, b = pair.partition(":")
     if not sep or not a or not b:
         raise ValueError(f"eval.pairwise entries look like 'ual:sft', got {pair!r}")
@@ -84,21 +84,21 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
     ec = cfg.eval
     heldout = run.load_samples("heldout") if needs_heldout(ec) else []
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    for a, b in map(_split_pair, ec.pairwise):
+    for a, b in map(split_pair, ec.pairwise):
         if a not in ec.models or b not in ec.models:
             raise ValueError(f"eval.pairwise compares {a} and {b}; both must be in eval.models {ec.models}")
-    inputs = EvalInputs.build(cfg, heldout)
+    inputs = EvalInputs.build(cfg, heldout, tokenizer)
     builtin = ec.nll or bool(inputs.maths) or bool(inputs.mc) or bool(inputs.cluster_texts) or bool(inputs.pair_prompts)
     task_plan = None
     if ec.tasks:
         from ual.evaluation.harness import resolve_tasks
 
-        (run.root / "eval" / "tasks").mkdir(parents=True, exist_ok=True)
-        task_plan = resolve_tasks(ec.tasks, run.root / "eval" / "tasks", heldout)
+        run.tasks_dir.mkdir(parents=True, exist_ok=True)
+        task_plan = resolve_tasks(ec.tasks, run.tasks_dir, heldout)
     results = {}
     for name in ec.models:
         key = model_key(name)
-        path, tasks_path = run.eval_file(key), run.root / "eval" / "tasks" / f"{key}.json"
+        path, tasks_path = run.eval_file(key), run.tasks_file(key)
         do_builtin = builtin and (force or not path.exists())
         do_tasks = task_plan is not None and (force or not _same_tasks(tasks_path, ec))
         if path.exists() and not do_builtin:
@@ -157,7 +157,7 @@ class EvalInputs:
         self.pair_prompts = [s.prompt_messages for s in pair_samples]
 
     @classmethod
-    def build(cls, cfg: ExperimentConfig, heldout):
+    def build(cls, cfg: ExperimentConfig, heldout, tokenizer):
         ec = cfg.eval
         maths = [s for s in heldout if s.source in MATHS_SOURCES and "answer" in s.meta] if ec.gsm8k else []
         if ec.gsm8k_limit is not None:
@@ -168,18 +168,18 @@ class EvalInputs:
 
             mc = load_mc_file(ec.mc_file) if ec.mc_file else load_packaged_mc()
             mc = mc[: ec.mc_limit] if ec.mc_limit is not None else mc
-        cluster_texts = []
-        if ec.clustering:
-            from ual.data.tokenize import render
-            from ual.models import load_tokenizer
-
-            picked = round_robin_by_source(heldout)[: ec.clustering_texts]
-            tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
-            cluster_texts = [render(tok, s.messages) for s in picked]
+        cluster_texts = clustering_texts(heldout, tokenizer, ec.clustering_texts) if ec.clustering else []
         pair_samples = [s for s in heldout if s.source == ec.pairwise_source][: ec.pairwise_limit] if ec.pairwise else []
         if ec.pairwise and not pair_samples:
             log.warning("no held-out samples from %r: pairwise comparison skipped", ec.pairwise_source)
         return cls(heldout, maths, mc, cluster_texts, pair_samples)
+
+
+def clustering_texts(heldout, tokenizer, n: int) -> list[str]:
+    """The first n held-out samples, sources interleaved, rendered with the chat template."""
+    from ual.data.tokenize import render
+
+    return [render(tokenizer, s.messages) for s in round_robin_by_source(heldout)[:n]]
 
 
 def round_robin_by_source(samples):
@@ -219,7 +219,7 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
         from ual.evaluation.clustering import collect_features
 
         features, labels = collect_features(model, tokenizer, inputs.cluster_texts, cfg.data.max_length, ec.batch_size)
-        save_features(run.root / "eval" / "features" / f"{name}.npz", features, labels, inputs.cluster_texts)
+        save_features(run.features_file(name), features, labels, inputs.cluster_texts)
     if name in _pairwise_models(cfg) and inputs.pair_prompts:
         from ual.evaluation.generate import generate_answers
         from ual.evaluation.pairwise import export_alpaca_eval
@@ -249,7 +249,7 @@ def run_clustering(cfg: ExperimentConfig, tokenizer, run: RunFolder, n_texts: in
 
     collected = {}
     for name in map(model_key, cfg.eval.models):
-        with np.load(run.root / "eval" / "features" / f"{name}.npz") as data:
+        with np.load(run.features_file(name)) as data:
             collected[name] = (data["features"], data["labels"])
     selection = ("ual", "ls", 100) if {"ual", "ls"} <= set(collected) else None
     report = clustering_from_features(collected, tokenizer, top_k=cfg.eval.clustering_top_k, seed=cfg.seed,
@@ -275,7 +275,7 @@ def run_pairwise(cfg: ExperimentConfig, run: RunFolder, force: bool) -> dict:
         judge = pw.LocalPairwiseJudge(load_model(judge_name, cfg.device, trust_remote_code=cfg.trust_remote_code),
                                       load_tokenizer(judge_name, cfg.trust_remote_code), name=judge_name)
     results = {"judge": judge_name, "source": ec.pairwise_source, "comparisons": {}}
-    for a, b in map(_split_pair, ec.pairwise):
+    for a, b in map(split_pair, ec.pairwise):
         rows_a = read_json(run.root / "eval" / "answers" / f"{a}.json")
         rows_b = read_json(run.root / "eval" / "answers" / f"{b}.json")
         res = pw.pairwise_win_rate([r["instruction"] for r in rows_a], [r["output"] for r in rows_a],

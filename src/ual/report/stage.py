@@ -27,9 +27,8 @@ def collect(cfg: ExperimentConfig) -> dict:
     out["eval"] = {m: read_json(run.eval_file(m)) for m in MODEL_ORDER if run.eval_file(m).exists()}
     if (run.root / "timings.json").exists():
         out["timings"] = read_json(run.root / "timings.json")
-    tasks_dir = run.root / "eval" / "tasks"
-    if tasks_dir.is_dir():
-        found = {p.stem: read_json(p) for p in sorted(tasks_dir.glob("*.json"))}
+    if run.tasks_dir.is_dir():
+        found = {p.stem: read_json(p) for p in sorted(run.tasks_dir.glob("*.json"))}
         order = [m for m in MODEL_ORDER if m in found] + [m for m in found if m not in MODEL_ORDER]
         out["benchmarks"] = {m: found[m]["results"] for m in order}
     if (run.root / "ablation.md").exists():
@@ -168,13 +167,9 @@ def benchmark_table(bench: dict) -> list[str]:
         for metric in metrics:
             vals = {m: bench[m].get(task, {}).get(metric) for m in models}
             sft = vals.get("sft")
-            deltas = [_fmt_signed(vals[m] - sft) if vals[m] is not None and sft is not None else "" for m in others]
+            deltas = [f"{vals[m] - sft:+.3f}" if vals[m] is not None and sft is not None else "" for m in others]
             rows.append("| " + " | ".join([task, metric] + [_fmt(vals[m]) for m in models] + deltas) + " |")
     return rows
-
-
-def _fmt_signed(x: float) -> str:
-    return f"{x:+.3f}"
 
 
 def _fmt(x) -> str:

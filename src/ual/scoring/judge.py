@@ -136,7 +136,7 @@ class JudgeScorer:
     async def ascore(self, samples: Sequence[Sample]) -> list[ScoreResult]:
         rendered, hashes, rows, todo, cached = self._todo(samples)
         if self.cfg.dry_run:
-            print(_plan_text(self.plan(samples)))
+            print(_plan_text(self._plan(rendered, todo, cached)))
             return [ScoreResult(s.id, None, {"error": "dry run: nothing sent"}) for s in samples]
         if todo:
             await self._run(todo, rendered, hashes, rows)
@@ -145,6 +145,9 @@ class JudgeScorer:
     def plan(self, samples: Sequence[Sample]) -> dict:
         """What a run would send: request count and estimated tokens/cost (sends nothing)."""
         rendered, _, _, todo, cached = self._todo(samples)
+        return self._plan(rendered, todo, cached)
+
+    def _plan(self, rendered, todo, cached) -> dict:
         tin = sum(_estimate_tokens(rendered[i][0], self.opts) - self.opts.max_tokens for i, _ in todo)
         tout = self.opts.max_tokens * len(todo)
         price = price_for(self.model)

@@ -143,11 +143,12 @@ def train_modes(cfg: ExperimentConfig, modes: list[str], force: bool) -> dict:
 
 def evaluate_models(cfg: ExperimentConfig, models: list[str], force: bool) -> dict:
     from ual.cli import run_stage
+    from ual.evaluation.stage import split_pair
 
     c = copy.deepcopy(cfg)
     c.eval.models = list(models)
     # Pairwise comparisons need both models in this run folder (with a sweep, sft and base live in RUN).
-    c.eval.pairwise = [p for p in c.eval.pairwise if all(m.strip() in models for m in p.split(":"))]
+    c.eval.pairwise = [p for p in c.eval.pairwise if all(m in models for m in split_pair(p))]
     return run_stage("eval", c, force=force)
 
 

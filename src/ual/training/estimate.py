@@ -142,8 +142,10 @@ def estimate(shape: dict, *, batch_size: int, seq_len: int, lora: bool, lora_tar
         acts = tokens * (L * h + per_layer) * act_bytes
     else:
         acts = tokens * L * per_layer * act_bytes
-    if loss == "auto":  # as training resolves it (training/stage.py resolve_loss)
-        loss = "naive" if sharding in ("fsdp", "zero3") else "chunked"
+    if loss == "auto":
+        from ual.training.trainer import resolve_loss
+
+        loss = resolve_loss(loss, sharding)
     if loss == "chunked":
         c = chunk_rows or max(64, (128 << 20) // (4 * V))
         loss_bytes = min(c, tokens) * V * 4 + 2 * tokens * h * 4

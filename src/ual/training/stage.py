@@ -89,6 +89,8 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         model.gradient_checkpointing_enable()
     if tc.lora:
         model = add_lora(model, tc)
+    from ual.training.trainer import resolve_loss
+
     loss_impl = resolve_loss(tc.loss, sharding_from_env(), model.config)
     eps_fn, callbacks = None, []
     if mode == "ppl":
@@ -213,22 +215,6 @@ def latest_checkpoint(folder, also: str | None = None):
     done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
             and (p / "trainer_state.json").exists() and (also is None or (p / also).exists())]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def resolve_loss(loss: str, sharding: str | None, model_config) -> str:
-    """train.loss auto: the chunked loss (benchmarks/loss.py: faster and a fraction of the memory),
-    except where it cannot run: a sharded output projection (FSDP / ZeRO-3) or logits that are
-    not hidden @ lm_head (soft-capping, scaling)."""
-    if loss != "auto":
-        return loss
-    from ual.training.trainer import chunked_unsupported
-
-    reason = ("FSDP / ZeRO-3 shard the output projection" if sharding in ("fsdp", "zero3")
-              else chunked_unsupported(model_config))
-    if reason:
-        log.info("train.loss auto: naive loss, since %s", reason)
-        return "naive"
-    return "chunked"
 
 
 def resolve_report_to(report_to: str) -> str:

@@ -12,6 +12,7 @@ SFT, uniform label smoothing and UAL are the same code with different eps.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 
 from ual.loss import IGNORE_INDEX, shift_labels, smoothed_cross_entropy
+
+log = logging.getLogger(__name__)
 
 
 class SmoothedDataset(Dataset):
@@ -102,6 +105,20 @@ class UALTrainer(Trainer):
             # so undo that average to get the global per-token mean.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+
+def resolve_loss(loss: str, sharding: str | None, model_config=None) -> str:
+    """train.loss auto: the chunked loss (benchmarks/loss.py: faster and a fraction of the memory),
+    except where it cannot run: a sharded output projection (FSDP / ZeRO-3) or logits that are
+    not hidden @ lm_head (soft-capping, scaling; checked when model_config is given)."""
+    if loss != "auto":
+        return loss
+    reason = ("FSDP / ZeRO-3 shard the output projection" if sharding in ("fsdp", "zero3")
+              else chunked_unsupported(model_config) if model_config is not None else None)
+    if reason:
+        log.info("train.loss auto: naive loss, since %s", reason)
+        return "naive"
+    return "chunked"
 
 
 def chunked_unsupported(config) -> str | None:
