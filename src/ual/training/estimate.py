@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
+# Shardings that split the weights themselves over processes (ZeRO-2 splits only gradients and optimiser).
+FULL_SHARDING = ("zero3", "fsdp", "fsdp2")
+
 # Public architecture configs of the paper's base models (for offline dry runs).
 KNOWN_CONFIGS = {
     "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -132,7 +135,7 @@ def estimate(shape: dict, *, batch_size: int, seq_len: int, lora: bool, lora_tar
     grads = trainable * train_bytes
     optim = 2 * trainable * train_bytes
     shard = max(1, processes)
-    if sharding in ("zero3", "fsdp"):
+    if sharding in FULL_SHARDING:
         weights, grads, optim = weights / shard, grads / shard, optim / shard
     elif sharding == "zero2":
         grads, optim = grads / shard, optim / shard
@@ -206,11 +209,12 @@ def format_estimate(est: dict, t: dict | None = None) -> str:
 # --------------------------------------------------------------------------- from a config
 
 def sharding_from_env() -> str:
-    """ZeRO stage / FSDP as `accelerate launch` announces it to the processes."""
+    """ZeRO stage / FSDP version as `accelerate launch` announces it to the processes:
+    none | zero2 | zero3 | fsdp (FSDP1) | fsdp2."""
     import os
 
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return "fsdp"
+        return "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp"
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
         return "zero3" if stage == "3" else "zero2"

@@ -73,10 +73,12 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
 
     tc = cfg.train
     from ual.training.estimate import sharding_from_env
+    from ual.training.trainer import CHUNKED_REFUSED, resolve_loss
 
-    if tc.loss == "chunked" and sharding_from_env() in ("fsdp", "zero3"):
-        raise ValueError("train.loss chunked reads the output-projection weight outside the model's forward, where "
-                         "FSDP / ZeRO-3 keep it sharded: use train.loss naive (or auto) here (docs/training.md)")
+    sharding = sharding_from_env()
+    if tc.loss == "chunked" and sharding in CHUNKED_REFUSED:
+        raise ValueError(f"train.loss chunked reads the output-projection weight outside the model's forward, and "
+                         f"{CHUNKED_REFUSED[sharding]}: use train.loss naive (or auto) here (docs/training.md)")
     set_seed(cfg.seed)  # same LoRA init for every mode
     device = local_device(cfg.device)
     dtype = torch.bfloat16 if tc.bf16 and device.type == "cuda" else torch.float32
@@ -89,9 +91,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         model.gradient_checkpointing_enable()
     if tc.lora:
         model = add_lora(model, tc)
-    from ual.training.trainer import resolve_loss
-
-    loss_impl = resolve_loss(tc.loss, sharding_from_env(), model.config)
+    loss_impl = resolve_loss(tc.loss, sharding, model.config)
     eps_fn, callbacks = None, []
     if mode == "ppl":
         from ual.training.ppl import PerplexitySmoothing, ppl_callback
@@ -135,6 +135,8 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         "resumed_from": str(resume) if resume else None,
         "processes": trainer.args.world_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "loss": loss_impl,
+        "sharding": sharding,
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1]["loss"] if losses else None,
         "seconds": seconds,

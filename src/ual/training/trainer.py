@@ -107,13 +107,19 @@ class UALTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+# Shardings under which the chunked loss cannot read the output projection: FSDP1 and ZeRO-3
+# gather it only inside the module's own forward (FSDP2 is handled: `gather_output_projection`).
+CHUNKED_REFUSED = {"fsdp": "FSDP1 shards the output projection (use FSDP2: fsdp_version 2)",
+                   "zero3": "ZeRO-3 shards the output projection"}
+
+
 def resolve_loss(loss: str, sharding: str | None, model_config=None) -> str:
     """train.loss auto: the chunked loss (benchmarks/loss.py: faster and a fraction of the memory),
-    except where it cannot run: a sharded output projection (FSDP / ZeRO-3) or logits that are
-    not hidden @ lm_head (soft-capping, scaling; checked when model_config is given)."""
+    except where it cannot run: an output projection sharded out of reach (FSDP1, ZeRO-3) or logits
+    that are not hidden @ lm_head (soft-capping, scaling; checked when model_config is given)."""
     if loss != "auto":
         return loss
-    reason = ("FSDP / ZeRO-3 shard the output projection" if sharding in ("fsdp", "zero3")
+    reason = (CHUNKED_REFUSED[sharding] if sharding in CHUNKED_REFUSED
               else chunked_unsupported(model_config) if model_config is not None else None)
     if reason:
         log.info("train.loss auto: naive loss, since %s", reason)
@@ -162,4 +168,39 @@ def final_hidden_states(model, inputs, check: bool = False):
             if (ours - theirs).abs().max() > 1e-2 * theirs.abs().max() + 1e-3:
                 raise ValueError(f"train.loss chunked: {type(lm).__name__}'s last hidden state is not the input of "
                                  "its output projection; use train.loss: naive for this model")
+    gather_output_projection(lm, head)  # after the check: calling an FSDP unit reshards it
     return hidden, head
+
+
+def gather_output_projection(root, head) -> None:
+    """Make the output projection's full weight readable after the forward, under FSDP2.
+
+    FSDP2 keeps the root unit's parameters gathered from the forward to the backward, so a
+    head in the root unit (the usual per-decoder-layer wrapping) is already a full tensor.
+    A head that is its own unit (or in another resharded one) holds a DTensor shard: its
+    owning unit is gathered with `FSDPModule.unshard()`. Either way the loss's weight
+    gradient lands on the gathered parameter, which FSDP reduce-scatters at the end of the
+    backward as usual (tests/test_train_distributed.py checks the step against one process).
+    """
+    weight = getattr(head, "weight", None)
+    if not _is_dtensor(weight):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    path = next((n for n, m in root.named_modules() if m is head), None)
+    parts = path.split(".") if path is not None else []
+    owners = [root.get_submodule(".".join(parts[:i])) for i in range(len(parts), -1, -1)]
+    owner = next((m for m in owners if isinstance(m, FSDPModule)), None)
+    if owner is not None:
+        owner.unshard()
+    if _is_dtensor(getattr(head, "weight", None)):
+        raise ValueError("train.loss chunked: the output projection is sharded (a DTensor) and no FSDP2 unit "
+                         "owns it to gather it; use train.loss: naive")
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
