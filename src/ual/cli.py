@@ -12,6 +12,7 @@
     ual select  --source ... --n 6000 --out F   DEITA-style selection (complexity x quality, then diversity)
     ual export  CONFIG --mode ual --out DIR     merge a LoRA adapter into a standalone model folder
     ual analyze clustering CONFIG_OR_RUN         feature clustering of base, sft, ls, ual (clustering.json)
+    ual analyze scores CONFIG_OR_RUN             scores report; Spearman between scorers run on the same data
 
 Every config field is also a flag (`ual train --help` lists them): `--train.max_steps 5`.
 The config file may also be given as the first argument: `ual train configs/demo.yaml`, or a run
@@ -49,8 +50,9 @@ COMMANDS = {
                                       "table (and evaluation with --eval); --sweep for the target mean"),
     "select": ("ual.data.deita", "DEITA-style selection: complexity x quality from a judge, then an embedding diversity filter"),
     "export": ("ual.training.export", "merge a trained LoRA adapter into a standalone model folder"),
-    "analyze": ("ual.evaluation.analyze", "analyses across models: `ual analyze clustering RUN` (feature-clustering "
-                                          "silhouette over all token pairs, base and each mode)"),
+    "analyze": ("ual.evaluation.analyze", "analyses on their own: `ual analyze clustering RUN` (feature-clustering "
+                                          "silhouette over all token pairs, base and each mode); `ual analyze scores "
+                                          "RUN` (scores report, rank correlation between scorers)"),
 }
 
 
@@ -115,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true", help="validate the config, resolve data and model "
                            "(config only, no weights) and print a memory/time estimate; train nothing")
             p.add_argument("--resume", action="store_true", help="resume unfinished modes from their newest checkpoint")
+        if name == "score":
+            p.add_argument("--judge", choices=("openai", "local"), help="score with a judge LLM: 'openai' (any "
+                           "OpenAI-compatible endpoint, = --score.scorer judge) or 'local' (a transformers model, "
+                           "= --score.scorer local_judge); with --judge, --model names the judge model, e.g. "
+                           "`ual score RUN --judge openai --model gpt-4o-mini`")
+            p.add_argument("--base-url", dest="cfg:score.base_url", default=argparse.SUPPRESS, metavar="URL",
+                           help="the judge's OpenAI-compatible endpoint (= --score.base_url)")
+            p.add_argument("--dry-run", action="store_true", help="print the requests, estimated tokens and cost "
+                           "the judge would take; send nothing (= --score.dry_run true)")
         if name == "eval":
             from ual.evaluation.harness import TASK_SPEC_HELP
 
@@ -144,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, "cfg:run_dir", args.config_file)
     if args.stage == "demo" and args.config is None:
         args.config = str(default_demo_config())
+    if args.stage == "score":
+        _score_shortcuts(args)
     try:
         if args.stage in COMMANDS:
             result = importlib.import_module(COMMANDS[args.stage][0]).run(args)
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.eval.pairwise = []
             if getattr(args, "adapter", None):
                 cfg.eval.models, cfg.eval.pairwise = [args.adapter], []
-            if getattr(args, "dry_run", False):
+            if getattr(args, "dry_run", False) and args.stage == "train":
                 from ual.training.estimate import dry_run
 
                 result = dry_run(cfg)
@@ -169,6 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _score_shortcuts(args) -> None:
+    """`ual score --judge openai --model NAME [--base-url URL] [--dry-run]` as dotted config flags. With
+    --judge, --model is the judge (the scoring stage trains nothing), so the run's own model is left alone."""
+    if args.judge:
+        setattr(args, "cfg:score.scorer", {"openai": "judge", "local": "local_judge"}[args.judge])
+        if hasattr(args, "cfg:model"):
+            setattr(args, "cfg:score.model", getattr(args, "cfg:model"))
+            delattr(args, "cfg:model")
+    if args.dry_run:
+        setattr(args, "cfg:score.dry_run", True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class ScoreConfig:
     concurrency: int = _f(4, "judge requests in flight at once")
     max_retries: int = _f(5, "judge retries per sample before it is listed as failed")
     n_samples: int = _f(1, "judge answers averaged per sample")
+    requests_per_minute: float | None = _f(None, "judge request rate limit (null: none; set it to your provider's tier)")
+    tokens_per_minute: float | None = _f(None, "judge token rate limit, on estimated prompt + answer tokens (null: none)")
+    timeout_s: float = _f(120.0, "seconds before a judge request counts as timed out (and is retried)")
     dry_run: bool = _f(False, "print the request count and estimated tokens/cost, send nothing")
 
 

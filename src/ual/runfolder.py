@@ -4,7 +4,9 @@
       config.yaml            resolved config of the last stage run
       samples.jsonl          training samples (Sample.to_dict), heldout.jsonl for evaluation
       data_stats.json        per-source counts (read, skipped, truncated, train, heldout)
-      scores.jsonl           id, source, score, scorer, details
+      scores.jsonl           id, source, score, scorer, details (the scores `ual map` uses: the last scorer run)
+      scores/SCORER.jsonl    the same rows, kept per scorer, so scorers run on the same data can be compared
+      scores_report/         histograms per source, failures with reasons, rank correlation between scorers
       smoothing.jsonl        id, source, score, eps (the UAL mode's per-sample smoothing)
       train/MODE/            adapter (or model), log.json, result.json
       eval/MODEL.json        metrics of one model (base or a trained mode)
@@ -17,6 +19,7 @@ stage can be rerun alone and a crashed run resumed where it stopped.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +50,18 @@ class RunFolder:
     @property
     def scores(self) -> Path:
         return self.root / "scores.jsonl"
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.root / "scores"
+
+    def scorer_scores(self, scorer: str) -> Path:
+        """scores/SCORER.jsonl: "judge:gpt-4o-mini:uncertainty-v1" -> scores/judge_gpt-4o-mini_uncertainty-v1.jsonl."""
+        return self.scores_dir / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', scorer).strip('_')}.jsonl"
+
+    @property
+    def scores_report(self) -> Path:
+        return self.root / "scores_report"
 
     @property
     def smoothing(self) -> Path:

@@ -1,26 +1,33 @@
-"""`ual analyze clustering`: the paper's feature-clustering analysis (§4, Table 5) as its own command.
+"""`ual analyze`: analyses across models or scorers, each on its own.
 
     ual analyze clustering CONFIG_OR_RUN [--eval.models base,sft,ls,ual] [--eval.clustering_texts 64]
+    ual analyze scores CONFIG_OR_RUN [--compare OTHER.jsonl,...]
 
-For each model (base, trained modes, or adapter folders) it takes the final
-hidden states (the input of the output projection) on the run's held-out texts,
-each labelled with its next token, and scores every pair of the K most frequent
-tokens (clustering.py). It writes eval/features/MODEL.npz, clustering.json (per
-model: mean_all_pairs, its bootstrap interval, the number of pairs) and
-clustering.png (PCA scatter plots of a few pairs, models side by side).
-Features already collected on the same texts (by `ual eval` or an earlier
-run of this command) are reused; --force recollects them.
+clustering: the paper's feature-clustering analysis (§4, Table 5). For each model
+(base, trained modes, or adapter folders) it takes the final hidden states (the input
+of the output projection) on the run's held-out texts, each labelled with its next
+token, and scores every pair of the K most frequent tokens (clustering.py). It writes
+eval/features/MODEL.npz, clustering.json (per model: mean_all_pairs, its bootstrap
+interval, the number of pairs) and clustering.png (PCA scatter plots of a few pairs,
+models side by side). Features already collected on the same texts (by `ual eval` or an
+earlier run of this command) are reused; --force recollects them.
+
+scores: the scores report of the run's scores.jsonl (histograms per source, failures
+with reasons) with the Spearman rank correlation and a scatter plot against each other
+scorer: every scorer kept in the run's scores/ folder (each `ual score` run keeps its
+own), or the scores.jsonl-style files given with --compare.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-ANALYSES = ("clustering",)
+ANALYSES = ("clustering", "scores")
 
 
 def add_arguments(p) -> None:
@@ -29,13 +36,29 @@ def add_arguments(p) -> None:
     p.add_argument("analysis", choices=ANALYSES, help="which analysis")
     p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config or run folder")
     add_config_flags(p)
-    p.add_argument("--force", action="store_true", help="recollect features that already exist")
+    p.add_argument("--force", action="store_true", help="clustering: recollect features that already exist")
+    p.add_argument("--compare", help="scores: comma-separated scores files to compare with (default: every other "
+                   "scorer kept in the run's scores/ folder)")
 
 
 def run(args) -> dict:
-    from ual.config import config_from_args
+    from ual.config import config_from_args, split_commas
 
-    return analyze_clustering(config_from_args(args), force=args.force)
+    cfg = config_from_args(args)
+    if args.analysis == "scores":
+        from ual.runfolder import RunFolder
+        from ual.scoring.stage import write_scores_report
+
+        run = RunFolder(cfg.run_path)
+        run.require(run.scores, "score")
+        others = split_commas(args.compare) if args.compare else None
+        for other in others or []:
+            if not Path(other).exists():
+                raise FileNotFoundError(f"--compare {other}: no such file")
+        report = write_scores_report(run, compare_with=others)
+        return {"scores_report": str(run.scores_report / "scores_report.json"),
+                "failures": report["failures"], "rank_correlation": report["rank_correlation"]}
+    return analyze_clustering(cfg, force=args.force)
 
 
 def analyze_clustering(cfg, force: bool = False) -> dict:

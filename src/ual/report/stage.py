@@ -6,6 +6,8 @@ evaluations) and writes report.md with tables and PNG plots beside it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ual.config import ExperimentConfig
 from ual.io import read_json, read_jsonl, write_json, write_text
 from ual.report.html import markdown_to_html
@@ -36,6 +38,8 @@ def collect(cfg: ExperimentConfig) -> dict:
     if (run.root / "clustering.json").exists():
         c = read_json(run.root / "clustering.json")
         out["clustering"] = {k: c[k] for k in ("models", "settings", "selection") if k in c}
+    if (run.scores_report / "scores_report.json").exists():
+        out["scores"] = read_json(run.scores_report / "scores_report.json")
     if (run.root / "eval" / "pairwise.json").exists():
         out["pairwise"] = read_json(run.root / "eval" / "pairwise.json")
     return out
@@ -56,10 +60,13 @@ def run_report(cfg: ExperimentConfig) -> str:
             rows, "eps", "per-sample label smoothing eps per data source", "eps", run.root / "smoothing.png")))
     if (run.root / "clustering.png").exists():
         images.append(("Feature clustering (PCA of a few token pairs)", run.root / "clustering.png"))
+    for c in metrics.get("scores", {}).get("rank_correlation", []):
+        if c.get("plot") and (run.scores_report / c["plot"]).exists():
+            images.append((f"Scorers compared: {c['scorer_a']} vs {c['scorer_b']}", run.scores_report / c["plot"]))
     histories = {m: read_json(run.train_dir(m) / "log.json") for m in metrics["train"]}
     if histories:
         images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
-    text = render_markdown(metrics, images)
+    text = render_markdown(metrics, [(title, path.relative_to(run.root)) for title, path in images])
     write_text(run.report, text)
     write_text(run.root / "report.html", markdown_to_html(text, run.root, f"UAL run {cfg.name}"))
     return text
@@ -77,6 +84,8 @@ def render_markdown(m: dict, images) -> str:
         for note in notes:
             lines += ["", f"Note: {note}."]
         lines.append("")
+    if "scores" in m:
+        lines += scores_section(m["scores"])
     if "smoothing" in m:
         s = m["smoothing"]
         lines += ["## Smoothing", "",
@@ -130,8 +139,26 @@ def render_markdown(m: dict, images) -> str:
         lines += ["## Time per stage", "", "| " + " | ".join(t) + " | total |", "|" + "---:|" * (len(t) + 1),
                   "| " + " | ".join(f"{v:.0f} s" for v in t.values()) + f" | {sum(t.values()) / 60:.1f} min |", ""]
     for title, path in images:
-        lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+        lines += [f"### {title}", "", f"![{title}]({Path(path).as_posix()})", ""]
     return "\n".join(lines)
+
+
+def scores_section(rep: dict) -> list[str]:
+    """Per-source score statistics, what failed and why, and how the scorers run on this data agree."""
+    lines = ["## Uncertainty scores", "", "| source | scored | failed | mean u | median u | std |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for src, st in rep["summary"].items():
+        lines.append(f"| {src} | {st['scored']} | {st['failed']} | {_fmt(st.get('mean'))} | {_fmt(st.get('median'))} | "
+                     f"{_fmt(st.get('std'))} |")
+    if rep.get("failures"):
+        reasons = ", ".join(f"{k} ({v})" for k, v in rep["failure_reasons"].items())
+        lines += ["", f"{rep['failures']} samples have no score (listed in scores_report/failures.jsonl): {reasons}."]
+    if rep.get("rank_correlation"):
+        lines += ["", "| scorer | compared with | samples scored by both | Spearman rho |", "|---|---|---:|---:|"]
+        for c in rep["rank_correlation"]:
+            rho = _fmt(c["spearman"]) if c["spearman"] is not None else c.get("note", "")
+            lines.append(f"| {c['scorer_a']} | {c['scorer_b']} | {c['n']} | {rho} |")
+    return lines + [""]
 
 
 def eval_table(ev: dict) -> list[str]:

@@ -131,15 +131,59 @@ def _scorer_name(rows: dict) -> str | None:
     return names.pop() if len(names) == 1 else ",".join(sorted(str(n) for n in names))
 
 
+def comparison_plot(a: list[dict], b: list[dict], path: str | Path) -> Path | None:
+    """Rank against rank of two scorers on the ids both scored, one colour per data source
+    (ranks, as the Spearman correlation uses: the scorers' scales are unrelated). None: no overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import rankdata
+
+    rb = {r["id"]: r for r in b if r.get("score") is not None}
+    both = [(r, rb[r["id"]]) for r in a if r.get("score") is not None and r["id"] in rb]
+    if not both:
+        return None
+    n = len(both)
+    rank_a = rankdata([x["score"] for x, _ in both]) / n
+    rank_b = rankdata([y["score"] for _, y in both]) / n
+    by_source = defaultdict(list)
+    for (x, _), ra, rbb in zip(both, rank_a, rank_b):
+        by_source[x.get("source", "?")].append((ra, rbb))
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for src, pts in sorted(by_source.items()):
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, alpha=0.6, label=f"{src} (n={len(pts)})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    name_a = _scorer_name({x["id"]: x for x, _ in both})
+    ax.set(xlabel=f"rank / n under {name_a}", ylabel=f"rank / n under {_scorer_name(rb)}", xlim=(0, 1.02),
+           ylim=(0, 1.02), title=f"two scorers, {n} samples")
+    ax.xaxis.label.set_fontsize(7)
+    ax.yaxis.label.set_fontsize(7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def scores_report(scores_path: str | Path, out_dir: str | Path, compare_with: list[str | Path] = ()) -> dict:
-    """Write scores_report.json, failures.jsonl and the histograms into out_dir; return the report."""
+    """Write scores_report.json, failures.jsonl, the histograms and one scatter plot per compared
+    scorer (compare_N.png) into out_dir; return the report."""
     rows = load_scores(scores_path)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("compare_*.png"):
+        stale.unlink()
     failed, kinds = failures(rows)
+    comparisons = []
+    for i, other in enumerate(compare_with):
+        other_rows = load_scores(other)
+        plot = comparison_plot(rows, other_rows, out_dir / f"compare_{i}.png")
+        comparisons.append(rank_correlation(rows, other_rows) | {"other": str(other), "plot": plot and plot.name})
     report = {"scores": str(scores_path), "summary": summarize(rows), "failures": len(failed),
               "failure_reasons": kinds,
               "histograms": [p.name for p in histograms(rows, out_dir)],
-              "rank_correlation": [rank_correlation(rows, other) | {"other": str(other)} for other in compare_with]}
+              "rank_correlation": comparisons}
     write_jsonl(out_dir / "failures.jsonl", failed)
     write_json(out_dir / "scores_report.json", report)
     return report

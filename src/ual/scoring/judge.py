@@ -362,4 +362,7 @@ def build_judge_scorer(cfg: ScoreConfig, run_dir: str | Path, options: JudgeOpti
     file across runs (answers are keyed by content, so sharing is always safe).
     """
     cache = os.environ.get("UAL_JUDGE_CACHE") or Path(run_dir) / "judge_cache.sqlite"
+    if options is None:
+        options = JudgeOptions(requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
+                               timeout_s=cfg.timeout_s)
     return JudgeScorer(cfg, cache, options=options)

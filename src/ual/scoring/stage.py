@@ -39,23 +39,37 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
         if not hasattr(scorer, "plan"):
             raise ValueError(f"--score.dry_run plans paid judge requests; scorer {cfg.score.scorer!r} has nothing to plan")
         return {"dry_run": scorer.plan(samples)}
-    if run.scores.exists() and not force:
-        done = {r["id"]: r for r in read_jsonl(run.scores)}
+    kept = run.scorer_scores(scorer.name)
+    for path in (run.scores, kept) if not force else ():
+        done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
         if all(s.id in done and done[s.id]["scorer"] == scorer.name and done[s.id]["score"] is not None for s in samples):
-            log.info("scores.jsonl already scores every sample with %s; skipping (use --force to rescore)", scorer.name)
+            if path == kept:  # scored before another scorer replaced them: these become the scores again
+                write_jsonl(run.scores, [done[s.id] for s in samples])
+                write_scores_report(run)
+            log.info("%s already scores every sample with %s; reused (use --force to rescore)", path.name, scorer.name)
             return {"scorer": scorer.name, "scored": len(samples), "failed": 0, "reused": True}
     results = scorer.score(samples)
     by_id = {s.id: s for s in samples}
     rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
             for r in results]
     write_jsonl(run.scores, rows)
-    from ual.scoring.analysis import scores_report
-
-    # Histograms per source, failures with reasons (scores_report.json, failures.jsonl, *.png).
-    scores_report(run.scores, run.root / "scores_report")
+    write_jsonl(kept, rows)  # kept per scorer: running another scorer later does not erase these
+    write_scores_report(run)
     failed = [r for r in results if r.score is None]
     summary = {"scorer": scorer.name, "scored": len(results) - len(failed), "failed": len(failed),
                "failure_reasons": dict(Counter(str(r.details.get("error")) for r in failed).most_common(10))}
     if failed:
         log.warning("%d samples could not be scored: %s", len(failed), summary["failure_reasons"])
     return summary
+
+
+def write_scores_report(run: RunFolder, compare_with=None) -> dict:
+    """scores_report/ for scores.jsonl: histograms per source, failures with reasons, and the rank
+    correlation with each file of compare_with (default: every other scorer kept in scores/)."""
+    from ual.scoring.analysis import scores_report
+
+    if compare_with is None:
+        current = {r["scorer"] for r in read_jsonl(run.scores)}
+        compare_with = [p for p in sorted(run.scores_dir.glob("*.jsonl"))
+                        if {r.get("scorer") for r in read_jsonl(p)} != current]
+    return scores_report(run.scores, run.scores_report, compare_with=compare_with)
