@@ -57,13 +57,14 @@ def request_key(body: dict) -> str:
 
 
 class LlamaServer:
-    """`python -m llama_cpp.server` on loopback serving the SmolLM2 GGUF; a context manager."""
+    """llama.cpp's OpenAI-compatible server on loopback serving the SmolLM2 GGUF; a context manager."""
 
     def __init__(self, n_ctx: int = 2048, n_threads: int = 1, log_path: str | Path | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads)]
+        # llama_server_main.py: the stock server with llama.cpp's extra buffer types (AMX) off; see there why
+        self.cmd = [sys.executable, str(Path(__file__).with_name("llama_server_main.py")), "--model", str(gguf_path()),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads)]
         self.log_path = Path(log_path or f"/tmp/ual-llama-server-{self.port}.log")
         self.proc = None
 
