@@ -92,10 +92,10 @@ def test_paper_config_runs_on_a_tiny_model(path, tmp_path, tiny_model_dir, monke
 
 
 @pytest.mark.slow
-def test_one_paper_config_on_smollm2(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_paper_config_on_smollm2(path, tmp_path, monkeypatch):
     """`--model smollm2-135m` swaps the 7B model for the real (small) one: a few real LoRA steps."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = next(p for p in CONFIGS if p.stem == "llama2-7b-lima")
     cfg = small_copy(path, tmp_path, _local_data(tmp_path))
     flags = ["--model", "smollm2-135m"] + SMALL
     assert main(["train", str(cfg), "--dry-run"] + flags) == 0
