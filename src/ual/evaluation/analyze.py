@@ -46,19 +46,22 @@ def run(args) -> dict:
 
     cfg = config_from_args(args)
     if args.analysis == "scores":
-        from ual.runfolder import RunFolder
-        from ual.scoring.stage import write_scores_report
-
-        run = RunFolder(cfg.run_path)
-        run.require(run.scores, "score")
-        others = split_commas(args.compare) if args.compare else None
-        for other in others or []:
-            if not Path(other).exists():
-                raise FileNotFoundError(f"--compare {other}: no such file")
-        report = write_scores_report(run, compare_with=others)
-        return {"scores_report": str(run.scores_report / "scores_report.json"),
-                "failures": report["failures"], "rank_correlation": report["rank_correlation"]}
+        return analyze_scores(cfg, split_commas(args.compare) if args.compare else None)
     return analyze_clustering(cfg, force=args.force)
+
+
+def analyze_scores(cfg, compare_with: list[str] | None = None) -> dict:
+    from ual.runfolder import RunFolder
+    from ual.scoring.stage import write_scores_report
+
+    run = RunFolder(cfg.run_path)
+    run.require(run.scores, "score")
+    for other in compare_with or []:
+        if not Path(other).exists():
+            raise FileNotFoundError(f"--compare {other}: no such file")
+    report = write_scores_report(run, compare_with=compare_with)
+    return {"scores_report": str(run.scores_report / "scores_report.json"),
+            "failures": report["failures"], "rank_correlation": report["rank_correlation"]}
 
 
 def analyze_clustering(cfg, force: bool = False) -> dict:

@@ -40,11 +40,13 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
             raise ValueError(f"--score.dry_run plans paid judge requests; scorer {cfg.score.scorer!r} has nothing to plan")
         return {"dry_run": scorer.plan(samples)}
     kept = run.scorer_scores(scorer.name)
-    for path in (run.scores, kept) if not force else ():
-        done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
-        if all(s.id in done and done[s.id]["scorer"] == scorer.name and done[s.id]["score"] is not None for s in samples):
+    if not force:
+        for path in (run.scores, kept):
+            done = _complete_scores(path, samples, scorer.name)
+            if done is None:
+                continue
             if path == kept:  # scored before another scorer replaced them: these become the scores again
-                write_jsonl(run.scores, [done[s.id] for s in samples])
+                write_jsonl(run.scores, done)
                 write_scores_report(run)
             log.info("%s already scores every sample with %s; reused (use --force to rescore)", path.name, scorer.name)
             return {"scorer": scorer.name, "scored": len(samples), "failed": 0, "reused": True}
@@ -69,7 +71,17 @@ def write_scores_report(run: RunFolder, compare_with=None) -> dict:
     from ual.scoring.analysis import scores_report
 
     if compare_with is None:
-        current = {r["scorer"] for r in read_jsonl(run.scores)}
-        compare_with = [p for p in sorted(run.scores_dir.glob("*.jsonl"))
-                        if {r.get("scorer") for r in read_jsonl(p)} != current]
+        own = {run.scorer_scores(r["scorer"]) for r in read_jsonl(run.scores)}
+        compare_with = [p for p in sorted(run.scores_dir.glob("*.jsonl")) if p not in own]
     return scores_report(run.scores, run.scores_report, compare_with=compare_with)
+
+
+def _complete_scores(path, samples, scorer_name: str) -> list[dict] | None:
+    """The rows of `path` for `samples`, in order, if that file scores every one with this scorer; else None."""
+    if not path.exists():
+        return None
+    done = {r["id"]: r for r in read_jsonl(path)}
+    rows = [done.get(s.id) for s in samples]
+    if all(r is not None and r["scorer"] == scorer_name and r["score"] is not None for r in rows):
+        return rows
+    return None
