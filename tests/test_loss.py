@@ -442,3 +442,159 @@ def test_auto_loss_picks_chunked_where_it_can_run():
     assert resolve_loss("auto", "zero2", LlamaConfig()) == "chunked"
     assert resolve_loss("auto", "none", Gemma2Config(final_logit_softcapping=30.0)) == "naive"  # logits != h @ W
     assert resolve_loss("naive", "none", LlamaConfig()) == "naive"
+
+
+# --------------------------------------------------------------------------
+# return_nll: the plain NLL (eps = 0 term) logged beside every mode's objective
+# --------------------------------------------------------------------------
+
+
+def _nll_reference(hidden, weight, bias, targets, num_items):
+    """What the loss returns with eps = 0, from the same (possibly bf16) values in fp32."""
+    logits = hidden.float() @ weight.float().T + (0 if bias is None else bias.float())
+    return smoothed_cross_entropy(logits, targets, 0.0, num_items_in_batch=num_items)
+
+
+def _run_both(fn, leaves):
+    """fn(*leaves, return_nll) with and without return_nll: loss, nll and gradients of each."""
+    runs = []
+    for return_nll in (False, True):
+        xs = [None if x is None else x.detach().clone().requires_grad_() for x in leaves]
+        out = fn(*xs, return_nll)
+        loss, nll = out if return_nll else (out, None)
+        loss.backward()
+        runs.append((loss.detach(), nll, [None if x is None else x.grad for x in xs]))
+    return runs
+
+
+def _assert_same_loss_and_grads(runs):
+    (loss0, _, grads0), (loss1, nll, grads1) = runs
+    # Asking for the NLL must not change what is optimised, to the bit.
+    assert torch.equal(loss0, loss1)
+    for g0, g1 in zip(grads0, grads1):
+        assert (g0 is None) == (g1 is None)
+        if g0 is not None:
+            assert torch.equal(g0, g1)
+    assert nll.dtype == torch.float32 and nll.dim() == 0
+    assert not nll.requires_grad and nll.grad_fn is None
+    return nll
+
+
+def _check_chunked_nll(problem, dtype, rtol):
+    hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, _ = problem
+    leaves = [hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)]
+
+    def fn(h, w, b, return_nll):
+        return chunked_smoothed_cross_entropy(h, w, targets, eps, num_items, chunk_size=chunk, bias=b,
+                                              lse_from_softmax=lse_from_softmax, return_nll=return_nll)
+
+    nll = _assert_same_loss_and_grads(_run_both(fn, leaves))
+    _close(nll, _nll_reference(*leaves, targets, num_items), rtol)
+    with torch.no_grad():  # the chunked loss's own eps = 0 value: the very same sum
+        zero = chunked_smoothed_cross_entropy(*leaves[:2], targets, 0.0, num_items, chunk_size=chunk, bias=leaves[2],
+                                              lse_from_softmax=lse_from_softmax)
+    assert torch.equal(nll, zero)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(problems())
+def test_chunked_nll_is_the_eps_zero_loss_fp32(problem):
+    _check_chunked_nll(problem, torch.float32, 1e-5)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(problems())
+def test_chunked_nll_is_the_eps_zero_loss_bf16(problem):
+    # bf16 inputs, fp32 matmuls on CPU: the reference sees the same bf16 values.
+    _check_chunked_nll(problem, torch.bfloat16, 1e-5)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(problems(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_naive_nll_is_the_eps_zero_loss(problem, dtype):
+    hidden, weight, bias, targets, eps, num_items, *_ = problem
+    logits = (hidden @ weight.T + (0 if bias is None else bias)).to(dtype)
+
+    def fn(z, return_nll):
+        return smoothed_cross_entropy(z, targets, eps, num_items, return_nll=return_nll)
+
+    nll = _assert_same_loss_and_grads(_run_both(fn, [logits]))
+    assert torch.equal(nll, smoothed_cross_entropy(logits, targets, 0.0, num_items_in_batch=num_items))
+
+
+def test_chunked_nll_several_chunks_masks_and_per_sample_eps():
+    """The explicit case: many chunks, prompt masks, per-sample eps, with and without num_items_in_batch."""
+    gen = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(3, 40, 16, generator=gen), torch.randn(50, 16, generator=gen) / 4
+    targets = torch.randint(0, 50, (3, 40), generator=gen)
+    targets[0, :10], targets[1, :25], targets[2, 35:] = IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX
+    eps = torch.tensor([0.1, 0.7, 0.35])
+    n_sup = int((targets != IGNORE_INDEX).sum())
+    for dtype in (torch.float32, torch.bfloat16):
+        for num_items in (None, n_sup + 17):
+            _check_chunked_nll((hidden, weight, None, targets, eps, num_items, 7, True, 1.0), dtype, 1e-5)
+            _check_chunked_nll((hidden, weight, None, targets, eps, num_items, 7, False, 1.0), dtype, 1e-5)
+
+
+class _LoraLikeHead(torch.nn.Module):
+    """Not an nn.Linear: W h + B A h, as a LoRA-wrapped lm_head computes it."""
+
+    def __init__(self, hid, vocab, rank=3):
+        super().__init__()
+        self.base = torch.nn.Linear(hid, vocab, bias=False)
+        self.lora_A = torch.nn.Linear(hid, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, vocab, bias=False)
+        self.out_features = vocab
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+class _LinearWithAdapter(torch.nn.Linear):
+    """An nn.Linear subclass carrying `lora_A`: not plain, so the module path must run its forward."""
+
+    def __init__(self, hid, vocab):
+        super().__init__(hid, vocab)
+        self.lora_A = torch.nn.Parameter(torch.randn(vocab, hid) * 0.05)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_A.T
+
+
+@pytest.mark.parametrize("make_head", [_LoraLikeHead, _LinearWithAdapter], ids=["lora_like", "linear_subclass"])
+@pytest.mark.parametrize("num_items", [None, 71])
+def test_module_fallback_returns_the_nll(make_head, num_items):
+    torch.manual_seed(3)
+    head = make_head(12, 30)
+    hidden = torch.randn(2, 25, 12)
+    targets = torch.randint(0, 30, (2, 25))
+    targets[0, :8] = IGNORE_INDEX
+    eps = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        ref = smoothed_cross_entropy(head(hidden), targets, 0.0, num_items_in_batch=num_items)
+    L._warned_module_fallback = True  # the warning has its own test
+    runs = []
+    for return_nll in (False, True):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        out = chunked_smoothed_cross_entropy(h, head, targets, eps, num_items, chunk_size=6, return_nll=return_nll)
+        loss, nll = out if return_nll else (out, None)
+        loss.backward()  # through the checkpointed chunks
+        runs.append((loss.detach(), nll, [h.grad] + [p.grad.clone() for p in head.parameters()]))
+    nll = _assert_same_loss_and_grads(runs)
+    _close(nll, ref, 1e-5)
+    with torch.no_grad():  # the path without checkpointing
+        loss_ng, nll_ng = chunked_smoothed_cross_entropy(hidden, head, targets, eps, num_items, chunk_size=6,
+                                                         return_nll=True)
+    assert torch.equal(nll_ng, nll) and torch.equal(loss_ng, runs[0][0])
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_all_ignored_batch_nll_is_zero(impl):
+    hidden, weight = torch.randn(2, 4, 8), torch.randn(10, 8)
+    targets = torch.full((2, 4), IGNORE_INDEX)
+    if impl == "naive":
+        loss, nll = smoothed_cross_entropy(hidden @ weight.T, targets, 0.4, return_nll=True)
+    else:
+        loss, nll = chunked_smoothed_cross_entropy(hidden, weight, targets, 0.4, return_nll=True)
+    assert loss.item() == 0.0 and nll.item() == 0.0

@@ -10,13 +10,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_real_smollm2_scores_and_trains_one_step(tmp_path):
-    from ual.scoring.perplexity import PerplexityScorer
+    from ual.scoring.perplexity import ModelUncertaintyScorer
     from ual.training.stage import train_one
     from ual.data.tokenize import encode_sample
     from ual.models import load_tokenizer
 
     samples = load_gsm8k()[0][:4]
-    scores = PerplexityScorer("smollm2-135m", max_length=128, batch_size=4).score(samples)
+    scores = ModelUncertaintyScorer("perplexity", "smollm2-135m", max_length=128, batch_size=4).score(samples)
     nll = [r.details["mean_nll"] for r in scores]
     # An instruct model of this size is far from perfect on GSM8K solutions, but far better than chance (ln 49152 = 10.8).
     assert all(0.1 < x < 6 for x in nll), nll

@@ -83,3 +83,53 @@ def test_tiny_score_under_a_large_one_keeps_the_exact_mean():
     eps = map_to_smoothing([1.0, 1e-12], 0.5)
     assert abs(eps.mean() - 0.5) < 1e-12
     assert eps[0] == 0.99
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def test_normalize_max_keeps_the_map_proportional():
+    from ual.smoothing import normalize_scores
+
+    raw = np.array([0.5, 1.0, 2.0, 4.0])  # raw scores need not lie in [0, 1]
+    u = normalize_scores(raw, "max")
+    assert u.tolist() == [0.125, 0.25, 0.5, 1.0]
+    # The map is scale-free: max normalisation gives the same eps as the raw scores' ratios.
+    assert np.allclose(map_to_smoothing(u, 0.1), 0.1 * raw / raw.mean())
+
+
+def test_normalize_minmax_and_rank_on_known_inputs():
+    from ual.smoothing import normalize_scores
+
+    raw = [2.0, 4.0, 4.0, 10.0]
+    assert normalize_scores(raw, "minmax").tolist() == [0.0, 0.25, 0.25, 1.0]
+    # Ties share their average rank: ranks 1, 2.5, 2.5, 4 -> (r - 1) / 3.
+    assert normalize_scores(raw, "rank").tolist() == pytest.approx([0.0, 0.5, 0.5, 1.0])
+    # Rank ignores the scale: an outlier moves nothing.
+    assert normalize_scores([2.0, 4.0, 4.0, 1e9], "rank").tolist() == pytest.approx([0.0, 0.5, 0.5, 1.0])
+    # The lowest sample gets eps 0 after the map; the mean is still the target.
+    eps = map_to_smoothing(normalize_scores(raw, "minmax"), 0.1)
+    assert eps[0] == 0 and eps.mean() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("method", ["minmax", "rank"])
+def test_normalize_refuses_what_cannot_be_spread(method):
+    from ual.smoothing import normalize_scores
+
+    with pytest.raises(ValueError, match="all 3 scores equal 0.4"):
+        normalize_scores([0.4, 0.4, 0.4], method)
+    with pytest.raises(ValueError, match="the single score equal"):
+        normalize_scores([0.7], method)
+
+
+def test_normalize_max_documented_edge_cases_and_bad_input():
+    from ual.smoothing import normalize_scores
+
+    assert normalize_scores([0.7], "max").tolist() == [1.0]  # one sample: u = 1, eps = the target
+    assert normalize_scores([0.3, 0.3], "max").tolist() == [1.0, 1.0]  # constant: uniform smoothing
+    with pytest.raises(ValueError, match="normalize must be one of max, minmax, rank"):
+        normalize_scores([0.1, 0.2], "zscore")
+    with pytest.raises(ValueError, match=r"\[0, inf\); score 1 is -0.5"):
+        normalize_scores([0.1, -0.5], "max")
+    with pytest.raises(ValueError, match="not a finite number"):
+        normalize_scores([0.1, float("nan")], "rank")

@@ -34,7 +34,7 @@ def _ual(model_dir, tokenizer, tmp_path, accumulation=1):
     args = TrainingArguments(output_dir=str(tmp_path / "ual"), per_device_train_batch_size=4 // accumulation,
                              gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
                              lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
-                             remove_unused_columns=False, seed=0, disable_tqdm=True)
+                             remove_unused_columns=False, seed=0, disable_tqdm=True, logging_steps=1)
     return _sequential(UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(_encoded(tokenizer), EPS),
                                   data_collator=SmoothingCollator(tokenizer.pad_token_id)))
 
@@ -47,7 +47,7 @@ def _trl(model_dir, tokenizer, tmp_path, accumulation=1, **kw):
                      gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
                      lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
                      seed=0, disable_tqdm=True, max_length=None, bf16=False, gradient_checkpointing=False,
-                     **kw)  # SFTConfig defaults to bf16 + checkpointing; remove_unused_columns stays on: eps survives
+                     logging_steps=1, **kw)  # SFTConfig defaults to bf16 + checkpointing; remove_unused_columns stays on: eps survives
     return _sequential(UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                      processing_class=tokenizer))
 
@@ -72,9 +72,14 @@ def test_same_update_as_ual_train(tiny_model_dir, tokenizer, tmp_path, accumulat
         t = make(tiny_model_dir, tokenizer, tmp_path, accumulation)
         before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
         out = t.train()
-        runs.append((out.training_loss, {n: before[n] - p.detach() for n, p in t.model.named_parameters()}))
-    (loss_a, upd_a), (loss_b, upd_b) = runs
+        logged = [h for h in t.state.log_history if "loss" in h]
+        runs.append((out.training_loss, {n: before[n] - p.detach() for n, p in t.model.named_parameters()}, logged))
+    (loss_a, upd_a, log_a), (loss_b, upd_b, log_b) = runs
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    # The drop-in logs the plain NLL (eps = 0 term) beside the loss, as `ual train` does.
+    assert len(log_a) == len(log_b) == 1
+    assert log_b[0]["nll"] == pytest.approx(log_a[0]["nll"], rel=1e-5)
+    assert log_b[0]["nll"] != pytest.approx(log_b[0]["loss"], rel=1e-4)
     worst = max(float((upd_a[n] - upd_b[n]).abs().max() / (upd_a[n].abs().max() + 1e-12)) for n in upd_a)
     assert worst < 1e-5
 

@@ -1,5 +1,6 @@
 """The Trainer glue: exact token normalisation under gradient accumulation, eps per mode."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -54,3 +55,58 @@ def test_collator_pads_and_carries_eps(tokenizer):
     n0 = len(encoded[0]["input_ids"])
     assert batch["attention_mask"][0].sum() == n0
     assert (batch["labels"][0, n0:] == -100).all()
+
+
+@pytest.mark.parametrize("loss_impl", ["naive", "chunked"])
+def test_logged_nll_is_the_eps_zero_loss_of_the_same_batch(tiny_model_dir, tokenizer, tmp_path, loss_impl):
+    """Training with eps != 0 logs "nll" beside "loss": the plain NLL (eps = 0 loss) of each
+    step's batch, scaled as the loss is (two micro-batches accumulated into one step here)."""
+    from transformers import TrainerCallback
+
+    from ual.loss import shift_labels, smoothed_cross_entropy
+
+    eps = [0.0, 0.5, 0.2, 0.9]
+    encoded = [encode_sample(tokenizer, s.messages, 128) for s in _samples()]
+    batch = SmoothingCollator(tokenizer.pad_token_id)(list(SmoothedDataset(encoded, eps)))
+    targets = shift_labels(batch["labels"])
+    with torch.no_grad():  # the initial model on the one batch every step sees (4 samples, no shuffling)
+        logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    nll_1 = float(smoothed_cross_entropy(logits, targets, 0.0))
+    loss_1 = float(smoothed_cross_entropy(logits, targets, batch["eps"]))
+
+    references = {}
+
+    class EvalModeNll(TrainerCallback):
+        """After step 1: the eps = 0 loss of the updated model (what step 2 sees) through the trainer's
+        own compute_loss in evaluation mode, which must leave the training window's NLL alone."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                model.eval()
+                with torch.no_grad():
+                    zero = {**batch, "eps": torch.zeros(4)}
+                    references[2] = float(trainer.compute_loss(model, {k: v.clone() for k, v in zero.items()}))
+                model.train()
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / loss_impl), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=2, logging_steps=1, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant",
+        report_to="none", use_cpu=True, save_strategy="no", remove_unused_columns=False, seed=0, data_seed=0,
+        disable_tqdm=True,
+    )
+    trainer = UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(encoded, eps),
+                         data_collator=SmoothingCollator(tokenizer.pad_token_id), loss_impl=loss_impl,
+                         callbacks=[EvalModeNll()])
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    out = trainer.train()
+
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    assert sorted(logged) == [1, 2]
+    assert logged[1]["nll"] == pytest.approx(nll_1, rel=1e-5)
+    assert logged[1]["loss"] == pytest.approx(loss_1, rel=1e-5)
+    assert abs(logged[1]["loss"] - logged[1]["nll"]) > 1e-3 * nll_1  # eps > 0: the objective is not the NLL
+    assert logged[2]["nll"] == pytest.approx(references[2], rel=1e-5)
+    assert out.training_loss == pytest.approx((logged[1]["loss"] + logged[2]["loss"]) / 2, rel=1e-6)

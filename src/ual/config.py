@@ -51,8 +51,14 @@ class DataConfig:
 
 @dataclass
 class ScoreConfig:
-    scorer: str = _f("perplexity", "perplexity | judge (OpenAI-compatible endpoint) | local_judge (transformers model)")
-    model: str | None = _f(None, "reference model for perplexity / local judge (default: the run's model); judge model name for 'judge'")
+    scorer: str = _f("perplexity", "entropy (mean predictive entropy of the response tokens under a reference model) | "
+                                   "perplexity (their mean NLL; both come from one pass and are kept together) | judge "
+                                   "(OpenAI-compatible endpoint) | local_judge (transformers model) | prior (score.prior per source)")
+    model: str | None = _f(None, "reference model for entropy / perplexity / local judge (default: the run's model); "
+                                 "judge model name for 'judge'")
+    prior: dict[str, float] = _f({}, "scorer prior: u in [0, 1] per data source, e.g. {gsm8k: 0.2, sharegpt: 0.8}")
+    heldout: bool = _f(True, "also score the held-out samples (heldout_scores.jsonl), so evaluation can report "
+                             "results per quartile of u; a judge is asked about them too")
     batch_size: int = _f(8, "samples per forward pass for model-based scorers")
     max_length: int | None = _f(None, "token budget per sample when scoring (default: data.max_length)")
     base_url: str | None = _f(None, "judge endpoint (OpenAI-compatible); the API key comes from $OPENAI_API_KEY, never from a file")
@@ -71,6 +77,9 @@ class SmoothingConfig:
     target_mean: float = _f(0.1, "mean label smoothing over the training set (the paper swept 0.1-0.5)")
     eps_max: float = _f(0.99, "cap on any sample's smoothing")
     missing: str = _f("error", "error | drop | mean: what to do with samples that have no score")
+    normalize: str = _f("max", "how scores become u before the map: max (u = s / max s: eps proportional to the "
+                               "score, the paper's PPL variant) | minmax ((s - min) / (max - min): the lowest score "
+                               "gets eps 0) | rank (quantile of s, ties averaged: uniform over [0, 1]); docs/scoring.md")
 
 
 @dataclass
@@ -216,6 +225,11 @@ def _coerce(tp, value, where: str):
         if not isinstance(value, list):
             value = [value]
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(key_t, k, f"{where}"): _coerce(val_t, v, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -12,6 +12,11 @@ The smoothed term costs one extra reduction over the logits, never a dense
 (T, V) target. Losses are summed over supervised tokens and divided by the
 number of supervised tokens of the whole accumulated batch
 (`num_items_in_batch`, as Hugging Face does), so gradient accumulation is exact.
+
+Each mode optimises a different objective (eps differs), so its loss values are
+not comparable across modes; the eps = 0 term lse(z) - z_y (plain NLL) is. Both
+losses can return it beside the loss (`return_nll=True`): it is built from the
+lse and z_y the loss computes anyway, so it costs no pass over the logits.
 """
 
 from __future__ import annotations
@@ -34,13 +39,23 @@ def token_smoothed_nll(
 
     logits: (..., V); targets: (...); eps: broadcastable to targets (per token).
     """
+    return _token_losses(logits, targets, eps, ignore_index, False)[0]
+
+
+def _token_losses(logits, targets, eps, ignore_index, with_nll):
+    """Per-token loss and, if with_nll, the detached per-token plain NLL
+    lse - z_y (else None), both zero where ignored."""
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)
     mask = targets != ignore_index
     gold = z.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     eps = eps.to(z.dtype)
     loss = lse - (1 - eps) * gold - eps * z.mean(dim=-1)
-    return torch.where(mask, loss, torch.zeros_like(loss))
+    zero = torch.zeros_like(loss)
+    # lse - z_y is bitwise what the loss line gives at eps = 0 ((1 - 0) * z_y = z_y,
+    # 0 * mean = 0), so the logged NLL equals an eps = 0 run's loss exactly.
+    nll = torch.where(mask, (lse - gold).detach(), zero) if with_nll else None
+    return torch.where(mask, loss, zero), nll
 
 
 def smoothed_cross_entropy(
@@ -49,19 +64,27 @@ def smoothed_cross_entropy(
     eps: torch.Tensor | float,
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
+    *,
+    return_nll: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean per-sample label-smoothed cross-entropy over supervised tokens.
 
     logits: (B, T, V) aligned with targets (B, T) (already shifted, see `shift_labels`);
     eps: (B,) per-sample smoothing, or a float for uniform smoothing.
     The sum is divided by `num_items_in_batch` when given (the supervised-token
     count of the whole accumulated batch), else by this batch's count.
+    return_nll: return `(loss, nll)`, nll the detached fp32 plain NLL (the
+    eps = 0 term) under the same normalisation: what this call with eps = 0 returns.
     """
     eps_t = torch.as_tensor(eps, dtype=torch.float32, device=logits.device)
     if eps_t.dim() == 1:
         eps_t = eps_t.view(-1, *([1] * (targets.dim() - 1)))
-    total = token_smoothed_nll(logits, targets, eps_t, ignore_index).sum()
-    return total / _denominator(targets, num_items_in_batch, ignore_index)
+    tok, nll_tok = _token_losses(logits, targets, eps_t, ignore_index, return_nll)
+    denom = _denominator(targets, num_items_in_batch, ignore_index)
+    loss = tok.sum() / denom
+    if not return_nll:
+        return loss
+    return loss, nll_tok.sum() / denom
 
 
 def _denominator(targets, num_items_in_batch, ignore_index):
@@ -88,6 +111,8 @@ def _denominator(targets, num_items_in_batch, ignore_index):
 #     lse   = z_y - log p_y   (p_y gathered after the softmax; rows where p_y
 #           underflows are recomputed exactly with logsumexp, rarely if ever),
 #     mean  mean_v(z) = h . mean_v(w_v) + mean(b)   (a matvec, not a pass).
+#   The plain NLL (the eps = 0 term, logged to compare modes) is sum(lse - z_y)
+#   over the same C values: no pass either, and only when asked for.
 # - Gradients are computed in the forward (like torch's own chunked
 #   linear_cross_entropy), from the softmax buffer before it is reused:
 #     dL/dz = a * (p - (1 - eps) onehot(y) - eps / V),   a = 1 / denominator.
@@ -142,11 +167,13 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
     z = h[r] W^T + b. h: (N, H) all rows; rows: (n,) supervised row indices, with
     their targets y and eps (n,). The supervised rows are gathered chunk by chunk
     and their gradient is written straight into the (N, H) gradient (no gathered
-    copy of h, no separate gradient to scatter). Returns the fp32 scalar.
+    copy of h, no separate gradient to scatter). Returns the fp32 scalar, or with
+    need_nll the pair (loss, a * sum_r (lse - z_y)), the second non-differentiable.
     """
 
     @staticmethod
-    def forward(ctx, h, rows, w, b, y, eps, scale, chunk_size, need_h, need_w, need_b, lse_from_softmax):
+    def forward(ctx, h, rows, w, b, y, eps, scale, chunk_size, need_h, need_w, need_b, lse_from_softmax,
+                need_nll=False):
         n = rows.numel()
         hid = h.shape[1]
         vocab = w.shape[0]
@@ -164,6 +191,7 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
         spread = eps / vocab  # (n,) fp32
 
         loss = torch.zeros((), dtype=f32, device=dev)
+        nll = torch.zeros((), dtype=f32, device=dev) if need_nll else None
         gh = torch.zeros(h.shape, dtype=f32, device=dev) if need_h else None
         gw = torch.zeros(vocab, hid, dtype=f32, device=dev) if need_w else None
         gb = torch.zeros(vocab, dtype=f32, device=dev) if need_b else None
@@ -201,6 +229,8 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
                 lse = torch.logsumexp(z, 1)
                 z.sub_(lse.unsqueeze(1)).exp_()
             loss += (lse - kc * gold - eps[s:e] * mean).sum()
+            if need_nll:  # the eps = 0 loss of these rows (bitwise: (1 - 0) z_y = z_y, 0 * mean = 0)
+                nll += (lse - gold).sum()
             if need_h or need_w:
                 zm = z if mm_dtype == f32 else z.to(mm_dtype)
             if need_h:
@@ -224,10 +254,16 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
             gb.sub_(spread.sum()).mul_(scale)
         ctx.grads = (gh, None, gw, gb)
         ctx.dtypes = (h.dtype, None, w.dtype, None if b is None else b.dtype)
-        return loss * scale
+        if not need_nll:
+            return loss * scale
+        # A second output, not a side channel: autograd never asks for its
+        # gradient, so the backward below stays as it is.
+        nll = nll * scale
+        ctx.mark_non_differentiable(nll)
+        return loss * scale, nll
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):  # *_: the nll output's (unused) gradient
         if ctx.grads is None:
             raise RuntimeError("chunked_smoothed_cross_entropy: backward called twice (gradients are precomputed once)")
         grads, ctx.grads = ctx.grads, None  # release our references: no copy when autograd takes them
@@ -240,17 +276,18 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
             if not one:
                 g = g.mul_(grad_out)
             out.append(g.to(dt))
-        return tuple(out) + (None,) * 8
+        return tuple(out) + (None,) * 9
 
 
 def _is_plain_linear(module) -> bool:
     return isinstance(module, torch.nn.Linear) and not hasattr(module, "lora_A")
 
 
-def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_index):
+def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_index, need_nll=False):
     """Output projection that is not a plain Linear (e.g. carries LoRA): logits
     per chunk through the module, each chunk checkpointed, so memory stays at one
-    chunk of logits; slower (the logits are computed twice)."""
+    chunk of logits; slower (the logits are computed twice). With need_nll,
+    returns (loss, nll) like `_ChunkedSmoothedCE`."""
     global _warned_module_fallback
     if not _warned_module_fallback:
         import warnings
@@ -264,19 +301,27 @@ def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_i
     from torch.utils.checkpoint import checkpoint
 
     def chunk_loss(hc, yc, ec):
-        return token_smoothed_nll(head(hc), yc, ec, ignore_index).sum()
+        # Both terms from the one set of chunk logits: the NLL needs no second
+        # forward through the head (the checkpoint's recompute redoes both, cheaply).
+        tok, nll = _token_losses(head(hc), yc, ec, ignore_index, need_nll)
+        return (tok.sum(), nll.sum()) if need_nll else tok.sum()
 
     n = hidden.shape[0]
     vocab = getattr(head, "out_features", None) or 32768
     c = chunk_size or _default_chunk_size(n, vocab, hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)
+    nll = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, c):
         hc = hidden[s : s + c]
         if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, hc, targets[s : s + c], eps_tok[s : s + c], use_reentrant=False)
+            out = checkpoint(chunk_loss, hc, targets[s : s + c], eps_tok[s : s + c], use_reentrant=False)
         else:
-            total = total + chunk_loss(hc, targets[s : s + c], eps_tok[s : s + c])
-    return total * scale
+            out = chunk_loss(hc, targets[s : s + c], eps_tok[s : s + c])
+        if need_nll:
+            total, nll = total + out[0], nll + out[1]
+        else:
+            total = total + out
+    return (total * scale, nll * scale) if need_nll else total * scale
 
 
 def chunked_smoothed_cross_entropy(
@@ -290,7 +335,8 @@ def chunked_smoothed_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     lse_from_softmax: bool | None = None,
-) -> torch.Tensor:
+    return_nll: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`smoothed_cross_entropy(hidden @ weight.T + bias, ...)` without ever
     materialising all logits.
 
@@ -304,6 +350,9 @@ def chunked_smoothed_cross_entropy(
     buffer on CPU, >= 256 rows). lse_from_softmax: how the log-normaliser is obtained
     (default: True on CPU, False on CUDA, where it avoids a host sync).
     Returns an fp32 scalar; an all-ignored batch gives 0 with zero gradients.
+    return_nll: return `(loss, nll)` as `smoothed_cross_entropy` does (nll: the
+    detached plain NLL, what this call with eps = 0 returns), accumulated in the
+    same pass over each chunk; loss and gradients are unchanged.
     """
     hid = hidden.shape[-1]
     flat_t = targets.reshape(-1)
@@ -318,7 +367,7 @@ def chunked_smoothed_cross_entropy(
     if isinstance(weight, torch.nn.Module):
         if not _is_plain_linear(weight):
             h = hidden.reshape(-1, hid).index_select(0, rows)
-            return _module_fallback(h, weight, y, eps_tok, scale, chunk_size, ignore_index)
+            return _module_fallback(h, weight, y, eps_tok, scale, chunk_size, ignore_index, return_nll)
         weight, bias = weight.weight, weight.bias
     if lse_from_softmax is None:
         lse_from_softmax = hidden.device.type != "cuda"
@@ -337,4 +386,5 @@ def chunked_smoothed_cross_entropy(
         grad and weight.requires_grad,
         grad and bias is not None and bias.requires_grad,
         lse_from_softmax,
+        return_nll,
     )

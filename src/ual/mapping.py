@@ -2,7 +2,8 @@
 
 The arithmetic is `smoothing.map_to_smoothing` (pure); this file is the glue:
 join scores to training samples by id, decide what an unscored sample means
-(never silently), and write the result with its statistics.
+(never silently), normalise the scores (smoothing.normalize), and write the result
+with its statistics, including how well the sources separate.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from ual.config import ExperimentConfig
 from ual.io import read_jsonl, write_json, write_jsonl
 from ual.runfolder import RunFolder
-from ual.smoothing import fit_scale, map_to_smoothing
+from ual.smoothing import fit_scale, map_to_smoothing, normalize_scores
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,14 @@ def run_map(cfg: ExperimentConfig) -> dict:
     if not kept:
         raise ValueError("no training sample has a score")
 
-    u = np.array([scored[s.id] for s in kept], dtype=np.float64)
+    raw = np.array([scored[s.id] for s in kept], dtype=np.float64)
+    u = normalize_scores(raw, opts.normalize)
     eps = map_to_smoothing(u, opts.target_mean, opts.eps_max)
-    rows = [{"id": s.id, "source": s.source, "score": float(x), "eps": float(e)} for s, x, e in zip(kept, u, eps)]
+    rows = [{"id": s.id, "source": s.source, "score": float(x), "u": float(v), "eps": float(e)}
+            for s, x, v, e in zip(kept, raw, u, eps)]
     if missing and opts.missing == "mean":
-        rows += [{"id": s.id, "source": s.source, "score": None, "eps": float(opts.target_mean)} for s in missing]
+        rows += [{"id": s.id, "source": s.source, "score": None, "u": None, "eps": float(opts.target_mean)}
+                 for s in missing]
     if missing:
         log.warning("%d training samples without a score: %s", len(missing),
                     "dropped" if opts.missing == "drop" else f"given eps = {opts.target_mean}")
@@ -52,8 +56,11 @@ def run_map(cfg: ExperimentConfig) -> dict:
     by_source = defaultdict(list)
     for r in rows:
         by_source[r["source"]].append(r["eps"])
+    from ual.scoring.analysis import separation
+
     stats = {
         "target_mean": opts.target_mean,
+        "normalize": opts.normalize,
         "eps_max": opts.eps_max,
         "scale_k": fit_scale(u, opts.target_mean, opts.eps_max),
         "n": len(rows),
@@ -62,6 +69,8 @@ def run_map(cfg: ExperimentConfig) -> dict:
         "mean_eps": float(np.mean([r["eps"] for r in rows])),
         "clipped": int(np.sum(eps >= opts.eps_max)),
         "mean_eps_by_source": {k: float(np.mean(v)) for k, v in sorted(by_source.items())},
+        # How far apart the sources end up: AUC of their scores, ratio of their mean eps.
+        "separation": separation([r for r in rows if r["score"] is not None], eps_key="eps"),
     }
     write_json(run.smoothing_stats, stats)
     return stats

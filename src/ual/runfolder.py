@@ -6,6 +6,7 @@
       data_stats.json        per-source counts (read, skipped, truncated, train, heldout)
       scores.jsonl           id, source, score, scorer, details (the scores `ual map` uses: the last scorer run)
       scores/SCORER.jsonl    the same rows, kept per scorer, so scorers run on the same data can be compared
+      heldout_scores.jsonl   the same scorer on the held-out samples (scores/heldout/SCORER.jsonl per scorer)
       scores_report/         histograms per source, failures with reasons, rank correlation between scorers
       smoothing.jsonl        id, source, score, eps (the UAL mode's per-sample smoothing)
       train/MODE/            adapter (or model), log.json, result.json
@@ -55,9 +56,15 @@ class RunFolder:
     def scores_dir(self) -> Path:
         return self.root / "scores"
 
-    def scorer_scores(self, scorer: str) -> Path:
-        """scores/SCORER.jsonl: "judge:gpt-4o-mini:uncertainty-v1" -> scores/judge_gpt-4o-mini_uncertainty-v1.jsonl."""
-        return self.scores_dir / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', scorer).strip('_')}.jsonl"
+    @property
+    def heldout_scores(self) -> Path:
+        return self.root / "heldout_scores.jsonl"
+
+    def scorer_scores(self, scorer: str, split: str = "train") -> Path:
+        """scores/SCORER.jsonl: "judge:gpt-4o-mini:uncertainty-v1" -> scores/judge_gpt-4o-mini_uncertainty-v1.jsonl
+        (held-out samples: scores/heldout/SCORER.jsonl)."""
+        folder = self.scores_dir if split == "train" else self.scores_dir / split
+        return folder / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', scorer).strip('_')}.jsonl"
 
     @property
     def scores_report(self) -> Path:

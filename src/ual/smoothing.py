@@ -8,7 +8,8 @@ The reference code found k by "rescale to the mean, clip, repeat until within
 0.001". The mean is a non-decreasing piecewise-linear function of k, so k can be
 solved exactly: with the scores sorted in decreasing order and the m largest
 clipped at eps_max, k = (N * target_mean - m * eps_max) / sum(unclipped u), and
-exactly one m is consistent. Pure numpy, no I/O.
+exactly one m is consistent. `normalize_scores` turns raw scores into u first.
+Pure numpy (and scipy's rankdata), no I/O.
 """
 
 from __future__ import annotations
@@ -70,6 +71,41 @@ def map_to_smoothing(scores, target_mean: float, eps_max: float = 0.99) -> np.nd
     return np.minimum(eps_max, k * v)
 
 
+NORMALIZATIONS = ("max", "minmax", "rank")
+
+
+def normalize_scores(scores, method: str = "max") -> np.ndarray:
+    """Raw uncertainty scores -> u in [0, 1], before the map (docs/scoring.md has a worked example).
+
+    max     u = s / max(s). The map is scale-free, so eps stays proportional to the raw
+            score (the paper's PPL variant; a judge's score / 99 maps the same way).
+            No sample gets eps near 0 unless its score is near 0.
+    minmax  u = (s - min) / (max - min): the lowest score gets eps 0, the highest the
+            most; differences between scores, not their ratios, set the smoothing.
+    rank    u = (rank - 1) / (n - 1), ties given their average rank: uniform over [0, 1]
+            whatever the scale, so only the order of the scores matters (robust to a
+            few extreme scores; the map's cap then binds on the top ranks first).
+    minmax and rank need at least two distinct scores: with one sample or all scores
+    equal there is nothing to spread (use max, which gives uniform smoothing then).
+    """
+    u = _validated_scores(scores, unit_range=False)
+    if method == "max":
+        top = u.max()
+        return u / top if top > 0 else u
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {method!r}")
+    lo, hi = u.min(), u.max()
+    if not hi > lo:
+        raise ValueError(f"normalize {method}: {'the single score' if u.size == 1 else f'all {u.size} scores'} "
+                         f"equal {lo:g}, so there is nothing to spread over [0, 1]; use normalize max "
+                         "(uniform smoothing) or score more varied data")
+    if method == "minmax":
+        return np.clip((u - lo) / (hi - lo), 0.0, 1.0)
+    from scipy.stats import rankdata
+
+    return (rankdata(u, method="average") - 1.0) / (u.size - 1)
+
+
 def uniform_smoothing(n: int, target_mean: float) -> np.ndarray:
     """The label-smoothing baseline: every sample gets the same eps."""
     if not 0 <= target_mean < 1:
@@ -77,14 +113,15 @@ def uniform_smoothing(n: int, target_mean: float) -> np.ndarray:
     return np.full(n, float(target_mean))
 
 
-def _validated_scores(scores) -> np.ndarray:
+def _validated_scores(scores, unit_range: bool = True) -> np.ndarray:
     u = np.asarray(scores, dtype=np.float64).reshape(-1)
     if u.size == 0:
         raise ValueError("no scores to map")
     if not np.all(np.isfinite(u)):
         bad = int(np.flatnonzero(~np.isfinite(u))[0])
         raise ValueError(f"score {bad} is not a finite number ({u[bad]})")
-    if u.min() < 0 or u.max() > 1:
-        bad = int(np.flatnonzero((u < 0) | (u > 1))[0])
-        raise ValueError(f"scores must lie in [0, 1]; score {bad} is {u[bad]}")
+    out = (u < 0) | (u > 1) if unit_range else u < 0
+    if out.any():
+        bad = int(np.flatnonzero(out)[0])
+        raise ValueError(f"scores must lie in {'[0, 1]' if unit_range else '[0, inf)'}; score {bad} is {u[bad]}")
     return u

@@ -15,7 +15,9 @@ earlier run of this command) are reused; --force recollects them.
 scores: the scores report of the run's scores.jsonl (histograms per source, failures
 with reasons) with the Spearman rank correlation and a scatter plot against each other
 scorer: every scorer kept in the run's scores/ folder (each `ual score` run keeps its
-own), or the scores.jsonl-style files given with --compare.
+own), or the scores.jsonl-style files given with --compare; and for each of them the
+separation of every pair of sources (AUC of the scores, ratio of mean eps after the map
+under each normalisation, at the config's target mean).
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def analyze_scores(cfg, compare_with: list[str] | None = None) -> dict:
     for other in compare_with or []:
         if not Path(other).exists():
             raise FileNotFoundError(f"--compare {other}: no such file")
-    report = write_scores_report(run, compare_with=compare_with)
+    report = write_scores_report(run, compare_with=compare_with, smoothing=cfg.smoothing)
     return {"scores_report": str(run.scores_report / "scores_report.json"),
-            "failures": report["failures"], "rank_correlation": report["rank_correlation"]}
+            "failures": report["failures"], "rank_correlation": report["rank_correlation"],
+            "separation": report["separation"]}
 
 
 def analyze_clustering(cfg, force: bool = False) -> dict:

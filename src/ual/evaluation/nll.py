@@ -1,32 +1,61 @@
-"""Per-sample negative log-likelihood of the supervised (response) tokens.
+"""Per-sample statistics of the supervised (response) tokens, from one forward pass.
 
-Shared by the perplexity scorer (each sample's mean NLL is its uncertainty) and
-the held-out evaluation (token-weighted mean NLL per data source). Labels are
-shifted: position t is scored on token t + 1 (the reference code scored each
-token at its own position).
+For every supervised token t of a sample (gold y_t, next-token distribution p_t):
+  NLL      -log p_t(y_t)
+  entropy  H(p_t) = -sum_v p_t(v) log p_t(v)    (how spread the model's prediction is,
+           whatever the gold token: the `entropy` scorer's uncertainty)
+  confidence / correct   max_v p_t(v) and [argmax_v p_t(v) == y_t]  (token-level calibration)
+Shared by the perplexity and entropy scorers (one pass gives both) and the held-out
+evaluation (token-weighted NLL per source, per-sample results, calibration). Labels are
+shifted: position t is scored on token t + 1 (the reference code scored each token at
+its own position).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ual.loss import IGNORE_INDEX, shift_labels
 
+# Supervised rows turned into fp32 log-probabilities at a time: bounds the extra memory to
+# ROWS x V floats whatever the batch (256 x 49k = 48 MiB; 256 x 262k = 256 MiB).
+_ROWS_PER_CHUNK = 256
+
+
+@dataclass
+class TokenStats:
+    """One sample's sums over its supervised tokens (and, when kept, the per-token values)."""
+
+    nll: float
+    entropy: float
+    tokens: int
+    confidence: np.ndarray | None = None  # (tokens,) max_v p(v)
+    correct: np.ndarray | None = None  # (tokens,) bool, argmax == gold
+
+    @property
+    def mean_nll(self) -> float | None:
+        return self.nll / self.tokens if self.tokens else None
+
+    @property
+    def mean_entropy(self) -> float | None:
+        return self.entropy / self.tokens if self.tokens else None
+
 
 @torch.no_grad()
-def sample_nll(model, tokenizer, samples, max_length: int, batch_size: int = 8,
-               train_on_prompt: bool = False, desc: str = "NLL") -> list[tuple[float, int]]:
-    """(sum of NLL, number of scored tokens) for each sample, in order."""
+def response_token_stats(model, tokenizer, samples, max_length: int, batch_size: int = 8,
+                         train_on_prompt: bool = False, desc: str = "NLL", keep_tokens: bool = False) -> list[TokenStats]:
+    """TokenStats for each sample, in order (keep_tokens: also the per-token confidence and correctness)."""
     from ual.data.tokenize import encode_sample
 
     encoded = [encode_sample(tokenizer, s.messages, max_length, train_on_prompt) for s in samples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
-    results: list[tuple[float, int] | None] = [None] * len(encoded)
+    results: list[TokenStats | None] = [None] * len(encoded)
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
@@ -41,19 +70,45 @@ def sample_nll(model, tokenizer, samples, max_length: int, batch_size: int = 8,
             mask[row, :n] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         targets = shift_labels(labels).to(device)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        counts = (targets != IGNORE_INDEX).sum(dim=1)
+        supervised = targets != IGNORE_INDEX
+        row_of = supervised.nonzero()[:, 0].cpu()  # which batch row each supervised token belongs to
+        nll, ent, conf, corr = _per_token(logits[supervised], targets[supervised])
+        nll_sum = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, row_of, nll.double())
+        ent_sum = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, row_of, ent.double())
+        counts = torch.bincount(row_of, minlength=len(idx))
         for row, i in enumerate(idx):
-            results[i] = (float(nll[row].sum()), int(counts[row]))
+            st = TokenStats(float(nll_sum[row]), float(ent_sum[row]), int(counts[row]))
+            if keep_tokens:
+                sel = row_of == row
+                st.confidence, st.correct = conf[sel].numpy(), corr[sel].numpy()
+            results[i] = st
     return results
 
 
-def nll_by_source(samples, per_sample: list[tuple[float, int]]) -> dict[str, dict]:
-    """Token-weighted mean NLL (and perplexity) per data source and overall."""
-    sums, counts = defaultdict(float), defaultdict(int)
-    for s, (total, n) in zip(samples, per_sample):
+def _per_token(logits: torch.Tensor, gold: torch.Tensor):
+    """(nll, entropy, confidence, correct) per row of (n, V) logits, on the CPU, fp32."""
+    parts = []
+    for s in range(0, logits.shape[0], _ROWS_PER_CHUNK):
+        logp = torch.log_softmax(logits[s:s + _ROWS_PER_CHUNK].float(), dim=-1)
+        y = gold[s:s + _ROWS_PER_CHUNK].unsqueeze(1)
+        top, arg = logp.max(dim=-1)
+        parts.append((-logp.gather(1, y).squeeze(1), -(logp.exp() * logp).sum(-1), top.exp(), arg == y.squeeze(1)))
+    if not parts:
+        empty = torch.zeros(0)
+        return empty, empty, empty, torch.zeros(0, dtype=torch.bool)
+    return tuple(torch.cat(p).cpu() for p in zip(*parts))
+
+
+def nll_by_source(samples, stats: list[TokenStats]) -> dict[str, dict]:
+    """Token-weighted mean NLL (and perplexity, mean entropy) per data source and overall."""
+    sums, ents, counts = defaultdict(float), defaultdict(float), defaultdict(int)
+    for s, st in zip(samples, stats):
         for key in (s.source, "all"):
-            sums[key] += total
-            counts[key] += n
-    return {k: {"nll": sums[k] / max(counts[k], 1), "ppl": float(torch.tensor(sums[k] / max(counts[k], 1)).exp()),
-                "tokens": counts[k]} for k in sums}
+            sums[key] += st.nll
+            ents[key] += st.entropy
+            counts[key] += st.tokens
+    out = {}
+    for k in sums:
+        nll = sums[k] / max(counts[k], 1)
+        out[k] = {"nll": nll, "ppl": float(np.exp(nll)), "entropy": ents[k] / max(counts[k], 1), "tokens": counts[k]}
+    return out

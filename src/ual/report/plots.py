@@ -40,14 +40,59 @@ def plot_distributions(rows: list[dict], key: str, title: str, xlabel: str, path
 
 
 def plot_loss_curves(histories: dict[str, list[dict]], path: Path) -> Path:
-    """Training loss per optimiser step, one line per mode."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for mode, history in histories.items():
-        points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-        if points:
-            ax.plot(*zip(*points), label=mode, linewidth=1.2)
-    ax.set_title("training loss (each mode's own objective)")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    """Training curves per optimiser step, one line per mode, in two panels.
+
+    Left, the plain NLL (the eps = 0 term of the loss, logged as "nll"): the
+    same quantity for every mode, so the lines are comparable. Right, each
+    mode's own objective ("loss"): its smoothing term makes it differ per mode.
+    A run logged before "nll" existed appears on the right only.
+    """
+    fig, (ax_nll, ax_loss) = plt.subplots(1, 2, figsize=(11, 3.6))
+    panels = [(ax_nll, "nll", "plain NLL (eps = 0 term): comparable across modes", "NLL"),
+              (ax_loss, "loss", "each mode's own objective", "loss")]
+    for ax, key, title, ylabel in panels:
+        # One colour per mode in both panels, whether or not the mode has an "nll".
+        for i, (mode, history) in enumerate(histories.items()):
+            points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+            if points:
+                ax.plot(*zip(*points), label=mode, linewidth=1.2, color=f"C{i}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(ylabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f'no "{key}" logged', ha="center", va="center", transform=ax.transAxes, color="grey")
+    return _save(fig, path)
+
+
+def _reliability_axes(ax, curves: dict[str, list[dict]], title: str) -> None:
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="calibrated")
+    for name, bins in curves.items():
+        if bins:
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                    markersize=3, linewidth=1.2, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.set_xlabel("confidence (bin mean)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def plot_reliability(curves: dict[str, list[dict]], path: Path, title: str = "reliability diagram") -> Path:
+    """Reliability diagram: per model, bin mean confidence against bin accuracy (bins given as data)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    _reliability_axes(ax, curves, title)
+    return _save(fig, path)
+
+
+def plot_reliability_grid(panels: dict[str, dict[str, list[dict]]], path: Path, title: str) -> Path:
+    """One reliability diagram per panel (e.g. per data source), side by side."""
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], panels.items()):
+        _reliability_axes(ax, curves, name)
+    fig.suptitle(title)
     return _save(fig, path)

@@ -95,6 +95,8 @@ def render_markdown(m: dict, images) -> str:
                   "| source | mean eps (UAL) |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in s["mean_eps_by_source"].items()]
         lines.append("")
+        if s.get("separation"):
+            lines += separation_section(s, m.get("scores", {}))
     if m["train"]:
         lines += ["## Training", "", "| mode | steps | samples | mean eps | train loss | seconds |", "|---|---:|---:|---:|---:|---:|"]
         for mode, t in m["train"].items():
@@ -159,6 +161,32 @@ def scores_section(rep: dict) -> list[str]:
             rho = _fmt(c["spearman"]) if c["spearman"] is not None else c.get("note", "")
             lines.append(f"| {c['scorer_a']} | {c['scorer_b']} | {c['n']} | {rho} |")
     return lines + [""]
+
+
+def separation_section(smoothing: dict, scores: dict) -> list[str]:
+    """Does UAL treat the sources differently? AUC of the scores and ratio of mean eps, per pair of sources;
+    then, for every scorer run on this data, the same under each normalisation (to choose one)."""
+    lines = [f"Separation of the sources by the scores (`smoothing.normalize: {smoothing.get('normalize', 'max')}`): "
+             "AUC = chance that a sample of the first source scores above one of the second (0.5: no separation); "
+             "eps ratio = ratio of their mean eps after the map (1: uniform smoothing in all but name).", "",
+             "| sources | AUC | mean eps ratio |", "|---|---:|---:|"]
+    for p in smoothing["separation"]:
+        lines.append(f"| {p['high']} over {p['low']} | {p['auc']:.3f} | {_ratio(p['eps_ratio'].get('applied'))} |")
+    runs = scores.get("separation") or []
+    if runs:
+        st = scores.get("separation_settings") or {}
+        lines += ["", f"Every scorer run on this data, each normalisation (target mean {st.get('target_mean', '?')}):", "",
+                  "| scorer | sources | AUC | eps ratio, max | minmax | rank |", "|---|---|---:|---:|---:|---:|"]
+        for r in runs:
+            for p in r["pairs"]:
+                ratios = p["eps_ratio"]
+                lines.append(f"| {r['scorer']} | {p['high']} over {p['low']} | {p['auc']:.3f} | "
+                             + " | ".join(_ratio(ratios.get(k)) for k in ("max", "minmax", "rank")) + " |")
+    return lines + [""]
+
+
+def _ratio(x) -> str:
+    return "" if x is None else f"{x:.2f}x"
 
 
 def eval_table(ev: dict) -> list[str]:

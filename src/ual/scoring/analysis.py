@@ -7,7 +7,11 @@ Reads the scores.jsonl rows `ual score` writes ({"id", "source", "score",
 - the failures, each with its reason, and a count per reason (a failure is
   never hidden behind a default score, so it must be visible here);
 - the Spearman rank correlation between two scorers on the ids both scored
-  (judge vs perplexity: ranks, because their scales are unrelated).
+  (judge vs perplexity: ranks, because their scales are unrelated);
+- separation: for every pair of sources, the AUC of their scores (the chance that a
+  sample of one outscores a sample of the other) and the ratio of their mean eps after
+  the map under each normalisation. UAL only differs from uniform smoothing where the
+  sources it should treat differently get clearly different eps.
 """
 
 from __future__ import annotations
@@ -166,7 +170,52 @@ def comparison_plot(a: list[dict], b: list[dict], path: str | Path) -> Path | No
     return Path(path)
 
 
-def scores_report(scores_path: str | Path, out_dir: str | Path, compare_with: list[str | Path] = ()) -> dict:
+def separation(rows: list[dict], eps_key: str | None = None, smoothing=None) -> list[dict]:
+    """How well the scores of `rows` ({"source", "score"}, failures excluded) separate each pair of sources.
+
+    Per pair, ordered so that `high` is the source with the higher mean score: the AUC of
+    high over low (Mann-Whitney: P(score_high > score_low), ties half), and the ratio of their
+    mean eps: from rows[eps_key] (the map as applied), or, given `smoothing` (target_mean,
+    eps_max), under each normalisation (smoothing.NORMALIZATIONS) with the pure map.
+    """
+    import numpy as np
+    from scipy.stats import rankdata
+
+    from ual.smoothing import NORMALIZATIONS, map_to_smoothing, normalize_scores
+
+    ok = [r for r in rows if r.get("score") is not None]
+    eps = {}
+    if eps_key is not None:
+        eps["applied"] = np.array([r[eps_key] for r in ok], dtype=float)
+    elif smoothing is not None and ok:
+        raw = np.array([r["score"] for r in ok], dtype=float)
+        for method in NORMALIZATIONS:
+            try:
+                eps[method] = map_to_smoothing(normalize_scores(raw, method), smoothing.target_mean, smoothing.eps_max)
+            except ValueError:  # constant scores under minmax/rank, an unreachable target: no ratio to show
+                eps[method] = None
+    sources = sorted({r.get("source", "?") for r in ok})
+    index = {src: np.array([i for i, r in enumerate(ok) if r.get("source", "?") == src]) for src in sources}
+    scores = np.array([r["score"] for r in ok], dtype=float)
+    out = []
+    for i, a in enumerate(sources):
+        for b in sources[i + 1:]:
+            lo, hi = (a, b) if scores[index[a]].mean() <= scores[index[b]].mean() else (b, a)
+            x, y = scores[index[hi]], scores[index[lo]]
+            ranks = rankdata(np.concatenate([x, y]))
+            auc = (ranks[: len(x)].sum() - len(x) * (len(x) + 1) / 2) / (len(x) * len(y))
+            ratios = {}
+            for method, e in eps.items():
+                low_mean = None if e is None else float(e[index[lo]].mean())
+                ratios[method] = (float(e[index[hi]].mean()) / low_mean) if low_mean else None
+            out.append({"high": hi, "low": lo, "n_high": len(x), "n_low": len(y), "auc": float(auc),
+                        "mean_score_high": float(x.mean()), "mean_score_low": float(y.mean()),
+                        "eps_ratio": ratios})
+    return out
+
+
+def scores_report(scores_path: str | Path, out_dir: str | Path, compare_with: list[str | Path] = (),
+                  smoothing=None) -> dict:
     """Write scores_report.json, failures.jsonl, the histograms and one scatter plot per compared
     scorer (compare_N.png) into out_dir; return the report."""
     rows = load_scores(scores_path)
@@ -176,14 +225,20 @@ def scores_report(scores_path: str | Path, out_dir: str | Path, compare_with: li
         stale.unlink()
     failed, kinds = failures(rows)
     comparisons = []
+    separations = [{"scorer": _scorer_name({r["id"]: r for r in rows}), "pairs": separation(rows, smoothing=smoothing)}]
     for i, other in enumerate(compare_with):
         other_rows = load_scores(other)
         plot = comparison_plot(rows, other_rows, out_dir / f"compare_{i}.png")
         comparisons.append(rank_correlation(rows, other_rows) | {"other": str(other), "plot": plot and plot.name})
+        separations.append({"scorer": _scorer_name({r["id"]: r for r in other_rows}),
+                            "pairs": separation(other_rows, smoothing=smoothing)})
     report = {"scores": str(scores_path), "summary": summarize(rows), "failures": len(failed),
               "failure_reasons": kinds,
               "histograms": [p.name for p in histograms(rows, out_dir)],
-              "rank_correlation": comparisons}
+              "rank_correlation": comparisons,
+              "separation": separations,
+              "separation_settings": None if smoothing is None else
+              {"target_mean": smoothing.target_mean, "eps_max": smoothing.eps_max, "normalize": smoothing.normalize}}
     write_jsonl(out_dir / "failures.jsonl", failed)
     write_json(out_dir / "scores_report.json", report)
     return report

@@ -1,4 +1,11 @@
-"""The `ual score` stage: samples.jsonl -> scores.jsonl with the configured scorer."""
+"""The `ual score` stage: samples.jsonl -> scores.jsonl with the configured scorer.
+
+With score.heldout (the default) the held-out samples are scored in the same call and
+written to heldout_scores.jsonl: evaluation reports its results per quartile of u.
+Scores are kept per scorer in scores/ (held-out ones in scores/heldout/), so switching
+back to a scorer already run, or between the entropy and perplexity of one reference
+model (one forward pass gives both), costs no model call.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +22,15 @@ log = logging.getLogger(__name__)
 def build_scorer(cfg: ExperimentConfig):
     sc = cfg.score
     max_length = sc.max_length or cfg.data.max_length
-    if sc.scorer == "perplexity":
-        from ual.scoring.perplexity import PerplexityScorer
+    if sc.scorer in ("perplexity", "entropy"):
+        from ual.scoring.perplexity import ModelUncertaintyScorer
 
-        return PerplexityScorer(sc.model or cfg.model, max_length, sc.batch_size, cfg.device, cfg.trust_remote_code)
+        return ModelUncertaintyScorer(sc.scorer, sc.model or cfg.model, max_length, sc.batch_size, cfg.device,
+                                      cfg.trust_remote_code)
+    if sc.scorer == "prior":
+        from ual.scoring.prior import PriorScorer
+
+        return PriorScorer(sc.prior)
     if sc.scorer == "judge":
         from ual.scoring.judge import build_judge_scorer
 
@@ -27,53 +39,93 @@ def build_scorer(cfg: ExperimentConfig):
         from ual.scoring.local_judge import build_local_judge_scorer
 
         return build_local_judge_scorer(sc, sc.model or cfg.model, cfg.device)
-    raise ValueError(f"score.scorer must be perplexity, judge or local_judge, got {sc.scorer!r}")
+    raise ValueError(f"score.scorer must be entropy, perplexity, judge, local_judge or prior, got {sc.scorer!r}")
 
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
-    samples = run.load_samples("train")
+    splits = {"train": run.load_samples("train")}
+    if cfg.score.heldout and run.heldout.exists():
+        splits["heldout"] = run.load_samples("heldout")
+    everything = [s for samples in splits.values() for s in samples]
     scorer = build_scorer(cfg)
     if cfg.score.dry_run:
         # Plan only: nothing is sent and scores.jsonl is left as it is.
         if not hasattr(scorer, "plan"):
             raise ValueError(f"--score.dry_run plans paid judge requests; scorer {cfg.score.scorer!r} has nothing to plan")
-        return {"dry_run": scorer.plan(samples)}
-    kept = run.scorer_scores(scorer.name)
+        return {"dry_run": scorer.plan(everything)}
+    if "heldout" not in splits and run.heldout_scores.exists():
+        run.heldout_scores.unlink()  # another scorer's: evaluation must not bucket by it
     if not force:
-        for path in (run.scores, kept):
-            done = _complete_scores(path, samples, scorer.name)
-            if done is None:
-                continue
-            if path == kept:  # scored before another scorer replaced them: these become the scores again
-                write_jsonl(run.scores, done)
-                write_scores_report(run)
-            log.info("%s already scores every sample with %s; reused (use --force to rescore)", path.name, scorer.name)
-            return {"scorer": scorer.name, "scored": len(samples), "failed": 0, "reused": True}
-    results = scorer.score(samples)
-    by_id = {s.id: s for s in samples}
+        stored = _stored_rows(run, scorer.name, splits)
+        if stored is not None:  # scored before (maybe before another scorer replaced them): current again
+            _write_rows(run, scorer.name, stored)
+            log.info("%s already scored every sample; reused (use --force to rescore)", scorer.name)
+            return {"scorer": scorer.name, "scored": len(everything), "failed": 0, "reused": True}
+    results, derived = None, None
+    for sibling in [] if force else getattr(scorer, "siblings", []):
+        stored = _stored_rows(run, sibling, splits)
+        if stored is not None:  # the same forward pass gave this scorer's measure too
+            rows = [r for split_rows in stored.values() for r in split_rows]
+            results = scorer.from_details([r["id"] for r in rows], [r["details"] for r in rows])
+            derived = sibling
+            log.info("%s: derived from %s's kept details (same forward pass); no model call", scorer.name, sibling)
+            break
+    if results is None:
+        results = scorer.score(everything)
+    by_id = {s.id: s for s in everything}
     rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
             for r in results]
-    write_jsonl(run.scores, rows)
-    write_jsonl(kept, rows)  # kept per scorer: running another scorer later does not erase these
-    write_scores_report(run)
-    failed = [r for r in results if r.score is None]
-    summary = {"scorer": scorer.name, "scored": len(results) - len(failed), "failed": len(failed),
+    n_train = len(splits["train"])
+    _write_rows(run, scorer.name, {"train": rows[:n_train], "heldout": rows[n_train:]} if "heldout" in splits
+                else {"train": rows})
+    failed = [r for r in results[:n_train] if r.score is None]
+    summary = {"scorer": scorer.name, "scored": n_train - len(failed), "failed": len(failed),
+               "heldout_scored": sum(r.score is not None for r in results[n_train:]) if "heldout" in splits else None,
+               "derived_from": derived,
                "failure_reasons": dict(Counter(str(r.details.get("error")) for r in failed).most_common(10))}
     if failed:
         log.warning("%d samples could not be scored: %s", len(failed), summary["failure_reasons"])
     return summary
 
 
-def write_scores_report(run: RunFolder, compare_with=None) -> dict:
-    """scores_report/ for scores.jsonl: histograms per source, failures with reasons, and the rank
-    correlation with each file of compare_with (default: every other scorer kept in scores/)."""
+def _write_rows(run: RunFolder, scorer_name: str, rows: dict[str, list[dict]]) -> None:
+    """The current scores (what `ual map` and evaluation read), a copy kept per scorer, and the report."""
+    for split, split_rows in rows.items():
+        current = run.scores if split == "train" else run.heldout_scores
+        write_jsonl(run.scorer_scores(scorer_name, split), split_rows)
+        write_jsonl(current, split_rows)
+    write_scores_report(run)
+
+
+def _stored_rows(run: RunFolder, scorer_name: str, splits: dict) -> dict[str, list[dict]] | None:
+    """Rows of this scorer for every sample of every split, from the current or the kept files; else None."""
+    out = {}
+    for split, samples in splits.items():
+        current = run.scores if split == "train" else run.heldout_scores
+        for path in (current, run.scorer_scores(scorer_name, split)):
+            done = _complete_scores(path, samples, scorer_name)
+            if done is not None:
+                out[split] = done
+                break
+        else:
+            return None
+    return out
+
+
+def write_scores_report(run: RunFolder, compare_with=None, smoothing=None) -> dict:
+    """scores_report/ for scores.jsonl: histograms per source, failures with reasons, the rank
+    correlation with each file of compare_with (default: every other scorer kept in scores/), and
+    how well each of them separates the sources (smoothing: the SmoothingConfig the map will use;
+    default: the run's config.yaml)."""
+    if smoothing is None:
+        smoothing = _run_smoothing(run)
     from ual.scoring.analysis import scores_report
 
     if compare_with is None:
         own = {run.scorer_scores(r["scorer"]) for r in read_jsonl(run.scores)}
         compare_with = [p for p in sorted(run.scores_dir.glob("*.jsonl")) if p not in own]
-    return scores_report(run.scores, run.scores_report, compare_with=compare_with)
+    return scores_report(run.scores, run.scores_report, compare_with=compare_with, smoothing=smoothing)
 
 
 def _complete_scores(path, samples, scorer_name: str) -> list[dict] | None:
@@ -85,3 +137,9 @@ def _complete_scores(path, samples, scorer_name: str) -> list[dict] | None:
     if all(r is not None and r["scorer"] == scorer_name and r["score"] is not None for r in rows):
         return rows
     return None
+
+
+def _run_smoothing(run: RunFolder):
+    from ual.config import SmoothingConfig, load_config
+
+    return load_config(run.config).smoothing if run.config.exists() else SmoothingConfig()

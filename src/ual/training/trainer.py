@@ -6,6 +6,9 @@ Three pieces, all thin:
 - `UALTrainer.compute_loss`: the model's logits (or, with the chunked loss, its
   final hidden states) into `ual.loss`, normalised by the supervised-token count
   of the whole accumulated batch, so accumulation and data parallel are exact.
+- `NllLogging`: every training log entry carries "nll" beside "loss", the plain
+  NLL (the loss's eps = 0 term) of the same batches, which the loss returns at no
+  extra cost: each mode's "loss" is its own objective, "nll" compares the modes.
 
 SFT, uniform label smoothing and UAL are the same code with different eps.
 """
@@ -55,11 +58,52 @@ class SmoothingCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "eps": eps}
 
 
-class UALTrainer(Trainer):
+class NllLogging:
+    """Mixin for a Trainer whose compute_loss calls `_record_nll`: adds "nll" to
+    each training log entry, as the Trainer logs "loss": the per-micro-step terms
+    summed on device (no host sync per step), then gathered, averaged over
+    processes and divided by the optimiser steps since the last log."""
+
+    _nll_sum: torch.Tensor | None = None
+    _nll_window_start = 0
+
+    def _record_nll(self, nll: torch.Tensor) -> None:
+        if self._nll_sum is None:
+            # The first micro-step after a log (or at the start) runs at the step the
+            # Trainer last logged at: the window the Trainer divides "loss" by.
+            self._nll_sum = torch.zeros((), dtype=torch.float32, device=self.args.device)
+            self._nll_window_start = self.state.global_step
+        nll = nll.detach().float().to(self._nll_sum.device)
+        if self.args.logging_nan_inf_filter:
+            # As the Trainer does for the loss: a non-finite step counts as the window's mean
+            # so far; torch.where, not an if, so there is no host sync.
+            mean = self._nll_sum / (1 + self.state.global_step - self._nll_window_start)
+            nll = torch.where(torch.isfinite(nll), nll, mean)
+        self._nll_sum += nll
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._nll_sum is not None:
+            from transformers.trainer_pt_utils import nested_gather
+
+            # Every process logs at the same steps (the Trainer gathers the loss here too),
+            # so this collective is entered by all of them.
+            total = nested_gather(self._nll_sum, self.args.parallel_mode).mean().item()
+            steps = max(self.state.global_step - self._nll_window_start, 1)
+            logs = {**logs, "nll": total / steps}
+            self._nll_sum = None
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        self._nll_sum = None  # a previous train() call's unlogged remainder is not this run's
+        return super().train(*args, **kwargs)
+
+
+class UALTrainer(NllLogging, Trainer):
     """A Trainer whose loss is per-sample label-smoothed cross-entropy.
 
     `loss_impl`: "naive" (full logits) or "chunked" (from hidden states and the
-    output-projection weight, never materialising all logits).
+    output-projection weight, never materialising all logits). Logs "nll" beside
+    "loss" (`NllLogging`).
     """
 
     # Our loss is divided by num_items_in_batch (the whole accumulated batch's
@@ -93,17 +137,25 @@ class UALTrainer(Trainer):
                 eps = self.eps_fn(targets, hidden=hidden.detach(), head=head, training=model.training)
             # The module, not its weight: a LoRA-carrying head then takes the loss's
             # slower exact path instead of silently dropping its adapter.
-            loss = chunked_smoothed_cross_entropy(hidden, head, targets, eps, num_items_in_batch=num_items_in_batch)
+            loss, nll = chunked_smoothed_cross_entropy(hidden, head, targets, eps, num_items_in_batch=num_items_in_batch,
+                                                       return_nll=True)
             outputs = None
         else:
             outputs = model(**inputs, use_cache=False)
             if self.eps_fn is not None:
                 eps = self.eps_fn(targets, logits=outputs.logits.detach(), training=model.training)
-            loss = smoothed_cross_entropy(outputs.logits, targets, eps, num_items_in_batch=num_items_in_batch)
+            loss, nll = smoothed_cross_entropy(outputs.logits, targets, eps, num_items_in_batch=num_items_in_batch,
+                                               return_nll=True)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch is summed over processes; DDP averages gradients,
-            # so undo that average to get the global per-token mean.
+            # so undo that average to get the global per-token mean. The NLL gets the
+            # same factor, so its mean over processes at logging is the global one too.
             loss = loss * self.accelerator.num_processes
+            nll = nll * self.accelerator.num_processes
+        # Only training steps: evaluation (model.eval(), no grad) must not leak into
+        # the training window's NLL.
+        if model.training and torch.is_grad_enabled():
+            self._record_nll(nll)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -28,7 +28,8 @@ DeepSpeed/FSDP through accelerate) is kept; three things change:
    row, and each sample has its own eps.
 
 TRL's extra metrics (entropy, token accuracy) need the fused head's outputs and are
-not logged; the loss is.
+not logged; the loss is, and beside it "nll", the plain NLL (the eps = 0 term), as
+`ual train` logs it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ try:
 except ImportError as exc:  # pragma: no cover - optional dependency
     raise ImportError("ual.training.trl needs TRL: pip install trl") from exc
 
-from ual.training.trainer import UALTrainer
+from ual.training.trainer import NllLogging, UALTrainer
 
 
 class EpsCollator:
@@ -65,7 +66,7 @@ class EpsCollator:
         return getattr(self.inner, name)
 
 
-class UALSFTTrainer(SFTTrainer):
+class UALSFTTrainer(NllLogging, SFTTrainer):
     """TRL's SFTTrainer with ual's per-sample label-smoothed loss; the dataset needs an `eps` column."""
 
     # Our loss is already divided by the whole accumulated batch's token count.
@@ -100,6 +101,7 @@ class UALSFTTrainer(SFTTrainer):
             self._signature_columns = [*self._signature_columns, "eps"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The very function `ual train` uses (it reads only loss_impl, eps_fn, args, accelerator, _hidden_checked).
+        # The very function `ual train` uses (it reads only loss_impl, eps_fn, args, accelerator, _hidden_checked,
+        # and records the NLL through NllLogging, a base of this class too).
         return UALTrainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)

@@ -1,0 +1,154 @@
+"""The entropy and perplexity scorers: one forward pass, checked against hand computations on the
+tiny model; switching between them costs no model call; the prior scorer; separation of sources."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ual.cli import main
+from ual.data.sample import Sample
+from ual.data.tokenize import encode_sample
+from ual.evaluation.nll import response_token_stats
+from ual.io import read_jsonl
+from ual.loss import IGNORE_INDEX, shift_labels
+from ual.scoring.analysis import separation
+from ual.scoring.perplexity import ModelUncertaintyScorer
+from ual.scoring.prior import PriorScorer
+
+
+def _samples(n=5):
+    return [Sample.create("chat" if i % 2 else "maths",
+                          [{"role": "user", "content": f"Question {i}: what is {i} + {2 * i}?"},
+                           {"role": "assistant", "content": f"{i} + {2 * i} = {3 * i}. " * (1 + i % 3)}])
+            for i in range(n)]
+
+
+def _by_hand(model, tokenizer, sample, max_length=64):
+    """Mean entropy and mean NLL over the response tokens, one sample, straight from the logits."""
+    enc = encode_sample(tokenizer, sample.messages, max_length)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0].double()
+    targets = shift_labels(torch.tensor([enc["labels"]]))[0]
+    ent, nll = [], []
+    for t in range(len(targets)):
+        if targets[t] == IGNORE_INDEX:
+            continue
+        p = torch.softmax(logits[t], -1)
+        ent.append(float(-(p * p.log()).sum()))
+        nll.append(float(-p[targets[t]].log()))
+    return sum(ent) / len(ent), sum(nll) / len(nll)
+
+
+def test_entropy_scorer_equals_hand_computation(tiny_model_dir, tokenizer):
+    from ual.models import load_model
+
+    samples = _samples()
+    model = load_model(str(tiny_model_dir), "cpu")
+    hand = [_by_hand(model, tokenizer, s) for s in samples]
+    for measure, col in (("entropy", 0), ("perplexity", 1)):
+        results = ModelUncertaintyScorer(measure, str(tiny_model_dir), 64, batch_size=3, device="cpu").score(samples)
+        expected = [h[col] for h in hand]
+        got = [r.details["mean_entropy" if measure == "entropy" else "mean_nll"] for r in results]
+        np.testing.assert_allclose(got, expected, rtol=1e-4)
+        np.testing.assert_allclose([r.score for r in results], np.array(expected) / max(expected), rtol=1e-4)
+        # A random model's entropy sits near ln V; its NLL too: the check is about the arithmetic.
+        assert all(0 < x <= math.log(len(tokenizer)) + 1e-6 for x in (h[0] for h in hand))
+
+
+def test_one_pass_equals_each_computed_alone(tiny_model_dir, tokenizer):
+    """Batched (padded, length-sorted) stats equal per-sample ones, and the NLL equals HF's own loss."""
+    from ual.models import load_model
+
+    samples = _samples(6)
+    model = load_model(str(tiny_model_dir), "cpu")
+    batched = response_token_stats(model, tokenizer, samples, 64, batch_size=4, keep_tokens=True)
+    for s, b in zip(samples, batched):
+        (alone,) = response_token_stats(model, tokenizer, [s], 64, batch_size=1, keep_tokens=True)
+        assert b.tokens == alone.tokens == len(b.confidence)
+        assert b.nll == pytest.approx(alone.nll, rel=1e-4) and b.entropy == pytest.approx(alone.entropy, rel=1e-4)
+        np.testing.assert_allclose(b.confidence, alone.confidence, rtol=1e-4)
+        enc = encode_sample(tokenizer, s.messages, 64)
+        with torch.no_grad():
+            hf = model(input_ids=torch.tensor([enc["input_ids"]]), labels=torch.tensor([enc["labels"]])).loss
+        assert b.mean_nll == pytest.approx(float(hf), rel=1e-4)
+
+
+def _run_config(tmp_path, model_dir, scorer="entropy", extra=""):
+    rows = [{"messages": s.messages} for s in _samples(8)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nmodel: {model_dir}\n"
+                   f"data: {{max_length: 64, sources: [{{name: {data}, label: mix, train: 6, heldout: 2}}]}}\n"
+                   f"score: {{scorer: {scorer}, batch_size: 4}}\n{extra}")
+    return cfg
+
+
+def test_switching_between_entropy_and_perplexity_costs_no_model_call(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = _run_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    assert main(["data", str(cfg)]) == 0
+    assert main(["score", str(cfg)]) == 0
+    ent = read_jsonl(run / "scores.jsonl")
+    assert len(ent) == 6 and len(read_jsonl(run / "heldout_scores.jsonl")) == 2
+    assert all({"mean_nll", "mean_entropy"} <= set(r["details"]) for r in ent)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded again")
+
+    monkeypatch.setattr("ual.models.load_model", no_model)
+    assert main(["score", str(cfg), "--score.scorer", "perplexity"]) == 0
+    ppl = read_jsonl(run / "scores.jsonl")
+    assert {r["scorer"] for r in ppl} == {f"perplexity:{tiny_model_dir}"}
+    top = max(r["details"]["mean_nll"] for r in ppl + read_jsonl(run / "heldout_scores.jsonl"))
+    assert [r["score"] for r in ppl] == pytest.approx([r["details"]["mean_nll"] / top for r in ppl])
+    monkeypatch.undo()
+    # The derived scores equal a fresh forward pass.
+    assert main(["score", str(cfg), "--score.scorer", "perplexity", "--force"]) == 0
+    fresh = read_jsonl(run / "scores.jsonl")
+    assert [r["score"] for r in fresh] == pytest.approx([r["score"] for r in ppl], rel=1e-5)
+
+
+def test_prior_scorer_and_its_refusal(tmp_path, tiny_model_dir, capsys):
+    samples = _samples(4)
+    res = PriorScorer({"maths": 0.2, "chat": 0.8}).score(samples)
+    assert [r.score for r in res] == [0.2, 0.8, 0.2, 0.8]
+    with pytest.raises(ValueError, match=r"no value for source\(s\) \['chat'\]"):
+        PriorScorer({"maths": 0.2}).score(samples)
+    for bad in ({"maths": 1.5}, {"maths": "low"}, {"maths": True}, {}):
+        with pytest.raises(ValueError):
+            PriorScorer(bad)
+    # Through the CLI: the config's mapping, and a source the prior does not know is a clear error.
+    cfg = _run_config(tmp_path, tiny_model_dir, scorer="prior", extra="")
+    assert main(["data", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["score", str(cfg), "--score.prior", "{chat: 0.9}"]) == 2
+    assert "no value for source(s) ['mix']" in capsys.readouterr().err
+    assert main(["score", str(cfg), "--score.prior", "{mix: 0.7}"]) == 0
+    assert {r["score"] for r in read_jsonl(tmp_path / "run" / "scores.jsonl")} == {0.7}
+
+
+def test_separation_on_a_constructed_case():
+    from ual.config import SmoothingConfig
+
+    rows = ([{"source": "maths", "score": s} for s in (0.1, 0.2, 0.3, 0.4)]
+            + [{"source": "chat", "score": s} for s in (0.35, 0.5, 0.6, 0.7)])
+    (pair,) = separation(rows, smoothing=SmoothingConfig(target_mean=0.1))
+    assert (pair["high"], pair["low"]) == ("chat", "maths")
+    # 16 pairs (chat, maths): chat wins all but 0.35 < 0.4 -> 15/16.
+    assert pair["auc"] == pytest.approx(15 / 16)
+    # max: eps proportional to the score -> ratio of mean scores 2.15 / 1.0.
+    assert pair["eps_ratio"]["max"] == pytest.approx(2.15 / 1.0)
+    # minmax: u = (s - 0.1) / 0.6 -> means 1.75 / 0.6 over 0.6 / 0.6.
+    assert pair["eps_ratio"]["minmax"] == pytest.approx((2.15 - 0.4) / (1.0 - 0.4))
+    # rank: ranks 0..7 -> maths 0,1,2,4 (sum 7), chat 3,5,6,7 (sum 21).
+    assert pair["eps_ratio"]["rank"] == pytest.approx(21 / 7)
+    # With the map's eps given, that is what the ratio reads.
+    applied = [dict(r, eps=0.05 if r["source"] == "maths" else 0.15) for r in rows]
+    assert separation(applied, eps_key="eps")[0]["eps_ratio"]["applied"] == pytest.approx(3.0)
+    # Three sources: every pair.
+    third = rows + [{"source": "code", "score": 0.05}] * 3
+    assert len(separation(third, smoothing=SmoothingConfig())) == 3
