@@ -80,3 +80,39 @@ def test_bad_sweep_is_exit_2(tmp_path, tiny_model_dir):
     assert main(["ablate", str(cfg), "--sweep", "0.1,abc"]) == 2
     assert main(["ablate", str(cfg), "--sweep", "1.5"]) == 2
     assert main(["ablate", str(cfg), "--modes", "sft,xx"]) == 2
+
+
+def test_ablation_seeds_writes_per_seed_runs_and_an_across_seed_table(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    cheap = ["--eval.clustering", "false", "--eval.gsm8k", "false", "--eval.pairwise", "[]",
+             "--eval.mc_samples", "0", "--eval.bootstrap", "200"]
+    assert main(["ablate", str(cfg), "--modes", "sft,ls,ual", "--seeds", "2", "--eval"] + cheap) == 0
+    run = tmp_path / "run"
+    for seed in (0, 1):
+        sub = run / "seeds" / f"seed-{seed}"
+        for mode in ("sft", "ls", "ual"):
+            assert read_json(sub / "train" / mode / "result.json")["steps"] == 2
+            assert (sub / "eval" / "items" / f"{mode}.nll.jsonl").exists()
+        assert (sub / "smoothing.jsonl").read_bytes() == (run / "smoothing.jsonl").read_bytes()
+        assert set(read_json(sub / "comparisons.json")["pairs"]) == {"ual:sft", "ual:ls"}
+    # Different seeds train differently (LoRA init and data order)...
+    a = read_json(run / "seeds" / "seed-0" / "train" / "ual" / "log.json")
+    b = read_json(run / "seeds" / "seed-1" / "train" / "ual" / "log.json")
+    assert [h["loss"] for h in a if "loss" in h] != [h["loss"] for h in b if "loss" in h]
+    # ... the base model is evaluated once and shared.
+    assert not (run / "train").exists() and (run / "eval" / "base.json").exists()
+    table = read_json(run / "seeds.json")
+    assert table["seeds"] == [0, 1]
+    nll = table["metrics"]["ual"]["nll/all"]
+    assert len(nll["values"]) == 2 and nll["n"] == 2 and nll["low"] <= nll["estimate"] <= nll["high"]
+    row = table["pairs"]["ual:sft"]["nll/all"]
+    assert len(row["per_seed"]) == 2 and row["across_seeds"]["estimate"] == pytest.approx(sum(row["per_seed"]) / 2)
+    assert row["pooled_items"]["n"] == 4  # held-out items, pooled over the seeds
+    md = (run / "seeds.md").read_text()
+    assert "| nll/all |" in md and "ual − sft" in md
+    report = (run / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## Data")
+    # Rerun: every seed and mode is reused.
+    before = (run / "seeds" / "seed-1" / "train" / "ls" / "result.json").stat().st_mtime_ns
+    assert main(["ablate", str(cfg), "--modes", "sft,ls,ual", "--seeds", "2", "--eval"] + cheap) == 0
+    assert (run / "seeds" / "seed-1" / "train" / "ls" / "result.json").stat().st_mtime_ns == before

@@ -125,6 +125,14 @@ class EvalConfig:
     mc_limit: int | None = _f(100, "evaluate at most this many multiple-choice questions")
     mc_samples: int = _f(4, "N of pass@N (sampled answer letters; the paper's 'Best-of-N')")
     mc_acc_norm: bool = _f(True, "also score each choice's text (length-normalised), ~4x the cost of letters alone")
+    mc_shuffle: bool = _f(True, "show each question's choices in a seeded order (by question id), so a model that "
+                                "always answers one letter cannot score above chance on a file whose gold answers "
+                                "sit at one position")
+    compare: list[str] = _f(["ual:sft", "ual:ls"], "A:B model pairs whose differences A - B get 95% paired-bootstrap "
+                                                  "intervals over held-out items, for every metric (comparisons.json)")
+    bootstrap: int = _f(2000, "bootstrap resamples per interval")
+    ece_bins: int = _f(15, "equal-mass bins of the expected calibration error (token level and multiple choice)")
+    u_buckets: int = _f(4, "held-out NLL and ECE per bucket of uncertainty u (quantiles of the held-out scores)")
     clustering: bool = _f(True, "feature-clustering silhouette (paper §4) on held-out texts")
     clustering_texts: int = _f(32, "held-out samples whose final hidden states are clustered")
     clustering_top_k: int = _f(20, "most frequent next tokens; all K(K-1)/2 pairs are scored")

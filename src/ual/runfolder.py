@@ -11,6 +11,9 @@
       smoothing.jsonl        id, source, score, eps (the UAL mode's per-sample smoothing)
       train/MODE/            adapter (or model), log.json, result.json
       eval/MODEL.json        metrics of one model (base or a trained mode)
+      eval/items/            per-item results of each model: MODEL.nll.jsonl (held-out sample), MODEL.tokens.npz
+                             (held-out token: confidence, correct), MODEL.mc.jsonl, MODEL.maths.jsonl, pairwise.A_vs_B.jsonl
+      comparisons.json       paired differences between models (eval.compare) with bootstrap intervals
       eval/tasks/MODEL.json  lm-eval benchmarks of one model; eval/features/MODEL.npz for clustering
       report.md, metrics.json, *.png
 
@@ -83,6 +86,18 @@ class RunFolder:
 
     def eval_file(self, model: str) -> Path:
         return self.root / "eval" / f"{model}.json"
+
+    def items_file(self, model: str, kind: str) -> Path:
+        """eval/items/MODEL.KIND.jsonl: per-item results (nll per held-out sample, mc per question, maths)."""
+        return self.root / "eval" / "items" / f"{model}.{kind}.jsonl"
+
+    def tokens_file(self, model: str) -> Path:
+        """eval/items/MODEL.tokens.npz: per held-out response token, confidence and correctness (calibration)."""
+        return self.root / "eval" / "items" / f"{model}.tokens.npz"
+
+    @property
+    def comparisons(self) -> Path:
+        return self.root / "comparisons.json"
 
     def features_file(self, model: str) -> Path:
         return self.root / "eval" / "features" / f"{model}.npz"

@@ -306,9 +306,14 @@ def evaluate_multiple_choice(
         drawn = [next((i for i, ids in letter_ids[k].items() if t in ids), None) for t in draws]
         p_correct = float(probs[letter_ids[k][q.answer]].sum()) if letter_ids[k][q.answer] else 0.0
         pred = max(range(k), key=lambda i: lls[i])
+        # The model's answer distribution over the k choices (its letters' likelihoods, renormalised):
+        # p(gold) is a graded score where accuracy is all-or-nothing, and max p is the confidence
+        # that multiple-choice calibration (ECE) checks against correctness.
+        choice_p = torch.softmax(torch.tensor(lls, dtype=torch.float64), 0).tolist()
         records.append(
             {"id": q.id, "answer": LETTERS[q.answer], "pred": LETTERS[pred], "correct": pred == q.answer,
-             "loglik": lls, "sampled": [LETTERS[d] if d is not None else None for d in drawn],
+             "loglik": lls, "choice_probs": choice_p, "p_gold": choice_p[q.answer], "confidence": max(choice_p),
+             "sampled": [LETTERS[d] if d is not None else None for d in drawn],
              "pass": any(d == q.answer for d in drawn), "p_correct_letter": p_correct}
         )
     if acc_norm:
@@ -326,6 +331,8 @@ def evaluate_multiple_choice(
     result = {
         "n_questions": n,
         "accuracy": sum(r["correct"] for r in records) / n,
+        "p_gold": sum(r["p_gold"] for r in records) / n,
+        "answer_letters": {x: sum(r["pred"] == x for r in records) for x in LETTERS[: max(len(q.choices) for q in questions)]},
         "acc_norm": sum(r["correct_norm"] for r in records) / n if acc_norm else None,
         f"pass@{n_samples}": sum(r["pass"] for r in records) / n if n_samples else None,
         "pass_at_n": sum(r["pass"] for r in records) / n if n_samples else None,

@@ -9,7 +9,10 @@ clustering (eval/features/MODEL.npz) and answers for the pairwise comparison
 (eval/answers/MODEL.json, in alpaca_eval's model_outputs format). Then:
   clustering.json    silhouette of same-next-token features, mean over all pairs
   eval/pairwise.json judge win rate of A over B, both answer orders
-and, with eval.tasks, lm-eval benchmarks per model in eval/tasks/MODEL.json.
+  comparisons.json   A - B for every eval.compare pair and every metric, with 95% paired-bootstrap
+                     intervals over the held-out items (compare.py)
+Per-item results come first (eval/items/: per held-out sample, token, question, prompt);
+every aggregate and interval is computed from them. And, with eval.tasks, lm-eval benchmarks per model in eval/tasks/MODEL.json.
 A model whose eval file exists is skipped on rerun (delete it or use --force);
 benchmarks are redone only when the task list or its settings change.
 """
@@ -120,6 +123,10 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
         results["clustering"] = run_clustering(cfg, tokenizer, run, len(inputs.cluster_texts))
     if ec.pairwise and inputs.pair_prompts:
         results["pairwise"] = run_pairwise(cfg, run, force)
+    if ec.compare:
+        from ual.evaluation.compare import run_comparisons
+
+        results["comparisons"] = run_comparisons(cfg)["pairs"]
     return results
 
 
@@ -166,8 +173,12 @@ class EvalInputs:
         if ec.multiple_choice:
             from ual.evaluation.multiple_choice import load_mc_file, load_packaged_mc
 
+            from ual.evaluation.multiple_choice import shuffle_choices
+
             mc = load_mc_file(ec.mc_file) if ec.mc_file else load_packaged_mc()
             mc = mc[: ec.mc_limit] if ec.mc_limit is not None else mc
+            if ec.mc_shuffle:  # the same order for every model: seeded by the run's seed and the question id
+                mc = shuffle_choices(mc, seed=cfg.seed)
         cluster_texts = clustering_texts(heldout, tokenizer, ec.clustering_texts) if ec.clustering else []
         pair_samples = [s for s in heldout if s.source == ec.pairwise_source][: ec.pairwise_limit] if ec.pairwise else []
         if ec.pairwise and not pair_samples:
@@ -194,26 +205,38 @@ def round_robin_by_source(samples):
 
 
 def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: EvalInputs, run: RunFolder) -> dict:
+    """Every metric of one model, its per-item results first (eval/items/), then the aggregates."""
     ec = cfg.eval
     metrics: dict = {"model": name}
     if ec.nll and inputs.heldout:
-        from ual.evaluation.nll import nll_by_source, sample_nll
+        from ual.evaluation.nll import nll_by_source, response_token_stats
 
-        per_sample = sample_nll(model, tokenizer, inputs.heldout, cfg.data.max_length, ec.batch_size,
-                                cfg.data.train_on_prompt, desc=f"NLL {name}")
-        metrics["nll"] = nll_by_source(inputs.heldout, per_sample)
+        stats = response_token_stats(model, tokenizer, inputs.heldout, cfg.data.max_length, ec.batch_size,
+                                     cfg.data.train_on_prompt, desc=f"NLL {name}", keep_tokens=True)
+        write_jsonl(run.items_file(name, "nll"), [
+            {"id": s.id, "source": s.source, "nll": st.nll, "entropy": st.entropy, "tokens": st.tokens}
+            for s, st in zip(inputs.heldout, stats)])
+        save_tokens(run.tokens_file(name), stats)
+        metrics["nll"] = nll_by_source(inputs.heldout, stats)
+        metrics["calibration"] = token_calibration(inputs.heldout, stats, ec.ece_bins)
     if inputs.maths:
         from ual.evaluation.maths import evaluate_maths
 
         res = evaluate_maths(model, tokenizer, inputs.maths, batch_size=ec.batch_size, max_new_tokens=ec.max_new_tokens)
-        write_jsonl(run.root / "eval" / f"{name}.maths.jsonl", res.pop("records", []))
+        write_jsonl(run.items_file(name, "maths"), res.pop("records", []))
         metrics["maths"] = res
     if inputs.mc:
         from ual.evaluation.multiple_choice import evaluate_multiple_choice
+        from ual.evaluation.stats import ece, reliability_bins
 
         res = evaluate_multiple_choice(model, tokenizer, inputs.mc, batch_size=ec.batch_size,
                                        n_samples=ec.mc_samples, seed=cfg.seed, acc_norm=ec.mc_acc_norm)
-        write_jsonl(run.root / "eval" / f"{name}.mc.jsonl", res.pop("records", []))
+        records = res.pop("records", [])
+        write_jsonl(run.items_file(name, "mc"), records)
+        conf, correct = [r["confidence"] for r in records], [r["correct"] for r in records]
+        res["ece"], res["ece_bins"] = ece(conf, correct, ec.ece_bins), ec.ece_bins
+        res["reliability"] = reliability_bins(conf, correct, ec.ece_bins)
+        res["shuffled"] = ec.mc_shuffle
         metrics["multiple_choice"] = res
     if inputs.cluster_texts:
         from ual.evaluation.clustering import collect_features
@@ -230,6 +253,32 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
         export_alpaca_eval(run.root / "eval" / "answers" / f"{name}.json", instructions, answers,
                            generator=f"{cfg.name}/{name}", dataset=ec.pairwise_source)
     return metrics
+
+
+def save_tokens(path: Path, stats) -> None:
+    """Per response token of each held-out sample (in held-out order): confidence, correct, item index."""
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, confidence=np.concatenate([st.confidence for st in stats]).astype(np.float32),
+                 correct=np.concatenate([st.correct for st in stats]).astype(bool),
+                 item=np.concatenate([np.full(st.tokens, i, dtype=np.int32) for i, st in enumerate(stats)]))
+
+
+def token_calibration(samples, stats, n_bins: int) -> dict:
+    """ECE of next-token predictions (confidence = max probability, correct = argmax is the gold token),
+    per source and overall, with the reliability bins."""
+    from ual.evaluation.stats import ece, reliability_bins
+
+    out = {}
+    for key in sorted({s.source for s in samples}) + ["all"]:
+        chosen = [st for s, st in zip(samples, stats) if key in (s.source, "all") and st.tokens]
+        if not chosen:
+            continue
+        conf = np.concatenate([st.confidence for st in chosen])
+        correct = np.concatenate([st.correct for st in chosen])
+        out[key] = {"ece": ece(conf, correct, n_bins), "bins": n_bins, "tokens": int(conf.size),
+                    "accuracy": float(correct.mean()), "confidence": float(conf.mean()),
+                    "reliability": reliability_bins(conf, correct, n_bins)}
+    return out
 
 
 def save_features(path: Path, features, labels, texts: list[str]) -> None:
@@ -280,7 +329,7 @@ def run_pairwise(cfg: ExperimentConfig, run: RunFolder, force: bool) -> dict:
         rows_b = read_json(run.root / "eval" / "answers" / f"{b}.json")
         res = pw.pairwise_win_rate([r["instruction"] for r in rows_a], [r["output"] for r in rows_a],
                                    [r["output"] for r in rows_b], judge)
-        write_jsonl(run.root / "eval" / f"pairwise.{a}_vs_{b}.jsonl", res.pop("records"))
+        write_jsonl(run.items_file(f"pairwise.{a}_vs_{b}", "prompts"), res.pop("records"))
         results["comparisons"][f"{a}:{b}"] = res
     write_json(out, results)
     return results

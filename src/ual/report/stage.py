@@ -42,7 +42,39 @@ def collect(cfg: ExperimentConfig) -> dict:
         out["scores"] = read_json(run.scores_report / "scores_report.json")
     if (run.root / "eval" / "pairwise.json").exists():
         out["pairwise"] = read_json(run.root / "eval" / "pairwise.json")
+    if run.comparisons.exists():
+        out["comparisons"] = read_json(run.comparisons)
+    if (run.root / "seeds.json").exists():
+        out["seeds"] = read_json(run.root / "seeds.json")
+        out["seeds_md"] = (run.root / "seeds.md").read_text(encoding="utf-8")
     return out
+
+
+def training_histories(run: RunFolder, metrics: dict) -> dict[str, list[dict]]:
+    """Each mode's training log (with seeds: one per seed folder, named 'MODE seed K')."""
+    histories = {m: read_json(run.train_dir(m) / "log.json") for m in metrics["train"]}
+    for seed in (metrics.get("seeds") or {}).get("seeds", []):
+        sub = RunFolder(run.root / "seeds" / f"seed-{seed}")
+        for m in MODEL_ORDER:
+            if (sub.train_dir(m) / "log.json").exists():
+                histories[f"{m} seed {seed}"] = read_json(sub.train_dir(m) / "log.json")
+    return histories
+
+
+def reliability_images(run: RunFolder, metrics: dict) -> list[tuple[str, Path]]:
+    """Reliability diagrams: next-token predictions per source, and multiple-choice answers."""
+    from ual.report.plots import plot_reliability_grid
+
+    panels: dict[str, dict] = {}
+    for name, ev in metrics["eval"].items():
+        for source, cal in (ev.get("calibration") or {}).items():
+            panels.setdefault(f"next token, {source}", {})[name] = cal["reliability"]
+        if (ev.get("multiple_choice") or {}).get("reliability"):
+            panels.setdefault("multiple choice", {})[name] = ev["multiple_choice"]["reliability"]
+    if not panels:
+        return []
+    path = plot_reliability_grid(panels, run.root / "reliability.png", "reliability diagrams (equal-mass bins)")
+    return [("Reliability diagrams", path)]
 
 
 def run_report(cfg: ExperimentConfig) -> str:
@@ -63,7 +95,8 @@ def run_report(cfg: ExperimentConfig) -> str:
     for c in metrics.get("scores", {}).get("rank_correlation", []):
         if c.get("plot") and (run.scores_report / c["plot"]).exists():
             images.append((f"Scorers compared: {c['scorer_a']} vs {c['scorer_b']}", run.scores_report / c["plot"]))
-    histories = {m: read_json(run.train_dir(m) / "log.json") for m in metrics["train"]}
+    images += reliability_images(run, metrics)
+    histories = training_histories(run, metrics)
     if histories:
         images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
     text = render_markdown(metrics, [(title, path.relative_to(run.root)) for title, path in images])
@@ -73,7 +106,13 @@ def run_report(cfg: ExperimentConfig) -> str:
 
 
 def render_markdown(m: dict, images) -> str:
-    lines = [f"# UAL run `{m['name']}`", "", f"Model: `{m['model']}`, seed {m['seed']}.", ""]
+    from ual.report.verdict import render_verdict
+
+    lines = [f"# UAL run `{m['name']}`", "", f"Model: `{m['model']}`, seed {m['seed']}"
+             + (f"; training seeds {', '.join(map(str, m['seeds']['seeds']))} (RUN/seeds/)" if m.get("seeds") else "")
+             + ".", ""]
+    if m.get("comparisons"):
+        lines += render_verdict(m["comparisons"], m.get("seeds"))
     if "data" in m:
         lines += ["## Data", "", "| source | read | skipped | train | held-out | truncated |", "|---|---:|---:|---:|---:|---:|"]
         for src, s in m["data"].get("sources", {}).items():
@@ -102,9 +141,15 @@ def render_markdown(m: dict, images) -> str:
         for mode, t in m["train"].items():
             lines.append(f"| {mode} | {t['steps']} | {t['samples']} | {t['mean_eps']:.4f} | {t['train_loss']:.4f} | {t['seconds']:.0f} |")
         lines += ["", "Train losses include each mode's own smoothing term, so they are not comparable across modes; "
-                  "the held-out NLL below is.", ""]
+                  "the plain NLL term logged beside them (left panel of the loss plot) and the held-out NLL below are.",
+                  ""]
     if m["eval"]:
         lines += ["## Evaluation", ""] + eval_table(m["eval"]) + [""]
+        lines += calibration_section(m["eval"])
+    if m.get("comparisons"):
+        lines += comparisons_section(m["comparisons"])
+    if m.get("seeds_md"):
+        lines += [ln.replace("## ", "### ") for ln in m["seeds_md"].split("\n") if not ln.startswith("# ")] + [""]
     if m.get("benchmarks"):
         lines += ["## Benchmarks (lm-evaluation-harness)", ""] + benchmark_table(m["benchmarks"]) + [""]
     if m.get("ablation_md"):
@@ -190,24 +235,80 @@ def _ratio(x) -> str:
 
 
 def eval_table(ev: dict) -> list[str]:
+    """Headline metrics first: the graded ones that separate models at small scale (held-out NLL, its
+    calibration, the probability given to the right choice); exact-match accuracies after them."""
     sources = sorted({k for e in ev.values() for k in e.get("nll", {}) if k != "all"})
-    head = ["model"] + [f"NLL {s}" for s in sources] + ["NLL all", "GSM8K acc", "MC acc", "MC acc_norm", "MC pass@N"]
+    head = (["model"] + [f"NLL {s}" for s in sources] + ["NLL all", "ECE all", "MC p(gold)", "MC acc", "MC ECE",
+                                                          "MC acc_norm", "MC pass@N", "GSM8K acc"])
     rows = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, e in ev.items():
         nll = e.get("nll", {})
         cells = [name] + [f"{nll[s]['nll']:.4f}" if s in nll else "" for s in sources]
         cells.append(f"{nll['all']['nll']:.4f}" if "all" in nll else "")
+        cells.append(_fmt((e.get("calibration") or {}).get("all", {}).get("ece"), 4))
+        mc = e.get("multiple_choice")
+        cells += ([_fmt(mc.get("p_gold"), 4), f"{mc['accuracy']:.3f} (n={mc['n_questions']})", _fmt(mc.get("ece"), 4),
+                   _fmt(mc.get("acc_norm")), f"{_fmt(mc.get('pass_at_n'))} (N={mc.get('n_samples', '?')})"]
+                  if mc else ["", "", "", "", ""])
         maths = e.get("maths")
         cells.append(f"{maths['accuracy']:.3f} ({maths['correct']}/{maths['n_questions']})" if maths else "")
-        mc = e.get("multiple_choice")
-        cells += ([f"{mc['accuracy']:.3f} (n={mc['n_questions']})", _fmt(mc.get("acc_norm")),
-                   f"{_fmt(mc.get('pass_at_n'))} (N={mc.get('n_samples', '?')})"] if mc else ["", "", ""])
         rows.append("| " + " | ".join(cells) + " |")
     chance = next((e["multiple_choice"].get("chance_accuracy") for e in ev.values() if e.get("multiple_choice")), None)
     if chance is not None:
         rows += ["", f"Multiple choice: chance accuracy is {chance:.3f}; the per-question records "
-                 "(eval/MODEL.mc.jsonl) show each model's predicted letters."]
+                 "(eval/items/MODEL.mc.jsonl) show each model's predicted letters."]
     return rows
+
+
+def calibration_section(ev: dict) -> list[str]:
+    """ECE per source and model: label smoothing acts on confidence first."""
+    sources = list(dict.fromkeys(k for e in ev.values() for k in (e.get("calibration") or {})))
+    if not sources:
+        return []
+    first = next(e["calibration"] for e in ev.values() if e.get("calibration"))
+    lines = ["## Calibration", "",
+             f"Expected calibration error of next-token predictions on held-out response tokens (confidence = the "
+             f"top probability, correct = it is the gold token), {first[sources[0]]['bins']} equal-mass bins; "
+             "in brackets the mean confidence and the accuracy (conf > acc: overconfident).", "",
+             "| model | " + " | ".join(f"ECE {s}" for s in sources) + " |", "|---|" + "---:|" * len(sources)]
+    for name, e in ev.items():
+        cal = e.get("calibration") or {}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{cal[s]['ece']:.4f} ({cal[s]['confidence']:.3f} / {cal[s]['accuracy']:.3f})" if s in cal else ""
+            for s in sources) + " |")
+    return lines + [""]
+
+
+def comparisons_section(comp: dict) -> list[str]:
+    """Every metric of every compared pair with its paired interval; then the results per bucket of u."""
+    from ual.report.verdict import interval_text
+
+    st = comp.get("settings", {})
+    lines = ["## Paired differences", "",
+             f"A − B for every metric, on the same held-out items; 95% paired-bootstrap intervals ({st.get('bootstrap')} "
+             "resamples of items); * = excludes zero.", "",
+             "| metric | better | " + " | ".join(p.replace(":", " − ") for p in comp["pairs"]) + " |",
+             "|---|---|" + "---:|" * len(comp["pairs"])]
+    names = list(dict.fromkeys(n for rows in comp["pairs"].values() for n in rows))
+    for name in names:
+        better = next(rows[name]["better"] for rows in comp["pairs"].values() if name in rows)
+        lines.append(f"| {name} | {better} | " + " | ".join(interval_text(rows.get(name)) for rows in comp["pairs"].values())
+                     + " |")
+    b = comp.get("buckets") or {}
+    if b.get("models"):
+        edges = b["edges"]
+        lines += ["", f"### By uncertainty of the held-out sample", "",
+                  f"Held-out samples split by quartiles of their u (scorer `{st.get('u_scorer')}`; edges "
+                  + ", ".join(f"{e:.3g}" for e in edges) + "): each model's NLL and token ECE per bucket "
+                  "(the paired differences per bucket are the nll/u-qK and ece/u-qK rows above).", "",
+                  "| model | " + " | ".join(f"{r['bucket']} NLL / ECE" for r in next(iter(b["models"].values())))
+                  + " |", "|---|" + "---:|" * len(next(iter(b["models"].values())))]
+        for name, rows in b["models"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{r['nll']:.4f} / {_fmt(r['ece'], 4)}" for r in rows) + " |")
+        first = next(iter(b["models"].values()))
+        lines += ["", "Sources per bucket: " + "; ".join(
+            f"{r['bucket']}: " + ", ".join(f"{k} {v}" for k, v in r["sources"].items()) for r in first) + "."]
+    return lines + [""]
 
 
 def benchmark_table(bench: dict) -> list[str]:
@@ -227,5 +328,5 @@ def benchmark_table(bench: dict) -> list[str]:
     return rows
 
 
-def _fmt(x) -> str:
-    return "" if x is None else f"{x:.3f}"
+def _fmt(x, nd: int = 3) -> str:
+    return "" if x is None else f"{x:.{nd}f}"

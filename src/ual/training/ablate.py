@@ -3,6 +3,7 @@
     ual ablate CONFIG                          sft, ls, ual and ppl on one run folder
     ual ablate CONFIG --eval                   ... and evaluate base + each mode
     ual ablate CONFIG --sweep 0.1,0.2,0.3,0.4,0.5 --eval
+    ual ablate CONFIG --modes sft,ls,ual --seeds 3 --eval    each mode with 3 training seeds
 
 Every mode is trained by the same `train_one` with the same seed (same LoRA init),
 the same data order and the same number of optimiser steps; they differ only in
@@ -12,6 +13,12 @@ are reused after; `map` is rerun for each target mean (it is cheap).
 With --sweep, each target mean gets its own sub-run folder RUN/sweep/mean-M/ (its
 own smoothing.jsonl, train/{ls,ual,ppl}, eval/), sharing RUN's samples and scores.
 SFT does not depend on the mean, so it is trained (and evaluated) once, in RUN.
+With --seeds N, each training seed K (seed, seed + 1, ...: LoRA init and data order)
+gets its own sub-run folder RUN/seeds/seed-K/ sharing RUN's samples, scores and
+smoothing; the base model is evaluated once, in RUN, and shared. Each seed folder has
+its own comparisons.json; RUN/comparisons.json pools the seeds per held-out item, and
+RUN/seeds.json (seeds.md) gives every metric and every paired difference as the mean
+over seeds with a t interval across seeds. Finished seeds and modes are skipped on rerun.
 The comparison is RUN/ablation.md and RUN/ablation.json.
 """
 
@@ -28,7 +35,9 @@ from ual.io import read_json, write_json, write_text
 log = logging.getLogger(__name__)
 
 ALL_MODES = ("sft", "ls", "ual", "ppl")
-SHARED_FILES = ("samples.jsonl", "heldout.jsonl", "data_stats.json", "scores.jsonl")
+SHARED_FILES = ("samples.jsonl", "heldout.jsonl", "data_stats.json", "scores.jsonl", "heldout_scores.jsonl")
+# A seed changes only training: the map's output is shared too.
+SEED_SHARED_FILES = SHARED_FILES + ("smoothing.jsonl", "smoothing_stats.json")
 
 
 def add_arguments(p) -> None:
@@ -39,6 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated modes (default: sft,ls,ual,ppl)")
     p.add_argument("--sweep", default=None, help="comma-separated target means, e.g. 0.1,0.2,0.3,0.4,0.5; "
                    "each in its own sub-run folder")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="train every mode with N seeds (seed, seed + 1, "
+                   "...), each in RUN/seeds/seed-K/; metrics and differences as mean and interval across seeds")
     p.add_argument("--eval", action="store_true", help="evaluate the base model and every trained mode (ual eval)")
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate what already exists")
 
@@ -49,6 +60,12 @@ def run(args) -> dict:
     cfg = config_from_args(args)
     modes = parse_modes(args.modes)
     sweep = parse_sweep(args.sweep) if args.sweep else None
+    if args.seeds is not None:
+        if sweep is not None:
+            raise ValueError("--seeds and --sweep together are not supported: run the sweep per seed with --seed")
+        if args.seeds < 1:
+            raise ValueError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
+        return run_seeds(cfg, modes, args.seeds, evaluate=args.eval, force=args.force)
     return run_ablation(cfg, modes, sweep, evaluate=args.eval, force=args.force)
 
 
@@ -124,13 +141,139 @@ def prepare(cfg: ExperimentConfig, need_scores: bool) -> None:
         run_stage("score", cfg)
 
 
-def share_inputs(root: Path, sub: Path) -> None:
-    """Copy the shared data and scores into a sub-run (they are its inputs; a stale copy is replaced)."""
+def share_inputs(root: Path, sub: Path, names=SHARED_FILES) -> None:
+    """Copy the shared data and scores into a sub-run (they are its inputs; a stale copy is replaced,
+    one the root no longer has is removed, so a sub-run never mixes inputs of two versions)."""
+    from ual.io import atomic_open
+
     sub.mkdir(parents=True, exist_ok=True)
-    for name in SHARED_FILES:
+    for name in names:
         src, dst = root / name, sub / name
         if src.exists() and (not dst.exists() or dst.read_bytes() != src.read_bytes()):
-            shutil.copyfile(src, dst)
+            with atomic_open(dst, "wb") as fh:
+                fh.write(src.read_bytes())
+        elif not src.exists() and dst.exists():
+            dst.unlink()
+
+
+# --------------------------------------------------------------------------- seeds
+
+def seed_run_dir(root: Path, seed: int) -> Path:
+    return root / "seeds" / f"seed-{seed}"
+
+
+def run_seeds(cfg: ExperimentConfig, modes: list[str], n_seeds: int, evaluate: bool = False,
+              force: bool = False) -> dict:
+    """Every mode with n_seeds training seeds; per-seed folders, then the across-seed tables."""
+    from ual.cli import run_stage
+    from ual.evaluation.compare import run_comparisons
+    from ual.runfolder import RunFolder
+
+    root = cfg.run_path
+    prepare(cfg, need_scores="ual" in modes)
+    if "ual" in modes:
+        run_stage("map", cfg)
+    if evaluate:
+        evaluate_models(cfg, ["base"], force)
+    seeds = [cfg.seed + k for k in range(n_seeds)]
+    subs = []
+    for seed in seeds:
+        sub = copy.deepcopy(cfg)
+        sub.run_dir, sub.seed = str(seed_run_dir(root, seed)), seed
+        share_inputs(root, sub.run_path, SEED_SHARED_FILES)
+        log.info("ablate: seed %d (%d of %d): %s", seed, len(subs) + 1, n_seeds, ", ".join(modes))
+        train_modes(sub, modes, force)
+        if evaluate:
+            share_base_eval(root, sub.run_path)
+            evaluate_models(sub, modes, force)
+        subs.append(sub)
+    result = {"seeds": seeds, "folders": [str(s.run_path) for s in subs]}
+    if evaluate:
+        pooled = run_comparisons(cfg, runs=[RunFolder(s.run_path) for s in subs])
+        table = across_seed_table(cfg, modes, subs, pooled)
+        write_json(root / "seeds.json", table)
+        write_text(root / "seeds.md", render_seeds(table))
+        from ual.report.stage import run_report
+
+        run_report(cfg)
+        result.update(table=str(root / "seeds.md"), json=str(root / "seeds.json"))
+    return result
+
+
+def share_base_eval(root: Path, sub: Path) -> None:
+    """The base model does not depend on the training seed: its evaluation, made once in RUN, is copied."""
+    from ual.runfolder import RunFolder
+
+    src, dst = RunFolder(root), RunFolder(sub)
+    files = [(src.eval_file("base"), dst.eval_file("base")), (src.tokens_file("base"), dst.tokens_file("base")),
+             (src.features_file("base"), dst.features_file("base"))]
+    files += [(src.items_file("base", k), dst.items_file("base", k)) for k in ("nll", "mc", "maths")]
+    for a, b in files:
+        if a.exists():
+            b.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(a, b)
+
+
+def across_seed_table(cfg: ExperimentConfig, modes: list[str], subs, pooled: dict) -> dict:
+    """Per mode and metric: mean over seeds with a t interval; per pair and metric: the per-seed
+    differences' mean with a t interval beside the item-bootstrap interval of the pooled seeds."""
+    from ual.evaluation.compare import model_metric
+    from ual.evaluation.stats import across_seeds
+
+    per_seed = [read_json(s.run_path / "comparisons.json") if (s.run_path / "comparisons.json").exists() else {}
+                for s in subs]
+    metrics: dict[str, dict] = {}
+    for mode in ["base"] + modes:
+        evals = [read_json(s.run_path / "eval" / f"{mode}.json") for s in subs
+                 if (s.run_path / "eval" / f"{mode}.json").exists()]
+        names = sorted({m for p in pooled["pairs"].values() for m in p if m != "pairwise"})
+        metrics[mode] = {}
+        for name in names:
+            values = [v for v in (model_metric(e, name) for e in evals) if v is not None]
+            if values:
+                metrics[mode][name] = across_seeds(values).to_dict() | {"values": values}
+    pairs: dict[str, dict] = {}
+    for pair, rows in pooled["pairs"].items():
+        pairs[pair] = {}
+        for name, row in rows.items():
+            estimates = [p.get("pairs", {}).get(pair, {}).get(name, {}).get("estimate") for p in per_seed]
+            estimates = [e for e in estimates if e is not None]
+            pairs[pair][name] = {"pooled_items": row, "across_seeds": across_seeds(estimates).to_dict(),
+                                 "per_seed": estimates, "better": row["better"]}
+    return {"name": cfg.name, "model": cfg.model, "modes": modes, "seeds": [s.seed for s in subs],
+            "metrics": metrics, "pairs": pairs, "settings": pooled["settings"]}
+
+
+def render_seeds(table: dict) -> str:
+    from ual.report.verdict import interval_text
+
+    seeds = table["seeds"]
+    lines = [f"# Seeds of `{table['name']}`", "",
+             f"Model `{table['model']}`; modes {', '.join(table['modes'])}; training seeds {', '.join(map(str, seeds))} "
+             "(LoRA init and data order; the same data, scores and smoothing).", "",
+             "## Metrics: mean over seeds [95% t interval across seeds]", ""]
+    names = sorted({n for m in table["metrics"].values() for n in m})
+    lines += ["| metric | " + " | ".join(table["metrics"]) + " |", "|---|" + "---:|" * len(table["metrics"])]
+    for name in names:
+        cells = []
+        for mode, m in table["metrics"].items():
+            r = m.get(name)
+            cells.append("" if r is None else (f"{r['estimate']:.4f}" if r["low"] is None else
+                                               f"{r['estimate']:.4f} [{r['low']:.4f}, {r['high']:.4f}]"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Paired differences", "",
+              "Per metric: A - B pooled over seeds with a 95% paired-bootstrap interval over held-out items, and the "
+              "mean of the per-seed differences with a 95% t interval across seeds. * = the interval excludes zero.", "",
+              "| pair | metric | better | A - B, items | A - B, across seeds | per seed |", "|---|---|---|---:|---:|---|"]
+    for pair, rows in table["pairs"].items():
+        for name, r in rows.items():
+            per = ", ".join(f"{x:+.4f}" for x in r["per_seed"])
+            lines.append(f"| {pair.replace(':', ' − ')} | {name} | {r['better']} | {interval_text(r['pooled_items'])} | "
+                         f"{interval_text(r['across_seeds'])} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
+
 
 
 def train_modes(cfg: ExperimentConfig, modes: list[str], force: bool) -> dict:
