@@ -177,8 +177,8 @@ class EvalInputs:
 
             mc = load_mc_file(ec.mc_file) if ec.mc_file else load_packaged_mc()
             mc = mc[: ec.mc_limit] if ec.mc_limit is not None else mc
-            if ec.mc_shuffle:  # the same order for every model: seeded by the run's seed and the question id
-                mc = shuffle_choices(mc, seed=cfg.seed)
+            if ec.mc_shuffle:  # one order per question (by its id), the same for every model and training seed
+                mc = shuffle_choices(mc, seed=0)
         cluster_texts = clustering_texts(heldout, tokenizer, ec.clustering_texts) if ec.clustering else []
         pair_samples = [s for s in heldout if s.source == ec.pairwise_source][: ec.pairwise_limit] if ec.pairwise else []
         if ec.pairwise and not pair_samples:
