@@ -23,11 +23,24 @@ def _run_folder(tmp_path):
         write_json(run / "train" / mode / "result.json", {"steps": 3, "samples": 40, "mean_eps": 0.1,
                                                           "train_loss": 2.0, "seconds": 5})
         write_json(run / "train" / mode / "log.json", [{"step": s, "loss": 3 - s * 0.3} for s in range(1, 4)])
+    bins = [{"confidence": c, "accuracy": c - 0.1, "weight": 10, "low": c - 0.05, "high": c + 0.05} for c in (0.3, 0.6, 0.9)]
+    cal = {"ece": 0.1, "bins": 3, "tokens": 30, "accuracy": 0.5, "confidence": 0.6, "reliability": bins}
     for model in ("base", "sft", "ual"):
         write_json(run / "eval" / f"{model}.json", {
             "nll": {"chat": {"nll": 2.5}, "maths": {"nll": 1.1}, "all": {"nll": 1.8}},
+            "calibration": {"chat": cal, "maths": cal, "all": cal},
             "maths": {"accuracy": 0.25, "correct": 1, "n_questions": 4},
-            "multiple_choice": {"accuracy": 0.3, "n_questions": 10, "acc_norm": 0.2, "pass_at_n": 0.6, "n_samples": 4}})
+            "multiple_choice": {"accuracy": 0.3, "n_questions": 10, "acc_norm": 0.2, "pass_at_n": 0.6, "n_samples": 4,
+                                "p_gold": 0.31, "ece": 0.05, "reliability": bins}})
+
+    def iv(est, lo, hi, better="lower"):
+        return {"estimate": est, "low": lo, "high": hi, "level": 0.95, "n": 10, "method": "paired bootstrap",
+                "excludes_zero": lo > 0 or hi < 0, "better": better}
+
+    write_json(run / "comparisons.json", {
+        "settings": {"bootstrap": 2000, "ece_bins": 15, "runs": [str(run)]},
+        "pairs": {"ual:sft": {"nll/all": iv(-0.05, -0.08, -0.02), "nll/chat": iv(0.01, -0.02, 0.04),
+                              "ece/all": iv(-0.01, -0.03, 0.01), "mc/p_gold": iv(0.0, -0.01, 0.01, "higher")}}})
     return run
 
 
@@ -35,11 +48,17 @@ def test_markdown_report_has_every_table_and_plot(tmp_path):
     run = _run_folder(tmp_path)
     cfg = load_config(None, {"run_dir": str(run), "name": "r"})
     text = run_report(cfg)
-    assert "| ual | 2.5000 | 1.1000 | 1.8000 | 0.250 (1/4) | 0.300 (n=10) |" in text
-    for png in ("scores.png", "smoothing.png", "loss.png"):
+    assert "| ual | 2.5000 | 1.1000 | 1.8000 | 0.1000 | 0.3100 | 0.300 (n=10) | 0.0500 |" in text
+    # The verdict opens the report: each claim with its interval and what it says.
+    assert text.index("## Verdict") < text.index("## Training")
+    assert "| overall | ual − sft | nll/all | -0.0500 [-0.0800, -0.0200] * | UAL better |" in text
+    assert "| per source | ual − sft | nll/chat | +0.0100 [-0.0200, +0.0400] | no detectable difference |" in text
+    assert "## Calibration" in text and "## Paired differences" in text
+    for png in ("scores.png", "smoothing.png", "loss.png", "reliability.png"):
         assert f"]({png})" in text and (run / png).stat().st_size > 1000
     html = (run / "report.html").read_text()
-    assert html.count("<table>") == text.count("|---|") and "data:image/png;base64," in html
+    separators = sum(line.startswith("|---") for line in text.splitlines())
+    assert html.count("<table>") == separators == 5 and "data:image/png;base64," in html
     assert 'src="scores.png"' not in html  # inlined: the page stands alone
 
 
@@ -69,5 +88,5 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     import json
 
     probe = json.loads(htmllib.unescape(found.group(1)))
-    assert probe["tables"] == 2 and probe["rows"] >= 7
-    assert probe["images"] == 3 and probe["decoded"] == 3
+    assert probe["tables"] == 5 and probe["rows"] >= 20
+    assert probe["images"] == 4 and probe["decoded"] == 4

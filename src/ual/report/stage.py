@@ -137,9 +137,11 @@ def render_markdown(m: dict, images) -> str:
         if s.get("separation"):
             lines += separation_section(s, m.get("scores", {}))
     if m["train"]:
-        lines += ["## Training", "", "| mode | steps | samples | mean eps | train loss | seconds |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["## Training", "", "| mode | steps | samples | mean eps | train loss (objective) | last logged NLL term | "
+                  "seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
         for mode, t in m["train"].items():
-            lines.append(f"| {mode} | {t['steps']} | {t['samples']} | {t['mean_eps']:.4f} | {t['train_loss']:.4f} | {t['seconds']:.0f} |")
+            lines.append(f"| {mode} | {t['steps']} | {t['samples']} | {t['mean_eps']:.4f} | {t['train_loss']:.4f} | "
+                         f"{_fmt(t.get('final_nll'), 4)} | {t['seconds']:.0f} |")
         lines += ["", "Train losses include each mode's own smoothing term, so they are not comparable across modes; "
                   "the plain NLL term logged beside them (left panel of the loss plot) and the held-out NLL below are.",
                   ""]

@@ -139,6 +139,8 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         "sharding": sharding,
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1]["loss"] if losses else None,
+        # the plain NLL term (eps = 0 part) of the last logged steps: comparable across modes
+        "final_nll": losses[-1].get("nll") if losses else None,
         "seconds": seconds,
         "memory": memory,
         "adapter": str(out / "adapter") if tc.lora else None,
