@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ual.cli import main
@@ -70,7 +71,32 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
     assert pairwise["n_instructions"] == 3 and pairwise["wins"] + pairwise["ties"] + pairwise["losses"] == pairwise["n_valid"]
     answers = read_json(run / "eval" / "answers" / "ual.json")
     assert len(answers) == 3 and set(answers[0]) >= {"instruction", "output", "generator"}
+    # Per-item results of every model, consistent with its aggregates.
+    heldout_ids = [r["id"] for r in read_jsonl(run / "heldout.jsonl")]
+    for name, e in metrics["eval"].items():
+        items = read_jsonl(run / "eval" / "items" / f"{name}.nll.jsonl")
+        assert [r["id"] for r in items] == heldout_ids
+        assert sum(r["nll"] for r in items) / sum(r["tokens"] for r in items) == pytest.approx(e["nll"]["all"]["nll"])
+        tokens = np.load(run / "eval" / "items" / f"{name}.tokens.npz")
+        assert tokens["confidence"].size == sum(r["tokens"] for r in items) == e["calibration"]["all"]["tokens"]
+        assert len(read_jsonl(run / "eval" / "items" / f"{name}.mc.jsonl")) == 6
+        assert len(read_jsonl(run / "eval" / "items" / f"{name}.maths.jsonl")) == 4
+        assert 0 <= e["calibration"]["gsm8k"]["ece"] <= 1 and 0 <= e["multiple_choice"]["ece"] <= 1
+    assert len(read_jsonl(run / "eval" / "items" / "pairwise.ual_vs_sft.prompts.jsonl")) == 3
+    # Paired differences for every metric of the configured pairs, with the held-out u buckets.
+    comp = read_json(run / "comparisons.json")
+    assert set(comp["pairs"]) == {"ual:sft", "ual:ls"}
+    rows = comp["pairs"]["ual:sft"]
+    assert {"nll/all", "nll/chat", "nll/gsm8k", "ece/all", "mc/p_gold", "mc/accuracy", "mc/ece", "gsm8k/accuracy",
+            "nll/u-q1", "ece/u-q4", "pairwise"} <= set(rows)
+    for r in rows.values():
+        assert r["low"] is None or r["low"] <= r["estimate"] <= r["high"]
+    assert len(read_jsonl(run / "heldout_scores.jsonl")) == 8
+    assert [b["items"] for b in comp["buckets"]["models"]["ual"]] == [2, 2, 2, 2]
     report = (run / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## Data")
+    for needle in ("## Calibration", "## Paired differences", "By uncertainty", "reliability.png"):
+        assert needle in report
     for needle in ("## Pairwise comparison", "## Feature clustering", "MC acc", "clustering.png"):
         assert needle in report
     for needle in ("| base |", "| sft |", "| ls |", "| ual |", "scores.png", "smoothing.png", "loss.png"):

@@ -58,8 +58,11 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
         run.heldout_scores.unlink()  # another scorer's: evaluation must not bucket by it
     if not force:
         stored = _stored_rows(run, scorer.name, splits)
-        if stored is not None:  # scored before (maybe before another scorer replaced them): current again
-            _write_rows(run, scorer.name, stored)
+        if stored is not None:
+            current = {split: _complete_scores(run.scores if split == "train" else run.heldout_scores, samples,
+                                               scorer.name) for split, samples in splits.items()}
+            if any(rows is None for rows in current.values()):  # scored before another scorer replaced them
+                _write_rows(run, scorer.name, stored)
             log.info("%s already scored every sample; reused (use --force to rescore)", scorer.name)
             return {"scorer": scorer.name, "scored": len(everything), "failed": 0, "reused": True}
     results, derived = None, None
