@@ -266,6 +266,14 @@ def split_commas(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def split_pair(pair: str) -> tuple[str, str]:
+    """"ual:sft" -> ("ual", "sft"): eval.pairwise and eval.compare entries."""
+    a, sep, b = pair.partition(":")
+    if not sep or not a or not b:
+        raise ValueError(f"model pairs look like 'ual:sft', got {pair!r}")
+    return a, b
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add `--config` and one dotted flag per (non-list-of-dataclass) config field."""
     parser.add_argument("--config", help="YAML experiment config (flags below override it)")

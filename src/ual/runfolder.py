@@ -31,6 +31,11 @@ from ual.data.sample import Sample
 from ual.io import read_jsonl
 
 
+def model_key(name: str) -> str:
+    """File name of a model's results: base, a trained mode, or an adapter/model folder's name."""
+    return Path(name).name if ("/" in name or name.startswith(".")) else name
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path

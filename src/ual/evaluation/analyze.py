@@ -69,7 +69,8 @@ def analyze_scores(cfg, compare_with: list[str] | None = None) -> dict:
 
 def analyze_clustering(cfg, force: bool = False) -> dict:
     from ual.evaluation.clustering import collect_features
-    from ual.evaluation.stage import clustering_texts, load_for_eval, model_key, run_clustering, save_features, texts_fingerprint
+    from ual.evaluation.stage import clustering_texts, load_for_eval, run_clustering, save_features, texts_fingerprint
+    from ual.runfolder import model_key
     from ual.models import load_tokenizer
     from ual.runfolder import RunFolder
 

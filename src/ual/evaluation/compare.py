@@ -148,7 +148,7 @@ def heldout_u(run: RunFolder) -> dict[str, float] | None:
 
 def run_comparisons(cfg, runs: list[RunFolder] | None = None) -> dict:
     """comparisons.json of a run folder: every eval.compare pair whose models were evaluated."""
-    from ual.evaluation.stage import split_pair
+    from ual.config import split_pair
     from ual.io import write_json
 
     root = RunFolder(cfg.run_path)
@@ -176,7 +176,8 @@ def run_comparisons(cfg, runs: list[RunFolder] | None = None) -> dict:
 
 
 def _evaluated(runs: list[RunFolder], cfg) -> list[str]:
-    from ual.evaluation.stage import model_key, split_pair
+    from ual.config import split_pair
+    from ual.runfolder import model_key
 
     names = list(dict.fromkeys([model_key(m) for m in cfg.eval.models]
                                + [m for p in cfg.eval.compare for m in split_pair(p)]))

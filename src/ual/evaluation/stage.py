@@ -27,16 +27,12 @@ import numpy as np
 
 from ual.config import ExperimentConfig
 from ual.io import atomic_open, read_json, write_json, write_jsonl
-from ual.runfolder import RunFolder
+from ual.config import split_pair
+from ual.runfolder import RunFolder, model_key
 
 log = logging.getLogger(__name__)
 
 MATHS_SOURCES = ("gsm8k", "metamath")
-
-
-def model_key(name: str) -> str:
-    """File name of a model's results: base, a trained mode, or an adapter/model folder's name."""
-    return Path(name).name if ("/" in name or name.startswith(".")) else name
 
 
 def load_for_eval(cfg: ExperimentConfig, name: str):
@@ -67,13 +63,6 @@ def load_for_eval(cfg: ExperimentConfig, name: str):
 
 def _pairwise_models(cfg) -> set[str]:
     return {m for pair in cfg.eval.pairwise for m in split_pair(pair)}
-
-
-def split_pair(pair: str) -> tuple[str, str]:
-    a, sep, b = pair.partition(":")
-    if not sep or not a or not b:
-        raise ValueError(f"eval.pairwise entries look like 'ual:sft', got {pair!r}")
-    return a, b
 
 
 def needs_heldout(ec) -> bool:

@@ -299,7 +299,7 @@ def comparisons_section(comp: dict) -> list[str]:
     b = comp.get("buckets") or {}
     if b.get("models"):
         edges = b["edges"]
-        lines += ["", f"### By uncertainty of the held-out sample", "",
+        lines += ["", "### By uncertainty of the held-out sample", "",
                   f"Held-out samples split by quartiles of their u (scorer `{st.get('u_scorer')}`; edges "
                   + ", ".join(f"{e:.3g}" for e in edges) + "): each model's NLL and token ECE per bucket "
                   "(the paired differences per bucket are the nll/u-qK and ece/u-qK rows above).", "",

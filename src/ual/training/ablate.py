@@ -286,7 +286,7 @@ def train_modes(cfg: ExperimentConfig, modes: list[str], force: bool) -> dict:
 
 def evaluate_models(cfg: ExperimentConfig, models: list[str], force: bool) -> dict:
     from ual.cli import run_stage
-    from ual.evaluation.stage import split_pair
+    from ual.config import split_pair
 
     c = copy.deepcopy(cfg)
     c.eval.models = list(models)
