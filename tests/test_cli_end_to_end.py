@@ -88,7 +88,7 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
     assert set(comp["pairs"]) == {"ual:sft", "ual:ls"}
     rows = comp["pairs"]["ual:sft"]
     assert {"nll/all", "nll/chat", "nll/gsm8k", "ece/all", "mc/p_gold", "mc/accuracy", "mc/ece", "gsm8k/accuracy",
-            "nll/u-q1", "ece/u-q4", "pairwise"} <= set(rows)
+            "nll/u-q1", "ece/u-q4", "pairwise", "clustering/silhouette"} <= set(rows)
     for r in rows.values():
         assert r["low"] is None or r["low"] <= r["estimate"] <= r["high"]
     assert len(read_jsonl(run / "heldout_scores.jsonl")) == 8

@@ -10,6 +10,7 @@ why that matters). Metrics, each with its direction (lower or higher is better):
   mc/p_gold, mc/accuracy, mc/ece  multiple choice: probability of the right answer among the
                                 choices, accuracy, calibration of the answer probabilities
   gsm8k/accuracy                final-answer exact match
+  clustering/silhouette         feature-clustering silhouette (paper §4), paired by token pair
   pairwise                      the judge's preference for A (0..1 per prompt) minus 0.5
 
 Several run folders (training seeds of the same experiment, same held-out items) pool
@@ -135,6 +136,25 @@ def pairwise_preference(run: RunFolder, a: str, b: str, n_boot: int = 2000, seed
     return row | {"better": "higher"}
 
 
+def silhouette_difference(runs: list[RunFolder], a: str, b: str, n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """Feature clustering (paper §4): A - B of the mean silhouette over all token pairs, paired by token
+    pair (the same pairs of the same held-out texts for every model), seeds averaged per pair."""
+    per_run = []
+    for r in runs:
+        path = r.root / "clustering.json"
+        if not path.exists():
+            return None
+        c = read_json(path)
+        if a not in c.get("pairs", {}) or b not in c.get("pairs", {}):
+            return None
+        per_run.append((c["pair_ids"], c["pairs"][a], c["pairs"][b]))
+    if any(ids != per_run[0][0] for ids, _, _ in per_run):
+        return None  # different token pairs per seed: no pairing
+    sa = np.mean([x for _, x, _ in per_run], axis=0)
+    sb = np.mean([y for _, _, y in per_run], axis=0)
+    return stats.paired_mean_difference(sa, sb, n_boot=n_boot, seed=seed).to_dict() | {"better": "higher"}
+
+
 def heldout_u(run: RunFolder) -> dict[str, float] | None:
     """Held-out id -> u from heldout_scores.jsonl, when it comes from the scorer of scores.jsonl."""
     if not (run.heldout_scores.exists() and run.scores.exists()):
@@ -164,6 +184,9 @@ def run_comparisons(cfg, runs: list[RunFolder] | None = None) -> dict:
             continue
         rows = compare(ModelItems(runs, a), ModelItems(runs, b), u=u, n_buckets=ec.u_buckets, n_bins=ec.ece_bins,
                        n_boot=ec.bootstrap, seed=cfg.seed)
+        sil = silhouette_difference(runs, a, b, ec.bootstrap, cfg.seed)
+        if sil is not None:
+            rows["clustering/silhouette"] = sil
         if len(runs) == 1:
             pref = pairwise_preference(root, a, b, ec.bootstrap, cfg.seed)
             if pref is not None:

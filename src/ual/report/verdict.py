@@ -6,6 +6,7 @@ Claims (METHOD.md, paper §3-4), each read from comparisons.json (and seeds.json
                             without hurting where there is one)
   calibration               ECE of next-token predictions per source, and of multiple-choice answers
   multiple choice           probability of the right answer among the choices
+  feature clustering        silhouette of same-next-token hidden states (paper §4, Table 5)
 A difference counts only when its 95% interval excludes zero; otherwise the reading is
 "no detectable difference", which is a result, not a gap to fill. With several seeds a
 claim is "supported" only when the item interval and the across-seed interval both
@@ -50,7 +51,7 @@ def claim_rows(comparisons: dict, seeds: dict | None = None) -> list[dict]:
                          and not m.startswith("nll/u-"))
         wanted = [("overall", "nll/all")] + [("per source", f"nll/{s}") for s in sources]
         wanted += [("calibration", f"ece/{s}") for s in sources + ["all"]] + [("calibration", "mc/ece")]
-        wanted += [("multiple choice", "mc/p_gold")]
+        wanted += [("multiple choice", "mc/p_gold"), ("feature clustering", "clustering/silhouette")]
         for claim, metric in wanted:
             if metric not in metrics:
                 continue
@@ -70,7 +71,7 @@ def render_verdict(comparisons: dict, seeds: dict | None = None) -> list[str]:
     lines = ["## Verdict", "",
              f"Differences A − B on the same held-out items, 95% paired-bootstrap intervals ({st.get('bootstrap')} "
              f"resamples of items{f', {n_runs} seeds pooled per item' if n_runs > 1 else ''}); * = the interval "
-             f"excludes zero. NLL and ECE: lower is better; p(gold): higher is better. ECE with {st.get('ece_bins')} "
+             f"excludes zero. NLL and ECE: lower is better; p(gold) and silhouette: higher is better. ECE with {st.get('ece_bins')} "
              "equal-mass bins.", ""]
     head = "| claim | A − B | metric | A − B [95% CI] |" + (" across seeds [95% CI] |" if seeds else "") + " reading |"
     lines += [head, "|---|---|---|---:|" + ("---:|" if seeds else "") + "---|"]
