@@ -194,7 +194,7 @@ def render_markdown(m: dict, images) -> str:
 
 def scores_section(rep: dict) -> list[str]:
     """Per-source score statistics, what failed and why, and how the scorers run on this data agree."""
-    lines = ["## Uncertainty scores", "", "| source | scored | failed | mean u | median u | std |",
+    lines = ["## Uncertainty scores", "", "| source | scored | failed | mean score | median | std |",
              "|---|---:|---:|---:|---:|---:|"]
     for src, st in rep["summary"].items():
         lines.append(f"| {src} | {st['scored']} | {st['failed']} | {_fmt(st.get('mean'))} | {_fmt(st.get('median'))} | "
