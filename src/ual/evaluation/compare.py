@@ -110,20 +110,13 @@ def _token_ece_difference(a: ModelItems, b: ModelItems, items: np.ndarray, n_bin
     renumber = np.full(len(a.ids), -1)
     renumber[items] = np.arange(items.size)
     parts = []
-    for (ca, ya, ia), (cb, yb, ib) in zip(_as_seeds(a, b), _as_seeds(b, a)):
+    for (ca, ya, ia), (cb, yb, ib) in zip(a.tokens, b.tokens):  # the same run folders, in the same order
         if not np.array_equal(ia, ib):
             raise ValueError(f"{a.model} and {b.model}: token files of different held-out texts")
         keep = renumber[ia] >= 0
         parts.append((ca[keep], ya[keep], cb[keep], yb[keep], renumber[ia[keep]]))
     ca, ya, cb, yb, item = (np.concatenate(x) for x in zip(*parts))
     return stats.grouped_ece_difference(ca, ya, cb, yb, item, items.size, n_bins=n_bins, **kw).to_dict()
-
-
-def _as_seeds(m: ModelItems, other: ModelItems) -> list:
-    """m's token arrays, repeated to the other's seed count when m has one (the base model, untrained)."""
-    if len(m.tokens) == 1 and len(other.tokens) > 1:
-        return m.tokens * len(other.tokens)
-    return m.tokens
 
 
 def pairwise_preference(run: RunFolder, a: str, b: str, n_boot: int = 2000, seed: int = 0) -> dict | None:
