@@ -49,7 +49,7 @@ def test_differences_equal_hand_computation(tmp_path):
         assert rows[group]["excludes_zero"] and rows[group]["better"] == "lower"
     assert rows["mc/accuracy"]["estimate"] == pytest.approx(0.25)
     assert rows["mc/p_gold"]["estimate"] == pytest.approx(0.1)
-    assert rows["mc/p_gold"]["better"] == "higher"
+    assert rows["mc/p_gold"]["better"] == "higher" and rows["mc/ece"]["better"] == "lower"
     assert set(rows) >= {"ece/all", "ece/maths", "ece/chat", "mc/ece"}
 
 

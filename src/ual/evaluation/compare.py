@@ -101,8 +101,14 @@ def compare(a: ModelItems, b: ModelItems, *, u: dict[str, float] | None = None, 
     if a.maths is not None and b.maths is not None:
         out["gsm8k/accuracy"] = stats.paired_mean_difference(a.maths.mean(0), b.maths.mean(0), **kw).to_dict()
     for name, row in out.items():
-        row["better"] = "lower" if name.split("/")[0] in LOWER_IS_BETTER else "higher"
+        row["better"] = better_direction(name)
     return out
+
+
+def better_direction(metric: str) -> str:
+    """'lower' for losses and calibration errors (nll/..., ece/..., mc/ece), else 'higher'."""
+    group, _, key = metric.partition("/")
+    return "lower" if group in LOWER_IS_BETTER or key in LOWER_IS_BETTER else "higher"
 
 
 def _token_ece_difference(a: ModelItems, b: ModelItems, items: np.ndarray, n_bins: int, kw) -> dict:

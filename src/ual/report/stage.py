@@ -250,7 +250,8 @@ def eval_table(ev: dict) -> list[str]:
         cells.append(_fmt((e.get("calibration") or {}).get("all", {}).get("ece"), 4))
         mc = e.get("multiple_choice")
         cells += ([_fmt(mc.get("p_gold"), 4), f"{mc['accuracy']:.3f} (n={mc['n_questions']})", _fmt(mc.get("ece"), 4),
-                   _fmt(mc.get("acc_norm")), f"{_fmt(mc.get('pass_at_n'))} (N={mc.get('n_samples', '?')})"]
+                   _fmt(mc.get("acc_norm")),
+                   f"{_fmt(mc.get('pass_at_n'))} (N={mc['n_samples']})" if mc.get("pass_at_n") is not None else ""]
                   if mc else ["", "", "", "", ""])
         maths = e.get("maths")
         cells.append(f"{maths['accuracy']:.3f} ({maths['correct']}/{maths['n_questions']})" if maths else "")
