@@ -154,15 +154,15 @@ def silhouette_difference(runs: list[RunFolder], a: str, b: str, n_boot: int = 2
     return stats.paired_mean_difference(sa, sb, n_boot=n_boot, seed=seed).to_dict() | {"better": "higher"}
 
 
-def heldout_u(run: RunFolder) -> dict[str, float] | None:
-    """Held-out id -> u from heldout_scores.jsonl, when it comes from the scorer of scores.jsonl."""
+def heldout_u(run: RunFolder) -> tuple[dict[str, float] | None, str | None]:
+    """(held-out id -> u, scorer) from heldout_scores.jsonl, when it comes from the scorer of scores.jsonl."""
     if not (run.heldout_scores.exists() and run.scores.exists()):
-        return None
+        return None, None
     rows = read_jsonl(run.heldout_scores)
     scorers = {r["scorer"] for r in read_jsonl(run.scores)} | {r["scorer"] for r in rows}
     if len(scorers) != 1:
-        return None
-    return {r["id"]: r["score"] for r in rows if r.get("score") is not None}
+        return None, None
+    return {r["id"]: r["score"] for r in rows if r.get("score") is not None}, scorers.pop()
 
 
 def run_comparisons(cfg, runs: list[RunFolder] | None = None) -> dict:
@@ -173,9 +173,9 @@ def run_comparisons(cfg, runs: list[RunFolder] | None = None) -> dict:
     root = RunFolder(cfg.run_path)
     runs = runs or [root]
     ec = cfg.eval
-    u = heldout_u(root)
+    u, u_scorer = heldout_u(root)
     out = {"settings": {"bootstrap": ec.bootstrap, "level": 0.95, "ece_bins": ec.ece_bins, "u_buckets": ec.u_buckets,
-                        "runs": [str(r.root) for r in runs], "u_scorer": _u_scorer(root) if u else None},
+                        "runs": [str(r.root) for r in runs], "u_scorer": u_scorer if u else None},
            "pairs": {}}
     for pair in ec.compare:
         a, b = split_pair(pair)
@@ -230,11 +230,6 @@ def bucket_table(runs: list[RunFolder], models: list[str], u: dict[str, float], 
                          "ece": stats.ece(conf, correct, n_bins) if conf.size else None})
         out["models"][m] = rows
     return out
-
-
-def _u_scorer(run: RunFolder) -> str | None:
-    rows = read_jsonl(run.scores)
-    return rows[0]["scorer"] if rows else None
 
 
 def model_metric(ev: dict, metric: str) -> float | None:

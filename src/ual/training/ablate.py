@@ -223,10 +223,10 @@ def across_seed_table(cfg: ExperimentConfig, modes: list[str], subs, pooled: dic
     per_seed = [read_json(s.run_path / "comparisons.json") if (s.run_path / "comparisons.json").exists() else {}
                 for s in subs]
     metrics: dict[str, dict] = {}
+    names = sorted({m for p in pooled["pairs"].values() for m in p if m != "pairwise"})
     for mode in ["base"] + modes:
         evals = [read_json(s.run_path / "eval" / f"{mode}.json") for s in subs
                  if (s.run_path / "eval" / f"{mode}.json").exists()]
-        names = sorted({m for p in pooled["pairs"].values() for m in p if m != "pairwise"})
         metrics[mode] = {}
         for name in names:
             values = [v for v in (model_metric(e, name) for e in evals) if v is not None]
