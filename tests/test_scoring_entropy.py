@@ -152,3 +152,48 @@ def test_separation_on_a_constructed_case():
     # Three sources: every pair.
     third = rows + [{"source": "code", "score": 0.05}] * 3
     assert len(separation(third, smoothing=SmoothingConfig())) == 3
+
+
+def _tiny_config(**extra):
+    torch.manual_seed(0)
+    return dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, **extra)
+
+
+@pytest.mark.parametrize("kind", ["gemma3-softcap", "llama-scaled-logits"])
+def test_supervised_head_matches_full_logits(kind):
+    """The stats computed from hidden states at the supervised rows equal those from the model's own
+    full logits: for a head with soft-capping (reproduced) and for one scaling its logits in forward
+    (detected on the logit row the model computes, then the full forward is used)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    if kind == "gemma3-softcap":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**_tiny_config(final_logit_softcapping=2.0,
+                                                           sliding_window=16, query_pre_attn_scalar=8)))
+    else:
+        class Scaled(LlamaForCausalLM):
+            def forward(self, *args, **kwargs):
+                out = super().forward(*args, **kwargs)
+                out.logits = out.logits * 2
+                return out
+        model = Scaled(LlamaConfig(**_tiny_config()))
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 512, (3, 20), generator=gen)
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX
+    labels[2, 15:] = IGNORE_INDEX
+
+    from ual.evaluation import nll as nll_module
+
+    head = nll_module._SupervisedHead(model)
+    targets = shift_labels(labels)
+    supervised = targets != IGNORE_INDEX
+    with torch.no_grad():
+        lean = nll_module._per_token(head.supervised_logits(ids, torch.ones_like(ids), supervised), targets[supervised])
+        full_logits = model(input_ids=ids).logits[supervised]
+        full = nll_module._per_token(nll_module._Rows(full_logits), targets[supervised])
+    for a, b in zip(lean[:3], full[:3]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(lean[3], full[3])
+    assert head.exact == (kind == "gemma3-softcap")

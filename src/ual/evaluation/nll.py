@@ -57,6 +57,7 @@ def response_token_stats(model, tokenizer, samples, max_length: int, batch_size:
     device = next(model.parameters()).device
     results: list[TokenStats | None] = [None] * len(encoded)
     model.eval()
+    head = _SupervisedHead(model)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]["input_ids"]) for i in idx)
@@ -68,11 +69,11 @@ def response_token_stats(model, tokenizer, samples, max_length: int, batch_size:
             ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
             labels[row, :n] = torch.tensor(encoded[i]["labels"])
             mask[row, :n] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         targets = shift_labels(labels).to(device)
         supervised = targets != IGNORE_INDEX
         row_of = supervised.nonzero()[:, 0].cpu()  # which batch row each supervised token belongs to
-        nll, ent, conf, corr = _per_token(logits[supervised], targets[supervised])
+        nll, ent, conf, corr = _per_token(head.supervised_logits(ids.to(device), mask.to(device), supervised),
+                                          targets[supervised])
         nll_sum = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, row_of, nll.double())
         ent_sum = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, row_of, ent.double())
         counts = torch.bincount(row_of, minlength=len(idx))
@@ -85,11 +86,71 @@ def response_token_stats(model, tokenizer, samples, max_length: int, batch_size:
     return results
 
 
-def _per_token(logits: torch.Tensor, gold: torch.Tensor):
-    """(nll, entropy, confidence, correct) per row of (n, V) logits, on the CPU, fp32."""
+class _SupervisedHead:
+    """Logits at the supervised positions only, without the (batch, length, V) logits tensor.
+
+    A causal LM's forward applies its output head to every position: at 1,024 tokens and
+    Gemma-3's 262k vocabulary that is 1 GiB per sample in fp32. Here the model runs with
+    `logits_to_keep=1` (the head on the last position only), a hook keeps the decoder's
+    final hidden states, and the head is applied to the supervised rows, a chunk at a time
+    in `_per_token`. Some models post-process the head's output (Gemma-2's soft-capping,
+    logit scales): the one logit row the model did compute is checked against ours on
+    every batch, and a model whose head this does not reproduce falls back to its full
+    forward (exact, just heavier).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        self.exact = self.decoder is not None and self.head is not None
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+    def supervised_logits(self, ids, mask, supervised) -> "_Rows":
+        if self.exact:
+            kept = {}
+            hook = self.decoder.register_forward_hook(lambda mod, args, out: kept.__setitem__("h", out[0]))
+            try:
+                last = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+            except TypeError:  # a model whose forward takes no logits_to_keep
+                last = None
+            finally:
+                hook.remove()
+            hidden = kept.get("h")
+            if last is not None and hidden is not None and hidden.shape[:2] == ids.shape and torch.allclose(
+                    self.project(hidden[:, -1:]).float(), last.float(), rtol=1e-3, atol=1e-3):
+                return _Rows(hidden[supervised], self.project)
+            self.exact = False  # this model's head is not reproduced: use its full logits from now on
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return _Rows(logits[supervised], None)
+
+
+@dataclass
+class _Rows:
+    """Supervised rows as hidden states (and the head that makes them logits) or as logits."""
+
+    values: torch.Tensor
+    project: object = None
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.values[start:stop]
+        return rows if self.project is None else self.project(rows)
+
+
+def _per_token(rows: _Rows, gold: torch.Tensor):
+    """(nll, entropy, confidence, correct) per supervised row, on the CPU, fp32."""
     parts = []
-    for s in range(0, logits.shape[0], _ROWS_PER_CHUNK):
-        logp = torch.log_softmax(logits[s:s + _ROWS_PER_CHUNK].float(), dim=-1)
+    for s in range(0, len(rows), _ROWS_PER_CHUNK):
+        logp = torch.log_softmax(rows.logits(s, s + _ROWS_PER_CHUNK).float(), dim=-1)
         y = gold[s:s + _ROWS_PER_CHUNK].unsqueeze(1)
         top, arg = logp.max(dim=-1)
         parts.append((-logp.gather(1, y).squeeze(1), -(logp.exp() * logp).sum(-1), top.exp(), arg == y.squeeze(1)))
