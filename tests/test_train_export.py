@@ -44,3 +44,19 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, tiny_model_dir, tokeniz
     assert main(["export", "--adapter", str(adapter), "--base", str(tiny_model_dir), "--out", str(other)]) == 0
     assert (other / "model.safetensors").exists() or any(other.glob("*.safetensors"))
     assert main(["export", str(cfg), "--mode", "sft"]) == 2  # no such adapter: clear error
+
+
+def test_export_from_a_run_folder_even_moved(tmp_path, tiny_model_dir):
+    """`ual export RUN_FOLDER --mode M --out DIR` (it crashed reading the folder as a config file); a
+    run folder moved elsewhere still finds its own adapter, not the one its config.yaml names."""
+    import shutil
+
+    run = tmp_path / "run"
+    _adapter(tiny_model_dir, run / "train" / "ual" / "adapter")
+    (run / "config.yaml").write_text(f"run_dir: {run}\nmodel: {tiny_model_dir}\n")
+    assert main(["export", str(run), "--mode", "ual", "--out", str(tmp_path / "m1")]) == 0
+    assert read_json(tmp_path / "m1" / "ual_export.json")["adapter"] == str(run / "train" / "ual" / "adapter")
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    assert main(["export", str(moved), "--mode", "ual", "--out", str(tmp_path / "m2")]) == 0
+    assert read_json(tmp_path / "m2" / "ual_export.json")["adapter"] == str(moved / "train" / "ual" / "adapter")

@@ -1,6 +1,7 @@
 """`ual export`: merge a trained LoRA adapter into its base model, as a standalone model folder.
 
     ual export CONFIG --mode ual --out models/lima-ual        # adapter of runs/NAME/train/ual
+    ual export runs/lima --mode ual --out models/lima-ual     # the same, from the run folder
     ual export --adapter runs/x/train/ual/adapter --base meta-llama/Llama-2-7b-hf --out merged/
 
 The folder loads with `AutoModelForCausalLM.from_pretrained(out)` (and vLLM, lm-eval,
@@ -38,7 +39,10 @@ def run(args) -> dict:
     from ual.config import load_config
     from ual.runfolder import RunFolder
 
-    cfg_path = args.config_file or args.config
+    # The CLI resolves a run folder given as CONFIG to its config.yaml (args.config) and
+    # records the folder itself, which wins over the run_dir inside (the folder may have moved).
+    cfg_path = args.config or args.config_file
+    run_dir = getattr(args, "cfg:run_dir", None)
     if args.adapter:
         adapter = Path(args.adapter)
         base = args.base or (load_config(cfg_path).model if cfg_path else None)
@@ -48,7 +52,7 @@ def run(args) -> dict:
     else:
         if not cfg_path:
             raise ValueError("give a CONFIG (with --mode) or --adapter and --base")
-        cfg = load_config(cfg_path)
+        cfg = load_config(cfg_path, {"run_dir": run_dir} if run_dir else None)
         run_folder = RunFolder(cfg.run_path)
         adapter = run_folder.require(run_folder.train_dir(args.mode) / "adapter", "train")
         base = args.base or cfg.model
