@@ -30,7 +30,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ual.config import ConfigError, ExperimentConfig, add_config_flags, config_from_args, save_config, split_commas
+from ual.config import (ConfigError, ExperimentConfig, add_config_flags, close_matches, config_from_args,
+                        run_dir_origin, save_config, split_commas)
+from ual.optional import MissingExtra, require
 from ual.runfolder import RunFolder
 
 STAGES = {
@@ -64,13 +66,18 @@ def default_demo_config() -> Path:
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
+    check_extras(stage, cfg)
     if cfg.chat_template:  # base models ship no chat template: the config gives one
         from ual.data.paper import resolve_chat_template
         from ual.models import set_chat_template
 
         set_chat_template(cfg.model, resolve_chat_template(cfg.chat_template))
-    cfg.run_path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_path / "config.yaml")
+    try:
+        cfg.run_path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_path / "config.yaml")
+    except OSError as exc:
+        raise ConfigError(f"{run_dir_origin(cfg)}: cannot write the run folder {cfg.run_path} "
+                          f"({exc.strerror or exc})") from None
     if stage == "data":
         from ual.data.build import build_dataset
         from ual.models import load_tokenizer
@@ -104,11 +111,44 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
     raise ValueError(stage)
 
 
+def check_extras(stage: str, cfg: ExperimentConfig) -> None:
+    """Optional packages this stage will need, checked before it writes or loads anything."""
+    if stage in ("eval", "demo") and cfg.eval.tasks:
+        from ual.evaluation.harness import require_lm_eval
+
+        require_lm_eval()
+    if stage in ("train", "demo") and cfg.train.report_to in ("tensorboard", "wandb", "trackio"):
+        require(cfg.train.report_to, f"train.report_to: {cfg.train.report_to}")
+
+
+class Parser(argparse.ArgumentParser):
+    """Whole flag names only (`--train.lr` is not `--train.lr_scheduler`); an error is one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def unknown_flags_error(parser: argparse.ArgumentParser, extras: list[str]):
+    """Fail on the first unrecognised argument, naming it and the flags it is close to."""
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for item in extras:
+        if item.startswith("-") and len(item) > 1 and not item[1:2].isdigit():
+            name = item.split("=", 1)[0]
+            close = close_matches(name, flags)
+            parser.error(f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+                         + f" (`{parser.prog} --help` lists every flag)")
+    parser.error(f"unexpected argument(s): {' '.join(extras)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="ual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    parser.stage_parsers = {}
     for name, help_text in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = parser.stage_parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config (same as --config) or a run folder")
         add_config_flags(p)
         p.add_argument("--force", action="store_true", help="redo work whose outputs already exist (train, eval)")
@@ -134,14 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", help="evaluate the config's model with this LoRA adapter (or this model "
                            "folder) instead of eval.models")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = parser.stage_parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        unknown_flags_error(parser.stage_parsers[args.stage], extras)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if getattr(args, "config_file", None):
@@ -149,15 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ual {args.stage}: error: two configs given ({args.config_file} and --config {args.config})", file=sys.stderr)
             return 2
         args.config = args.config_file
-        if Path(args.config_file).is_dir():  # a run folder: its resolved config, and the folder itself
+    try:
+        if getattr(args, "config_file", None) and Path(args.config_file).is_dir():  # a run folder: its config
             run = RunFolder(Path(args.config_file))
             args.config = str(run.require(run.config, "data"))
             setattr(args, "cfg:run_dir", args.config_file)
-    if args.stage == "demo" and args.config is None:
-        args.config = str(default_demo_config())
-    if args.stage == "score":
-        _score_shortcuts(args)
-    try:
+        if args.stage == "demo" and args.config is None:
+            args.config = str(default_demo_config())
+        if args.stage == "score":
+            _score_shortcuts(args)
         if args.stage in COMMANDS:
             result = importlib.import_module(COMMANDS[args.stage][0]).run(args)
         else:
@@ -176,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = dry_run(cfg)
             else:
                 result = run_stage(args.stage, cfg, force=args.force)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, MissingExtra, FileNotFoundError, ValueError) as exc:
         print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     if result is not None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -34,7 +36,7 @@ class SourceConfig:
     name: str = _f("", "'sharegpt' or 'gsm8k' (packaged, offline), a local .jsonl/.json/.parquet path, or 'hub:ORG/NAME'")
     train: int | None = _f(None, "number of training samples to take (null: all that remain after held-out)")
     heldout: int = _f(0, "number of disjoint held-out samples kept for evaluation")
-    format: str = _f("auto", "auto | messages | sharegpt | alpaca | prompt_completion | lima")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "lima"] = _f("auto", "auto | messages | sharegpt | alpaca | prompt_completion | lima")
     split: str = _f("train", "split to read for hub data sets")
     label: str | None = _f(None, "name of the source in reports (default: derived from name)")
     max_turns: int | None = _f(None, "keep only the first N user/assistant exchanges of each conversation (null: all)")
@@ -46,12 +48,12 @@ class DataConfig:
     sources: list[SourceConfig] = _f([], "the data sources mixed into the training set")
     max_length: int = _f(256, "tokens per sample after the chat template; longer samples are truncated and counted")
     train_on_prompt: bool = _f(False, "also supervise prompt (user/system) tokens; the paper's code did, the default does not")
-    on_error: str = _f("raise", "raise | skip: what a malformed row does (skip counts it in data_stats.json)")
+    on_error: Literal["raise", "skip"] = _f("raise", "raise | skip: what a malformed row does (skip counts it in data_stats.json)")
 
 
 @dataclass
 class ScoreConfig:
-    scorer: str = _f("perplexity", "entropy (mean predictive entropy of the response tokens under a reference model) | "
+    scorer: Literal["entropy", "perplexity", "judge", "local_judge", "prior"] = _f("perplexity", "entropy (mean predictive entropy of the response tokens under a reference model) | "
                                    "perplexity (their mean NLL; both come from one pass and are kept together) | judge "
                                    "(OpenAI-compatible endpoint) | local_judge (transformers model) | prior (score.prior per source)")
     model: str | None = _f(None, "reference model for entropy / perplexity / local judge (default: the run's model); "
@@ -76,8 +78,8 @@ class ScoreConfig:
 class SmoothingConfig:
     target_mean: float = _f(0.1, "mean label smoothing over the training set (the paper swept 0.1-0.5)")
     eps_max: float = _f(0.99, "cap on any sample's smoothing")
-    missing: str = _f("error", "error | drop | mean: what to do with samples that have no score")
-    normalize: str = _f("max", "how scores become u before the map: max (u = s / max s: eps proportional to the "
+    missing: Literal["error", "drop", "mean"] = _f("error", "error | drop | mean: what to do with samples that have no score")
+    normalize: Literal["max", "minmax", "rank"] = _f("max", "how scores become u before the map: max (u = s / max s: eps proportional to the "
                                "score, the paper's PPL variant) | minmax ((s - min) / (max - min): the lowest score "
                                "gets eps 0) | rank (quantile of s, ties averaged: uniform over [0, 1]); docs/scoring.md")
 
@@ -99,7 +101,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
     epochs: float = _f(1.0, "passes over the training set (ignored when max_steps > 0)")
     max_steps: int = _f(-1, "optimiser steps (-1: use epochs)")
-    loss: str = _f("auto", "auto (chunked where it can run, else naive) | chunked (from hidden states and the "
+    loss: Literal["auto", "chunked", "naive"] = _f("auto", "auto (chunked where it can run, else naive) | chunked (from hidden states and the "
                            "output projection, never materialising all logits) | naive (full logits, for checking)")
     logging_steps: int = _f(1, "log the loss every N optimiser steps")
     save_steps: int = _f(0, "checkpoint every N optimiser steps (0: only at the end)")
@@ -109,7 +111,7 @@ class TrainConfig:
                                              "gradient_accumulation_steps = global / (batch_size x processes)")
     bf16: bool = _f(False, "train in bfloat16 mixed precision (GPU)")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
-    report_to: str = _f("auto", "transformers report_to: auto (tensorboard when installed, else none) | none | tensorboard | wandb | trackio")
+    report_to: Literal["auto", "none", "tensorboard", "wandb", "trackio", "all"] = _f("auto", "transformers report_to: auto (tensorboard when installed, else none) | none | tensorboard | wandb | trackio")
 
 
 @dataclass
@@ -171,28 +173,89 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------- loading
+# One validation layer for config files and flags, whatever the stage: every value is checked against its
+# field's type at load (numbers, true/false, strings, lists, the choices of Literal fields), and an error is
+# one line naming the file and field (`exp.yaml:train.learning_rate: ...`) or the flag (`--train.lr...: ...`).
 
 class ConfigError(ValueError):
     pass
 
 
+def _origin(path, flags):
+    """field -> where its value came from: a flag (a dotted override), else the config file."""
+    def where(field: str) -> str:
+        bare = re.sub(r"\[\d+\]", "", field)  # data.sources[0].train -> data.sources.train
+        flag = next((f for f in flags if bare == f or bare.startswith(f + ".")), None)
+        if flag is not None:
+            return f"--{flag}" + ("" if field == flag else f" ({field})")
+        if path is None:
+            return field or "config"
+        return f"{path}:{field}" if field else str(path)
+    return where
+
+
+def run_dir_origin(cfg) -> str:
+    """'exp.yaml:run_dir', '--run_dir' or 'run_dir (default runs/NAME)': where a loaded config's run folder
+    was set, for errors about it."""
+    if cfg.run_dir is None:
+        return f"run_dir (default runs/{cfg.name})"
+    return getattr(cfg, "_origin", lambda f: f)("run_dir")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Build an ExperimentConfig from an optional YAML file and dotted overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of fields")
-    for dotted, value in (overrides or {}).items():
+    """Build an ExperimentConfig from an optional YAML file and dotted overrides (flags)."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    overrides = overrides or {}
+    origin = _origin(path, list(overrides))
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:  # `train:` with nothing under it is an empty section
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(f"{origin('.'.join(parents[: i + 1]))}: expected a mapping of fields, got {node!r}")
         node[leaf] = value
-    return _build(ExperimentConfig, raw, where=str(path or "config"))
+    cfg = _build(ExperimentConfig, raw, "", origin)
+    cfg._origin = origin
+    _check_run_dir(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file (a run folder is given as CONFIG: `ual STAGE {path}`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{at}: not valid YAML ({problem})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields (name: value), got a {type(raw).__name__}")
+    return raw
+
+
+def _check_run_dir(cfg: ExperimentConfig) -> None:
+    """A run folder that can never be made (it, or a folder above it, is a file) is a config error."""
+    label, path = run_dir_origin(cfg), cfg.run_path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{label}: {path} is a file, not a run folder")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{label}: {path} cannot be a folder: {above} is a file")
 
 
 def to_dict(cfg) -> dict:
@@ -205,56 +268,91 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
-def _build(cls, raw: dict, where: str):
+def _join(field: str, key) -> str:
+    return f"{field}.{key}" if field else str(key)
+
+
+def _build(cls, raw, field: str, origin):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {raw!r}")
+        raise ConfigError(f"{origin(field)}: expected a mapping of {cls.__name__} fields, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)} in {cls.__name__}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
+        close = [m for k in unknown for m in close_matches(str(k), names, n=1)]
+        hint = (f"; did you mean {', '.join(repr(_join(field, m)) for m in close)}?" if close
+                else f"; known: {', '.join(names)}")
+        raise ConfigError(f"{origin(field)}: unknown field(s) {unknown}{hint}")
+    return cls(**{k: _coerce(hints[k], v, _join(field, k), origin) for k, v in raw.items()})
 
 
-def _coerce(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+def close_matches(name: str, options, n: int = 3) -> list[str]:
+    """What `name` may have meant: options it is a prefix of, then similar ones (difflib)."""
+    found = [o for o in options if o.startswith(name)] + difflib.get_close_matches(name, options, n=n, cutoff=0.6)
+    return list(dict.fromkeys(found))[:n]
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _is_text(tp) -> bool:
+    """str, or a Literal of strings (optional or not): flags of these types are taken as written."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return all(_is_text(a) for a in typing.get_args(tp) if a is not type(None))
+    return tp is str or typing.get_origin(tp) is Literal
+
+
+def _coerce(tp, value, field: str, origin):
+    given = value
+
+    def bad(expected: str, hint: str = "") -> ConfigError:
+        return ConfigError(f"{origin(field)}: expected {expected}, got {given!r}{hint}")
+
+    kind = typing.get_origin(tp)
+    if kind in (typing.Union, types.UnionType):
         if value is None:
             return None
-        return _coerce(args[0], value, where)
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(args[0], value, field, origin)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is list:
+        return _build(tp, {} if value is None else value, field, origin)
+    if kind is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        close = close_matches(str(value), choices, n=1)
+        raise bad(f"one of {', '.join(choices)}", f"; did you mean {close[0]!r}?" if close else "")
+    if kind is list:
         (item,) = typing.get_args(tp)
-        if isinstance(value, str) and item is str:  # a flag: --train.modes sft,ual
+        if isinstance(value, str) and _is_text(item):  # a flag: --train.modes sft,ual
             value = split_commas(value)
         if not isinstance(value, list):
             value = [value]
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+        return [_coerce(item, v, f"{field}[{i}]", origin) for i, v in enumerate(value)]
+    if kind is dict:
         key_t, val_t = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(key_t, k, f"{where}"): _coerce(val_t, v, f"{where}.{k}") for k, v in value.items()}
+            raise bad("a mapping")
+        return {_coerce(key_t, k, field, origin): _coerce(val_t, v, _join(field, k), origin) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise bad("true/false")
+    if tp in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value) if tp is float or not value.strip().lstrip("+-").isdigit() else int(value)
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise bad("an integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise bad("a number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise bad("a string")
         return str(value)
     return value
 
@@ -277,8 +375,8 @@ def split_pair(pair: str) -> tuple[str, str]:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add `--config` and one dotted flag per (non-list-of-dataclass) config field."""
     parser.add_argument("--config", help="YAML experiment config (flags below override it)")
-    for dotted, f in _leaf_fields(ExperimentConfig):
-        help_text = f.metadata.get("help", "")
+    for dotted, f, _ in _leaf_fields(ExperimentConfig):
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         parser.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", default=argparse.SUPPRESS,
                             metavar="VALUE", help=help_text)
 
@@ -287,15 +385,29 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     overrides = {}
     for key, value in vars(args).items():
         if key.startswith("cfg:"):
-            overrides[key[4:]] = yaml.safe_load(value) if isinstance(value, str) else value
+            overrides[key[4:]] = flag_value(key[4:], value) if isinstance(value, str) else value
     return load_config(getattr(args, "config", None), overrides)
 
 
+def flag_value(dotted: str, text: str):
+    """A flag's text as YAML (`[sft,ual]`, `3e-4`, `false`, `null`); a text field's flag as written
+    (`--name yes` is the name "yes"), `null` or `~` clearing an optional one."""
+    tp = {name: t for name, _, t in _leaf_fields(ExperimentConfig)}.get(dotted)
+    if tp is not None and _is_text(tp):
+        optional = type(None) in typing.get_args(tp)
+        return None if optional and text.strip() in ("null", "~") else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--{dotted}: {text!r} is not a value ({getattr(exc, 'problem', None) or 'YAML error'})") from None
+
+
 def _leaf_fields(cls, prefix: str = ""):
+    """(dotted name, field, type) of every field that is not a section."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _leaf_fields(tp, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{f.name}", f
+            yield f"{prefix}{f.name}", f, tp

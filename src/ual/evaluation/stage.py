@@ -121,7 +121,7 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
 
 def _task_settings(ec) -> dict:
     return {"tasks": list(ec.tasks), "limit": ec.tasks_limit, "num_fewshot": ec.tasks_fewshot,
-            "apply_chat_template": ec.tasks_chat_template}
+            "apply_chat_template": ec.tasks_chat_template, "mc_shuffle": ec.mc_shuffle}
 
 
 def _same_tasks(path: Path, ec) -> bool:
@@ -137,7 +137,8 @@ def run_tasks(cfg: ExperimentConfig, name: str, model, tokenizer, plan, path: Pa
     log.info("%s: lm-eval tasks %s", model_key(name), ", ".join(plan.names))
     out = run_harness(model, tasks=plan.hub, tokenizer=tokenizer, local_mc=plan.local_mc,
                       local_gsm8k=plan.local_gsm8k, batch_size=ec.batch_size, limit=ec.tasks_limit,
-                      num_fewshot=ec.tasks_fewshot, apply_chat_template=ec.tasks_chat_template, seed=cfg.seed)
+                      num_fewshot=ec.tasks_fewshot, apply_chat_template=ec.tasks_chat_template, seed=cfg.seed,
+                      mc_shuffle=ec.mc_shuffle)
     out["config"]["model"] = name
     out.update(settings=_task_settings(ec), seconds=time.time() - start)
     write_json(path, out)
@@ -160,14 +161,12 @@ class EvalInputs:
             maths = maths[: ec.gsm8k_limit]
         mc = []
         if ec.multiple_choice:
-            from ual.evaluation.multiple_choice import load_mc_file, load_packaged_mc
-
-            from ual.evaluation.multiple_choice import shuffle_choices
+            from ual.evaluation.multiple_choice import MC_SHUFFLE_SEED, load_mc_file, load_packaged_mc, shuffle_choices
 
             mc = load_mc_file(ec.mc_file) if ec.mc_file else load_packaged_mc()
             mc = mc[: ec.mc_limit] if ec.mc_limit is not None else mc
             if ec.mc_shuffle:  # one order per question (by its id), the same for every model and training seed
-                mc = shuffle_choices(mc, seed=0)
+                mc = shuffle_choices(mc, seed=MC_SHUFFLE_SEED)
         cluster_texts = clustering_texts(heldout, tokenizer, ec.clustering_texts) if ec.clustering else []
         pair_samples = [s for s in heldout if s.source == ec.pairwise_source][: ec.pairwise_limit] if ec.pairwise else []
         if ec.pairwise and not pair_samples:

@@ -33,6 +33,8 @@ def collect(cfg: ExperimentConfig) -> dict:
         found = {p.stem: read_json(p) for p in sorted(run.tasks_dir.glob("*.json"))}
         order = [m for m in MODEL_ORDER if m in found] + [m for m in found if m not in MODEL_ORDER]
         out["benchmarks"] = {m: found[m]["results"] for m in order}
+        out["benchmark_positions"] = {f"{m}, {t} (lm-eval)": {**p, "shuffled": found[m]["config"].get("mc_shuffle")}
+                                      for m in order for t, p in (found[m].get("positions") or {}).items()}
     if (run.root / "ablation.md").exists():
         out["ablation_md"] = (run.root / "ablation.md").read_text(encoding="utf-8")
     if (run.root / "clustering.json").exists():
@@ -148,6 +150,7 @@ def render_markdown(m: dict, images) -> str:
     if m["eval"]:
         lines += ["## Evaluation", ""] + eval_table(m["eval"]) + [""]
         lines += calibration_section(m["eval"])
+    lines += mc_positions_section(m)
     if m.get("comparisons"):
         lines += comparisons_section(m["comparisons"])
     if m.get("seeds_md"):
@@ -279,6 +282,29 @@ def calibration_section(ev: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(
             f"{cal[s]['ece']:.4f} ({cal[s]['confidence']:.3f} / {cal[s]['accuracy']:.3f})" if s in cal else ""
             for s in sources) + " |")
+    return lines + [""]
+
+
+def mc_positions_section(m: dict) -> list[str]:
+    """Multiple-choice accuracy by the gold answer's position and where the model answers: a model that
+    always answers "A" shows here, even on a file whose gold answers all sit at A."""
+    rows = {name: {**e["multiple_choice"]["positions"], "shuffled": e["multiple_choice"].get("shuffled")}
+            for name, e in m.get("eval", {}).items() if (e.get("multiple_choice") or {}).get("positions")}
+    rows.update(m.get("benchmark_positions") or {})
+    if not rows:
+        return []
+    letters = list(dict.fromkeys(x for p in rows.values() for x in p["gold"]))
+    lines = ["## Multiple choice by answer position", "",
+             "Accuracy when the right answer is at each position (in brackets: questions with it there) and how "
+             "many times the model answered each position. Choices are shuffled per question unless "
+             "`eval.mc_shuffle: false` (order given).", "",
+             "| model | choices | " + " | ".join(f"acc, gold {x}" for x in letters) + " | "
+             + " | ".join(f"answered {x}" for x in letters) + " |", "|---|---|" + "---:|" * (2 * len(letters))]
+    for name, p in rows.items():
+        order = {True: "shuffled", False: "order given"}.get(p.get("shuffled"), "")
+        lines.append(f"| {name} | {order} | " + " | ".join(
+            f"{_fmt(p['accuracy_by_gold'].get(x))} ({p['gold'].get(x, 0)})" for x in letters) + " | "
+            + " | ".join(str(p["pred"].get(x, 0)) for x in letters) + " |")
     return lines + [""]
 
 
