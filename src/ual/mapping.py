@@ -3,7 +3,9 @@
 The arithmetic is `smoothing.map_to_smoothing` (pure); this file is the glue:
 join scores to training samples by id, decide what an unscored sample means
 (never silently), normalise the scores (smoothing.normalize), and write the result
-with its statistics, including how well the sources separate.
+with its statistics, including how well the sources separate. The score file is read
+through runfolder.read_scores: a bad row, an id scored twice differently, or an id that
+matches no training sample is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections import defaultdict
 import numpy as np
 
 from ual.config import ExperimentConfig
-from ual.io import read_jsonl, write_json, write_jsonl
-from ual.runfolder import RunFolder
+from ual.io import write_json, write_jsonl
+from ual.runfolder import RunFolder, read_scores
 from ual.smoothing import fit_scale, map_to_smoothing, normalize_scores
 
 log = logging.getLogger(__name__)
@@ -23,14 +25,17 @@ log = logging.getLogger(__name__)
 
 def run_map(cfg: ExperimentConfig) -> dict:
     run = RunFolder(cfg.run_path)
+    run.discard("map")  # config.yaml now describes this run: no earlier smoothing may outlive a failure
     samples = run.load_samples("train")
-    scored = {r["id"]: r.get("score") for r in read_jsonl(run.require(run.scores, "score"))}
+    scores = read_scores(run.require(run.scores, "score"))
+    scores.require_known({s.id for s in samples})
+    scored = scores.score
     opts = cfg.smoothing
 
     missing = [s for s in samples if scored.get(s.id) is None]
     if missing and opts.missing == "error":
         raise ValueError(
-            f"{len(missing)} of {len(samples)} training samples have no score "
+            f"{len(missing)} of {len(samples)} training samples have no score in {scores.path} "
             f"(first: {missing[0].id} from {missing[0].source}); rerun `ual score`, or pass "
             f"--smoothing.missing drop (train without them) or --smoothing.missing mean (give them the mean eps)"
         )
@@ -51,6 +56,9 @@ def run_map(cfg: ExperimentConfig) -> dict:
     if missing:
         log.warning("%d training samples without a score: %s", len(missing),
                     "dropped" if opts.missing == "drop" else f"given eps = {opts.target_mean}")
+    if scores.repeated:
+        log.warning("%s: %d rows repeat an earlier row of the same id (identical; counted once)",
+                    scores.path, scores.repeated)
     write_jsonl(run.smoothing, rows)
 
     by_source = defaultdict(list)
@@ -66,6 +74,7 @@ def run_map(cfg: ExperimentConfig) -> dict:
         "n": len(rows),
         "missing": len(missing),
         "missing_policy": opts.missing,
+        "repeated_score_rows": scores.repeated,
         "mean_eps": float(np.mean([r["eps"] for r in rows])),
         "clipped": int(np.sum(eps >= opts.eps_max)),
         "mean_eps_by_source": {k: float(np.mean(v)) for k, v in sorted(by_source.items())},

@@ -19,16 +19,37 @@
 
 Every stage reads its inputs from here and writes its outputs atomically, so a
 stage can be rerun alone and a crashed run resumed where it stopped.
+
+Outputs never disagree with each other or with config.yaml. config.yaml is written when a
+stage starts, so a stage that fails must not leave the outputs of an earlier run beside
+it: `ual data` and `ual map` first discard what they are about to rewrite, and `ual data`
+also what was derived from the samples (the current scores, their report, the smoothing),
+since those name samples by id (RunFolder.discard). A failed rerun thus leaves a folder
+whose later stages say "run `ual data` first", never one whose samples came from another
+config. The per-scorer copies in scores/ are a cache keyed by sample id and scorer, not
+current outputs: they stay, and `ual score` restores scores.jsonl from them without a model
+call when the samples are the same. train/ and eval/ are not removed (hours of work):
+a finished mode is reused on rerun as those stages decide (`--force` redoes it).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ual.data.sample import Sample
-from ual.io import read_jsonl
+from ual.io import iter_jsonl, read_jsonl
+
+# What each stage writes (paths under the run folder), and the stages whose outputs derive from them.
+STAGE_OUTPUTS = {
+    "data": ("samples.jsonl", "heldout.jsonl", "data_stats.json"),
+    "score": ("scores.jsonl", "heldout_scores.jsonl", "scores_report"),
+    "map": ("smoothing.jsonl", "smoothing_stats.json"),
+}
+DERIVED = {"data": ("score", "map"), "score": ("map",), "map": ()}
 
 
 def model_key(name: str) -> str:
@@ -131,3 +152,81 @@ class RunFolder:
     def load_samples(self, which: str = "train") -> list[Sample]:
         path = self.require(self.samples if which == "train" else self.heldout, "data")
         return [Sample.from_dict(r) for r in read_jsonl(path)]
+
+    def discard(self, stage: str, keep: tuple[Path, ...] = ()) -> list[Path]:
+        """Remove `stage`'s outputs and those derived from them (see the module docstring), except
+        the paths in `keep`; returns what was removed. Called before the stage can fail."""
+        keep_set = {p.resolve() for p in keep}
+        removed = []
+        for name in (n for s in (stage, *DERIVED[stage]) for n in STAGE_OUTPUTS[s]):
+            path = self.root / name
+            if path.resolve() in keep_set or not (path.exists() or path.is_symlink()):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        return removed
+
+
+@dataclass
+class Scores:
+    """A checked score file: id -> score (None: the scorer could not score it) and the line of each id."""
+
+    path: Path
+    score: dict[str, float | None] = field(default_factory=dict)
+    line: dict[str, int] = field(default_factory=dict)
+    repeated: int = 0  # rows given twice, identically
+
+    def require_known(self, ids, what: str = "training sample") -> None:
+        """Every scored id must be one of `ids`: scores of other samples mean the file is stale or wrong."""
+        unknown = [i for i in self.score if i not in ids]
+        if unknown:
+            first = ", ".join(f"'{i}' (line {self.line[i]})" for i in unknown[:3])
+            raise ValueError(f"{self.path}: {len(unknown)} of {len(self.score)} scored ids match no {what} "
+                             f"(first: {first}): the scores are for other samples; rerun `ual score`")
+
+
+def _score_value(value, where: str):
+    """A score field's value, or a ValueError saying why it is not a score in [0, 1] (null is allowed)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        shown = f"the string {value!r}" if isinstance(value, str) else (
+            str(value).lower() if isinstance(value, bool) else type(value).__name__)
+        raise ValueError(f"{where}: field 'score': expected a number in [0, 1] or null, got {shown}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: field 'score': {value} is not a finite number (NaN or infinity)")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{where}: field 'score': {value} is outside [0, 1] (scores are uncertainties in [0, 1]; "
+                         "a judge's 0-99 score is divided by 99)")
+    return float(value)
+
+
+def read_scores(path: Path) -> Scores:
+    """The one reader of score files (scores.jsonl, heldout_scores.jsonl, scores/SCORER.jsonl): each row
+    {"id": str, "score": number in [0, 1] or null, ...}, every problem a ValueError naming the file,
+    the line, the id and the field. An id given twice with different scores is an error naming both
+    lines (which one would be meant?); given twice identically, it is counted in `repeated`."""
+    out = Scores(Path(path))
+    for lineno, row in iter_jsonl(path):
+        if row.get("id") is None:
+            raise ValueError(f"{path}:{lineno}: field 'id': missing (each row scores the sample with this id)")
+        sid = row["id"]
+        if not isinstance(sid, str):
+            raise ValueError(f"{path}:{lineno}: field 'id': expected a string, got {type(sid).__name__} {sid!r}")
+        where = f"{path}:{lineno}: id '{sid}'"
+        if "score" not in row:
+            raise ValueError(f"{where}: field 'score': missing (null marks a sample the scorer could not score)")
+        value = _score_value(row["score"], where)
+        if sid in out.line:
+            if out.score[sid] != value:
+                raise ValueError(f"{path}: id '{sid}' is scored twice with different scores: "
+                                 f"{out.score[sid]} at line {out.line[sid]} and {value} at line {lineno}")
+            out.repeated += 1
+            continue
+        out.score[sid], out.line[sid] = value, lineno
+    if not out.line:
+        raise ValueError(f"{path}: no score rows (empty file); rerun `ual score`")
+    return out

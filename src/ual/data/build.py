@@ -11,6 +11,10 @@ Selection is deterministic: each source's samples are shuffled by an RNG seeded 
 the first `heldout` go to held-out, the next `train` to training. The two sets are
 disjoint by construction, and by content id, since identical samples are deduplicated
 when loaded.
+
+A rerun first discards the outputs of the last one, and what was derived from them (the
+current scores and smoothing; runfolder.py says why): config.yaml is already rewritten
+when the stage starts, so a rerun that fails must leave no samples of another config.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from ual.data.formats import DataError
 from ual.data.sample import Sample
 from ual.data.sources import input_path, load_source, source_label
 from ual.io import write_json, write_jsonl
+from ual.runfolder import STAGE_OUTPUTS, RunFolder
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("samples.jsonl", "heldout.jsonl", "data_stats.json")
+OUTPUTS = STAGE_OUTPUTS["data"]
 
 
 def split_source(samples: list[Sample], label: str, seed: int, heldout: int,
@@ -86,21 +91,23 @@ def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on
     return kept, len(samples) - len(kept)
 
 
-def _check_outputs(cfg: ExperimentConfig) -> None:
-    """Refuse to write over any file the user gave as input."""
+def discard_outputs(cfg: ExperimentConfig) -> None:
+    """Remove the last run's outputs (and what derives from them) before anything can fail, keeping
+    any the user gave as a source file, and refusing (after the rest is gone) to write over one."""
+    inputs = [p for p in (input_path(s) for s in cfg.data.sources) if p is not None]
+    RunFolder(cfg.run_path).discard("data", keep=tuple(inputs))
     outs = {(cfg.run_path / name).resolve() for name in OUTPUTS}
-    for spec in cfg.data.sources:
-        path = input_path(spec)
-        if path is not None and path.resolve() in outs:
+    for path in inputs:
+        if path.resolve() in outs:
             raise DataError(f"source file {path} is also an output of `ual data` in {cfg.run_path}; "
                             "it would be overwritten: use another run folder or move the file")
 
 
 def build_dataset(cfg: ExperimentConfig, tokenizer=None) -> dict:
     """Run the data stage for `cfg`; returns (and writes) the data statistics."""
+    discard_outputs(cfg)
     if not cfg.data.sources:
         raise DataError("no data sources configured (data.sources is empty)")
-    _check_outputs(cfg)
     labels = [source_label(s) for s in cfg.data.sources]
     if len(set(labels)) != len(labels):
         raise DataError(f"two sources share a label in {labels}; give them distinct `label`s")
@@ -137,6 +144,14 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None) -> dict:
         held_all += held
         log.info("data: %s: %d read, %d skipped, %d train, %d held-out", label,
                  stats["read"], stats["skipped"], len(train), len(held))
+        if stats.get("skipped"):
+            log.warning("data: %s: %d bad rows skipped (%s); first: %s", label, stats["skipped"],
+                        ", ".join(f"{k}: {n}" for k, n in stats.get("skipped_by_kind", {}).items()),
+                        stats["skipped_reasons"][0])
+        if stats.get("trailing_turns_dropped"):
+            log.warning("data: %s: %d conversations go on after the last reply (an unanswered user turn, an "
+                        "odd-length LIMA list); those trailing turns were dropped; first: %s", label,
+                        stats["trailing_turns_dropped"], stats["trailing_turns_examples"][0])
 
     # Ids hash (source label, messages), labels are distinct and each source is deduplicated,
     # so no id is in both sets; checked anyway, as evaluation on trained samples would mislead.

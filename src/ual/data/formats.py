@@ -9,15 +9,16 @@ Supported shapes (`detect_format` picks one per row; a source may force one):
 
 Every problem is a `DataError` naming the file, the line (or row) and the field, so a
 user can open the file at the right place: "train.jsonl:7: field 'conversations[2].value':
-empty response". `load_file(..., on_error="skip")` skips such rows and counts them instead.
+empty response". Files are read by `files.iter_rows` (file and text problems); this module
+checks each row's shape and fields. `load_file(..., on_error="skip")` skips every kind of
+bad row and counts it (by kind) instead.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterator
 
+from ual.data.files import DataError, iter_json_array, iter_rows, read_records  # noqa: F401 (re-exported)
 from ual.data.sample import Sample
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "lima")
@@ -34,12 +35,8 @@ SPEAKERS = {
 }
 
 
-class DataError(ValueError):
-    """A row (or file) that cannot be used, with where it is and what is wrong."""
-
-
-def _fail(where: str, field: str | None, msg: str) -> DataError:
-    return DataError(f"{where}: field '{field}': {msg}" if field else f"{where}: {msg}")
+def _fail(where: str, field: str | None, msg: str, kind: str = "wrong type") -> DataError:
+    return DataError(f"{where}: field '{field}': {msg}" if field else f"{where}: {msg}", kind)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -51,7 +48,7 @@ def _has(row: dict, key: str) -> bool:
 def detect_format(row: dict) -> str:
     """Name the shape of one row, or raise listing the keys found and the shapes known."""
     if not isinstance(row, dict):
-        raise DataError(f"expected a JSON object per row, got {type(row).__name__}")
+        raise DataError(f"expected a JSON object per row, got {type(row).__name__}", "not an object")
     if _has(row, "messages"):
         return "messages"
     if _has(row, "conversations"):
@@ -63,7 +60,7 @@ def detect_format(row: dict) -> str:
         return "alpaca"
     if _has(row, "prompt") and (_has(row, "completion") or _has(row, "response")):
         return "prompt_completion"
-    raise DataError(f"unknown format: found keys {sorted(row)}; supported shapes: {SHAPES}")
+    raise DataError(f"unknown format: found keys {sorted(row)}; supported shapes: {SHAPES}", "unknown format")
 
 
 def _turns(turns, field: str, where: str, speaker_key: str, text_key: str) -> list[dict]:
@@ -78,20 +75,21 @@ def _turns(turns, field: str, where: str, speaker_key: str, text_key: str) -> li
         sk = speaker_key if speaker_key in t else ("role" if "role" in t else "from")
         tk = text_key if text_key in t else ("content" if "content" in t else "value")
         if sk not in t:
-            raise _fail(where, f"{f}.{speaker_key}", "missing")
+            raise _fail(where, f"{f}.{speaker_key}", "missing", "missing field")
         if tk not in t:
-            raise _fail(where, f"{f}.{text_key}", "missing")
+            raise _fail(where, f"{f}.{text_key}", "missing", "missing field")
         speaker = t[sk]
         role = SPEAKERS.get(speaker.strip().lower()) if isinstance(speaker, str) else None
         if role is None:
-            raise _fail(where, f"{f}.{sk}", f"unknown role {speaker!r} (expected one of {sorted(SPEAKERS)})")
+            raise _fail(where, f"{f}.{sk}", f"unknown role {speaker!r} (expected one of {sorted(SPEAKERS)})",
+                        "unknown role")
         out.append({"role": role, "content": t[tk], "_field": f"{f}.{tk}", "_role_field": f"{f}.{sk}"})
     return out
 
 
 def _text(row: dict, key: str, where: str) -> str:
     if key not in row or row[key] is None:
-        raise _fail(where, key, "missing")
+        raise _fail(where, key, "missing", "missing field")
     if not isinstance(row[key], str):
         raise _fail(where, key, f"expected a string, got {type(row[key]).__name__}")
     return row[key]
@@ -123,7 +121,7 @@ def _prompt_completion(row: dict, where: str) -> list[dict]:
 def _lima(row: dict, where: str) -> list[dict]:
     conv = row.get("conversations")
     if not isinstance(conv, list):
-        raise _fail(where, "conversations", "expected a list of strings")
+        raise _fail(where, "conversations", f"expected a list of strings, got {type(conv).__name__}")
     return [{"role": ("user", "assistant")[i % 2], "content": t, "_field": f"conversations[{i}]"}
             for i, t in enumerate(conv)]
 
@@ -134,15 +132,21 @@ def normalize_record(row: dict, fmt: str = "auto", where: str = "row") -> list[d
     Rules: contents are strings; no empty user or assistant turn (an empty system turn is
     dropped, there is nothing to render); the first non-system turn is the user's; at least
     one assistant turn; turns after the last assistant reply are dropped (nothing in them
-    would be supervised).
+    would be supervised; `normalize_row` says how many, and the loaders count them).
     """
+    return normalize_row(row, fmt, where)[0]
+
+
+def normalize_row(row: dict, fmt: str = "auto", where: str = "row") -> tuple[list[dict], int]:
+    """normalize_record, and the number of trailing turns (after the last reply) it dropped."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}", "not an object")
     if fmt == "auto":
         try:
             fmt = detect_format(row)
         except DataError as exc:
-            raise DataError(f"{where}: {exc}") from None
+            raise DataError(f"{where}: {exc}", exc.kind) from None
+    field = {"messages": "messages", "sharegpt": "conversations", "lima": "conversations"}.get(fmt)
     if fmt == "messages":
         msgs = _turns(row.get("messages"), "messages", where, "role", "content")
     elif fmt == "sharegpt":
@@ -154,169 +158,68 @@ def normalize_record(row: dict, fmt: str = "auto", where: str = "row") -> list[d
     elif fmt == "lima":
         msgs = _lima(row, where)
     else:
-        raise DataError(f"{where}: unknown format '{fmt}' (expected auto or one of {', '.join(FORMATS)})")
-    return _validate(msgs, where)
+        raise DataError(f"{where}: unknown format '{fmt}' (expected auto or one of {', '.join(FORMATS)})", "file")
+    return _validate(msgs, where, field)
 
 
-def _validate(msgs: list[dict], where: str) -> list[dict]:
+def _validate(msgs: list[dict], where: str, field: str | None) -> tuple[list[dict], int]:
     out = []
     for m in msgs:
-        role, content, field = m["role"], m["content"], m["_field"]
+        role, content, f = m["role"], m["content"], m["_field"]
         if not isinstance(content, str):
-            raise _fail(where, field, f"expected a string, got {type(content).__name__}")
+            raise _fail(where, f, f"expected a string, got {type(content).__name__}")
         if not content.strip():
             if role == "system":
                 continue
-            raise _fail(where, field, "empty response" if role == "assistant" else f"empty {role} turn")
+            raise _fail(where, f, "empty response" if role == "assistant" else f"empty {role} turn", "empty turn")
         if role == "assistant" and not any(m["role"] == "user" for m in out):
-            raise _fail(where, m.get("_role_field", field), "the conversation starts with an assistant turn (no prompt to answer)")
+            raise _fail(where, m.get("_role_field", f), "the conversation starts with an assistant turn "
+                        "(no prompt to answer)", "starts with assistant")
         out.append({"role": role, "content": content})
     last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=None)
     if last is None:
-        raise DataError(f"{where}: no assistant turn (nothing to learn from)")
-    return out[: last + 1]
-
-
-# --------------------------------------------------------------------------- files
-
-def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1 << 20) -> Iterator[tuple[int, object]]:
-    """Yield (line, value) for each element of a top-level JSON list, reading it piece by piece.
-
-    Memory holds one buffer (about a chunk), never the file: the 125 MB ShareGPT dump
-    is read only as far as needed. With truncated_ok, a file cut off mid-record (that
-    dump is) ends the iteration cleanly instead of raising.
-    """
-    dec = json.JSONDecoder()
-    with open(path, encoding="utf-8") as fh:
-        buf, pos, eof = "", 0, False
-        line, mark = 1, 0  # `line` is the line number at buf[mark]
-
-        def line_at(p: int) -> int:
-            nonlocal line, mark
-            if p > mark:
-                line, mark = line + buf.count("\n", mark, p), p
-            return line
-
-        def more() -> bool:  # drop what is consumed; read at least as much as is held (linear retries)
-            nonlocal buf, pos, mark, eof
-            line_at(pos)
-            buf, pos, mark = buf[pos:], 0, 0
-            data = fh.read(max(chunk, len(buf)))
-            eof = not data
-            buf += data
-            return not eof
-
-        def skip(chars: str) -> None:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in chars:
-                    pos += 1
-                if pos < len(buf) or not more():
-                    return
-
-        skip(" \t\r\n")
-        if pos >= len(buf) or buf[pos] != "[":
-            raise DataError(f"{path}:{line_at(pos)}: expected a JSON list of objects")
-        pos += 1
-        while True:
-            skip(" \t\r\n,")
-            if pos >= len(buf):
-                if truncated_ok:
-                    return
-                raise DataError(f"{path}:{line_at(pos)}: file ends before the closing ']'")
-            if buf[pos] == "]":
-                return
-            try:
-                value, end = dec.raw_decode(buf, pos)
-                if end == len(buf) and not eof:  # a scalar may go on in the next chunk
-                    raise json.JSONDecodeError("incomplete", buf, end)
-            except json.JSONDecodeError as exc:
-                if not eof:  # maybe only cut by the buffer: read on, then decode again
-                    more()
-                    continue
-                if truncated_ok:
-                    return
-                raise DataError(f"{path}:{line_at(exc.pos)}: not valid JSON ({exc.msg})") from None
-            yield line_at(pos), value
-            pos = end
-
-
-def _iter_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, row) per row; a row that cannot even be parsed comes as a DataError value."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for lineno, text in enumerate(fh, 1):
-                if text.strip():
-                    try:
-                        yield f"{path}:{lineno}", json.loads(text)
-                    except json.JSONDecodeError as exc:
-                        yield f"{path}:{lineno}", DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})")
-    elif suffix == ".json":
-        with open(path, encoding="utf-8") as fh:
-            first = fh.read(4096).lstrip()[:1]
-        if first == "{":  # {"data": [...]}: small enough to load whole
-            with open(path, encoding="utf-8") as fh:
-                try:
-                    obj = json.load(fh)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj.get("data"), list):
-                raise DataError(f"{path}: expected a JSON list of objects or {{\"data\": [...]}}, found keys {sorted(obj)}")
-            for i, row in enumerate(obj["data"]):
-                yield f"{path}:data[{i}]", row
-        else:
-            for lineno, row in iter_json_array(path):
-                yield f"{path}:{lineno}", row
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                yield f"{path}:row {i}", row
-                i += 1
-    else:
-        raise DataError(f"{path}: unsupported file type '{suffix}' (expected .jsonl, .json or .parquet)")
-
-
-def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield (where, row) for every row of a .jsonl / .json / .parquet file; bad JSON raises."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    for where, row in _iter_rows(path):
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield where, row
+        raise _fail(where, field, "no assistant turn (nothing to learn from)", "no assistant turn")
+    return out[: last + 1], len(out) - last - 1
 
 
 def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "raise",
-                      limit: int | None = None) -> tuple[list[Sample], dict]:
+                      limit: int | None = None, name: str | None = None) -> tuple[list[Sample], dict]:
     """Normalise (where, row) pairs into unique Samples; the shared loop of every loader.
 
-    stats: read, kept, skipped (with up to 5 example reasons), duplicates (identical content).
-    `limit` stops after that many kept samples, so a big source is read only as far as needed.
+    A row may be a DataError (a reader's verdict on a row it could not parse): under
+    on_error "skip" it is skipped and counted like a row with a bad field.
+    stats: read, kept, skipped (by kind, with up to 5 example reasons), duplicates
+    (identical content), trailing_turns_dropped (conversations whose turns after the last
+    reply, e.g. an unanswered user turn or the odd last string of a LIMA list, were cut;
+    up to 5 examples). `limit` stops after that many kept samples, so a big source is read
+    only as far as needed. A source with rows but no usable one is an error naming `name`.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"{name or source}: unknown format '{fmt}' (expected auto or one of {', '.join(FORMATS)})",
+                        "file")
     samples, seen = [], set()
-    stats = {"read": 0, "kept": 0, "skipped": 0, "duplicates": 0, "skipped_reasons": []}
+    stats = {"read": 0, "kept": 0, "skipped": 0, "skipped_by_kind": {}, "duplicates": 0, "skipped_reasons": [],
+             "trailing_turns_dropped": 0, "trailing_turns_examples": []}
     for where, row in rows if limit is None or limit > 0 else ():
         stats["read"] += 1
         try:
             if isinstance(row, Exception):
                 raise row
-            messages = normalize_record(row, fmt, where)
+            messages, cut = normalize_row(row, fmt, where)
         except DataError as exc:
             if on_error == "raise":
                 raise
             stats["skipped"] += 1
+            stats["skipped_by_kind"][exc.kind] = stats["skipped_by_kind"].get(exc.kind, 0) + 1
             if len(stats["skipped_reasons"]) < 5:
                 stats["skipped_reasons"].append(str(exc))
             continue
+        if cut:
+            stats["trailing_turns_dropped"] += 1
+            if len(stats["trailing_turns_examples"]) < 5:
+                stats["trailing_turns_examples"].append(f"{where}: {cut} turn{'s' * (cut > 1)} after the last reply")
         sample = Sample.create(source, messages, {"origin": where})
         if sample.id in seen:
             stats["duplicates"] += 1
@@ -326,6 +229,9 @@ def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "rai
         if limit is not None and len(samples) >= limit:
             break
     stats["kept"] = len(samples)
+    if stats["read"] and not samples:
+        raise DataError(f"{name or source}: none of its {stats['read']} rows is usable (all skipped; first: "
+                        f"{stats['skipped_reasons'][0]})", "file")
     return samples, stats
 
 
@@ -333,6 +239,4 @@ def load_file(path: str | Path, source: str | None = None, fmt: str = "auto", on
               limit: int | None = None) -> tuple[list[Sample], dict]:
     """Read a local data file into Samples (meta["origin"] = "file:line"); see samples_from_rows."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    return samples_from_rows(_iter_rows(path), source or path.stem, fmt, on_error, limit)
+    return samples_from_rows(iter_rows(path), source or path.stem, fmt, on_error, limit, name=str(path))

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ual.data.formats import DataError, iter_json_array, load_file, read_records, samples_from_rows
+from ual.data.formats import DataError, iter_json_array, iter_rows, load_file, samples_from_rows
 from ual.data.sample import Sample
 
 
@@ -129,20 +129,18 @@ def _metamath(path: Path, label: str, on_error: str) -> tuple[list[Sample], dict
     """MetaMathQA rows {query, response, type, original_question} as user=query, assistant=response."""
     kinds: dict[str, str] = {}
 
-    def rows():
-        for where, row in read_records(path):
-            for key in ("query", "response"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    err = DataError(f"{where}: field '{key}': missing or not a non-empty string")
-                    if on_error == "raise":
-                        raise err
-                    yield where, err
-                    break
-            else:
-                kinds[where] = str(row.get("type", ""))
-                yield where, {"prompt": row["query"], "completion": row["response"]}
+    def rows():  # a bad row goes on as a DataError: samples_from_rows raises or skips and counts it
+        for where, row in iter_rows(path):
+            bad = row if isinstance(row, DataError) else next(
+                (DataError(f"{where}: field '{key}': missing or not a non-empty string", "missing field")
+                 for key in ("query", "response") if not isinstance(row.get(key), str) or not row[key].strip()), None)
+            if bad is not None:
+                yield where, bad
+                continue
+            kinds[where] = str(row.get("type", ""))
+            yield where, {"prompt": row["query"], "completion": row["response"]}
 
-    samples, stats = samples_from_rows(rows(), label, "prompt_completion", on_error)
+    samples, stats = samples_from_rows(rows(), label, "prompt_completion", on_error, name=str(path))
     for s in samples:
         s.meta["type"] = kinds.get(s.meta["origin"], "")
     _add_answers(samples)

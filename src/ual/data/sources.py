@@ -135,7 +135,7 @@ def load_hub(name: str, split: str = "train", fmt: str = "auto", on_error: str =
                         "set where the hub is reachable and give its local .jsonl/.json/.parquet "
                         "file as the source name instead") from None
     rows = ((f"hub:{name}[{split}]:row {i}", row) for i, row in enumerate(ds))
-    samples, stats = samples_from_rows(rows, source or name.split("/")[-1], fmt, on_error)
+    samples, stats = samples_from_rows(rows, source or name.split("/")[-1], fmt, on_error, name=f"hub:{name}[{split}]")
     stats["path"] = f"hub:{name}"
     return samples, stats
 

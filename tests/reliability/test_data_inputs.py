@@ -1,0 +1,301 @@
+"""`ual data` on malformed data files of every supported format, driven through the CLI.
+
+Each bad file is real, written into tmp_path. For each: a non-zero exit whose message names the
+file, the line (or row) and the field; the input byte-for-byte unchanged; and no output of an
+earlier run left beside the new config.yaml (each case starts from a folder holding real outputs
+of a good run). Under `on_error: skip`, every kind of bad row is skipped and counted by kind; a
+conversation that goes on after its last reply keeps its answered part and is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from ual.cli import main
+from ual.io import read_json, read_jsonl
+
+STALE = ("samples.jsonl", "heldout.jsonl", "data_stats.json", "scores.jsonl", "smoothing.jsonl", "smoothing_stats.json")
+
+
+def good(fmt: str, i: int) -> dict:
+    q, a = f"Question number {i}?", f"Answer number {i}."
+    return {
+        "messages": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+        "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+        "alpaca": {"instruction": q, "input": "", "output": a},
+        "prompt_completion": {"prompt": q, "completion": a},
+        "lima": {"conversations": [q, a]},
+    }[fmt]
+
+
+def line(row) -> bytes:
+    return row if isinstance(row, bytes) else json.dumps(row).encode()
+
+
+def jsonl(*rows) -> bytes:
+    return b"".join(line(r) + b"\n" for r in rows)
+
+
+def json_list(*rows) -> bytes:
+    """One element per line: element k (0-based) starts on line k + 2."""
+    return b"[\n" + b",\n".join(line(r) for r in rows) + b"\n]\n"
+
+
+def parquet(rows) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    schema = pa.schema([("instruction", pa.string()), ("input", pa.string()), ("output", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue()
+
+
+def ual(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def write_config(tmp_path, source, on_error="raise", model="smollm2-135m", **opts):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": str(model),
+                                   "data": {"on_error": on_error, "sources": [{"name": str(source), **opts}]}}))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, tokenizer):
+    """Real outputs of a good `ual data` + `ual map` run: what a failed rerun must not leave behind."""
+    tmp = tmp_path_factory.mktemp("good")
+    src = tmp / "good.jsonl"
+    src.write_bytes(jsonl(*(good("messages", i) for i in range(8))))
+    cfg = write_config(tmp, src, heldout=2)
+    assert main(["data", str(cfg)]) == 0
+    run = tmp / "run"
+    ids = [r["id"] for r in read_jsonl(run / "samples.jsonl")]
+    (run / "scores.jsonl").write_text("".join(json.dumps({"id": i, "score": (k + 1) / 8}) + "\n"
+                                              for k, i in enumerate(ids)))
+    assert main(["map", str(cfg)]) == 0
+    assert all((run / name).exists() for name in STALE)
+    return run
+
+
+def seed_stale(good_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    return run
+
+
+def assert_no_stale(run):
+    left = [name for name in STALE if (run / name).exists()]
+    assert not left, f"a failed rerun left outputs of the last run: {left}"
+
+
+# --------------------------------------------------------------------------- fatal: exit 2, file, line, field
+
+M, S, A, P, L = (good(f, 0) for f in ("messages", "sharegpt", "alpaca", "prompt_completion", "lima"))
+
+# (case, file name, content, source options, fragments of the message; {f} is the file's path)
+FATAL = [
+    ("utf8-messages-jsonl", "m.jsonl",
+     jsonl(M, b'{"messages": [{"role": "user", "content": "caf\xe9?"}, {"role": "assistant", "content": "oui"}]}'),
+     {}, ["{f}:2: field 'messages[0].content': invalid UTF-8 byte 0xe9"]),
+    ("utf8-alpaca-latin1", "a.jsonl", jsonl(A, json.dumps({"instruction": "Résumé?", "output": "ok"},
+                                                          ensure_ascii=False).encode("latin-1")),
+     {}, ["{f}:2: field 'instruction': invalid UTF-8 byte 0xe9"]),
+    ("utf8-sharegpt-json-list", "s.json",
+     json_list(S, good("sharegpt", 1), b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "\xff"}]}'),
+     {}, ["{f}:4: field 'conversations[1].value': invalid UTF-8 byte 0xff"]),
+    ("utf8-outside-a-string", "x.jsonl", jsonl(P, b'{"prompt": "a", "completion": "b"}\xff'),
+     {}, ["{f}:2: invalid UTF-8 byte 0xff at column 35"]),
+    ("empty-jsonl", "e.jsonl", b"", {}, ["{f}: empty file"]),
+    ("blank-lines-jsonl", "b.jsonl", b"\n  \n\n", {}, ["{f}: no rows"]),
+    ("empty-json-list", "e.json", b"[ ]\n", {}, ["{f}: no rows"]),
+    ("empty-json-bytes", "e2.json", b"", {}, ["{f}: empty file"]),
+    ("empty-parquet-table", "e.parquet", parquet([]), {}, ["{f}: no rows"]),
+    ("empty-parquet-bytes", "e2.parquet", b"", {}, ["{f}: empty file"]),
+    ("not-parquet", "n.parquet", b"instruction,output\nq,a\n", {}, ["{f}: not a readable Parquet file"]),
+    ("bad-json-line", "j.jsonl", jsonl(M, b'{"messages": ['), {}, ["{f}:2: not valid JSON"]),
+    ("bad-json-list", "j.json", json_list(A, b'{"instruction": "q" "output": "a"}'), {}, ["{f}:3: not valid JSON"]),
+    ("row-not-an-object", "o.jsonl", jsonl(M, b"[1, 2]"), {}, ["{f}:2: expected a JSON object, got list"]),
+    ("messages-content-int", "t.jsonl",
+     jsonl(M, {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}),
+     {}, ["{f}:2: field 'messages[0].content': expected a string, got int"]),
+    ("messages-role-missing", "t.jsonl", jsonl(M, {"messages": [{"role": "user", "content": "q"}, {"content": "a"}]}),
+     {}, ["{f}:2: field 'messages[1].role': missing"]),
+    ("messages-content-missing", "t.jsonl",
+     jsonl(M, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}),
+     {}, ["{f}:2: field 'messages[1].content': missing"]),
+    ("sharegpt-conversations-dict", "t.jsonl", jsonl(S, {"conversations": {"from": "human", "value": "q"}}),
+     {}, ["{f}:2: field 'conversations': expected a list of turns, got dict"]),
+    ("sharegpt-turn-not-object", "t.jsonl", jsonl(S, {"conversations": [{"from": "human", "value": "q"}, "a"]}),
+     {}, ["{f}:2: field 'conversations[1]': expected an object"]),
+    ("sharegpt-from-missing", "t.jsonl", jsonl(S, {"conversations": [{"from": "human", "value": "q"}, {"value": "a"}]}),
+     {}, ["{f}:2: field 'conversations[1].from': missing"]),
+    ("alpaca-output-list", "t.jsonl", jsonl(A, {"instruction": "q", "output": ["a"]}),
+     {}, ["{f}:2: field 'output': expected a string, got list"]),
+    ("alpaca-input-int", "t.jsonl", jsonl(A, {"instruction": "q", "input": 3, "output": "a"}),
+     {}, ["{f}:2: field 'input': expected a string, got int"]),
+    ("alpaca-output-missing", "t.jsonl", jsonl(A, {"instruction": "q", "input": "x"}), {"format": "alpaca"},
+     ["{f}:2: field 'output': missing"]),
+    ("prompt-completion-prompt-int", "t.jsonl", jsonl(P, {"prompt": 3, "completion": "c"}),
+     {}, ["{f}:2: field 'prompt': expected a string, got int"]),
+    ("lima-item-int", "t.jsonl", jsonl(L, {"conversations": ["q", 5]}), {"format": "lima"},
+     ["{f}:2: field 'conversations[1]': expected a string, got int"]),
+    ("lima-single-turn", "t.jsonl", jsonl(L, {"conversations": ["only a question"]}),
+     {}, ["{f}:2: field 'conversations': no assistant turn"]),
+    ("parquet-null-output", "p.parquet", parquet([A, {"instruction": "q", "input": None, "output": None}]),
+     {"format": "alpaca"}, ["{f}:row 1: field 'output': missing"]),
+    ("json-data-wrapper-wrong-type", "w.json", json.dumps({"data": [P, {"prompt": 1, "completion": "c"}]}).encode(),
+     {}, ["{f}:data[1]: field 'prompt': expected a string, got int"]),
+    ("unknown-shape", "t.jsonl", jsonl(M, {"question": "q", "reply": "r"}), {}, ["{f}:2: unknown format: found keys"]),
+    ("unsupported-suffix", "t.csv", b"prompt,completion\nq,a\n", {}, ["{f}: unsupported file type '.csv'"]),
+    ("every-row-bad-under-skip", "t.jsonl", jsonl(b"{oops", {"prompt": 1, "completion": "c"}), {"on_error": "skip"},
+     ["{f}: none of its 2 rows is usable", "{f}:1: not valid JSON"]),
+]
+
+
+@pytest.mark.parametrize("name,content,opts,fragments", [c[1:] for c in FATAL], ids=[c[0] for c in FATAL])
+def test_bad_file_is_a_clear_error(tmp_path, capsys, good_run, name, content, opts, fragments):
+    src = tmp_path / "in" / name
+    src.parent.mkdir()
+    src.write_bytes(content)
+    run = seed_stale(good_run, tmp_path)
+    cfg = write_config(tmp_path, src, **opts)
+    code, err = ual(capsys, "data", cfg)
+    assert code == 2 and "Traceback" not in err
+    [message] = [x for x in err.splitlines() if x.startswith("ual data: error: ")]  # one line says it all
+    for fragment in fragments:
+        assert fragment.format(f=src) in message
+    assert src.read_bytes() == content
+    assert_no_stale(run)
+
+
+@pytest.mark.parametrize("case", ["directory", "directory-named-jsonl", "missing-file"])
+def test_a_path_that_is_not_a_file_says_what_it_is(tmp_path, capsys, good_run, case):
+    path = tmp_path / {"directory": "chats", "directory-named-jsonl": "chats.jsonl", "missing-file": "gone.jsonl"}[case]
+    if case != "missing-file":
+        path.mkdir()
+        (path / "part-0.jsonl").write_bytes(jsonl(M))
+    run = seed_stale(good_run, tmp_path)
+    code, err = ual(capsys, "data", write_config(tmp_path, path))
+    assert code == 2
+    assert f"{path}: {'no such file' if case == 'missing-file' else 'is a directory'}" in err
+    if case != "missing-file":
+        assert [p.name for p in path.iterdir()] == ["part-0.jsonl"] and (path / "part-0.jsonl").read_bytes() == jsonl(M)
+    assert_no_stale(run)
+
+
+# --------------------------------------------------------------------------- on_error: skip counts every kind
+
+SKIP = [
+    ("jsonl", "mixed.jsonl", {}, jsonl(
+        M, good("messages", 1), good("messages", 2),
+        b'{"messages": [{"role": "user", "content": "\xe9"}, {"role": "assistant", "content": "a"}]}',
+        b'{"messages": [',
+        b'"just a string"',
+        {"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"content": "a"}]},
+        {"question": "q"},
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+    ), {"invalid UTF-8": 1, "invalid JSON": 1, "not an object": 1, "wrong type": 1, "missing field": 1,
+        "unknown format": 1, "no assistant turn": 1, "empty turn": 1}),
+    ("json-list", "mixed.json", {}, json_list(
+        S, good("sharegpt", 1), good("sharegpt", 2),
+        b'{"conversations": [{"from": "human", "value": "\xff"}, {"from": "gpt", "value": "a"}]}',
+        {"conversations": [{"from": "wizard", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        7,
+    ), {"invalid UTF-8": 1, "unknown role": 1, "not an object": 1}),
+    ("parquet", "mixed.parquet", {"format": "alpaca"}, parquet(
+        [A, good("alpaca", 1), good("alpaca", 2), {"instruction": "q", "input": None, "output": None},
+         {"instruction": "q", "input": None, "output": ""}]), {"missing field": 1, "empty turn": 1}),
+    ("lima", "mixed.jsonl", {"format": "lima"}, jsonl(
+        L, good("lima", 1), good("lima", 2), {"conversations": ["q", 3]}, {"conversations": "q"},
+        {"conversations": ["a reply first?", ""]}), {"wrong type": 2, "empty turn": 1}),
+]
+
+
+@pytest.mark.parametrize("name,opts,content,kinds", [c[1:] for c in SKIP], ids=[c[0] for c in SKIP])
+def test_skip_mode_skips_and_counts_every_kind_of_bad_row(tmp_path, capsys, caplog, name, opts, content, kinds):
+    src = tmp_path / name
+    src.write_bytes(content)
+    code, err = ual(capsys, "data", write_config(tmp_path, src, on_error="skip", **opts))
+    assert code == 0, err
+    stats = read_json(tmp_path / "run" / "data_stats.json")["sources"][src.stem]
+    assert stats["kept"] == 3 and stats["skipped"] == sum(kinds.values())
+    assert stats["skipped_by_kind"] == kinds
+    assert all(r.startswith(f"{src}:") for r in stats["skipped_reasons"])
+    assert len(read_jsonl(tmp_path / "run" / "samples.jsonl")) == 3
+    assert f"{sum(kinds.values())} bad rows skipped" in caplog.text
+    assert src.read_bytes() == content
+
+
+# --------------------------------------------------------------------------- turns after the last reply
+
+TRAILING = [
+    ("messages-ends-with-user", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                              {"role": "user", "content": "and then?"}]}),
+    ("sharegpt-ends-with-human", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                                                    {"from": "human", "value": "thanks"}]}),
+    ("lima-odd-length", {"conversations": ["q", "a", "a last question nobody answered"]}),
+]
+
+
+@pytest.mark.parametrize("row", [c[1] for c in TRAILING], ids=[c[0] for c in TRAILING])
+def test_turns_after_the_last_reply_are_dropped_and_counted(tmp_path, capsys, caplog, row):
+    src = tmp_path / "chat.jsonl"
+    content = jsonl(good("messages", 1), row)
+    src.write_bytes(content)
+    code, err = ual(capsys, "data", write_config(tmp_path, src))
+    assert code == 0, err
+    stats = read_json(tmp_path / "run" / "data_stats.json")["sources"]["chat"]
+    assert stats["kept"] == 2 and stats["trailing_turns_dropped"] == 1
+    assert stats["trailing_turns_examples"] == [f"{src}:2: 1 turn after the last reply"]
+    assert "trailing turns were dropped" in caplog.text and f"{src}:2" in caplog.text
+    kept = next(s for s in read_jsonl(tmp_path / "run" / "samples.jsonl") if s["meta"]["origin"] == f"{src}:2")
+    assert [m["role"] for m in kept["messages"]] == ["user", "assistant"]
+    assert src.read_bytes() == content
+
+
+# --------------------------------------------------------------------------- the run folder after a failed rerun
+
+def test_failed_rerun_leaves_no_outputs_of_the_last_run(tmp_path, capsys, good_run):
+    """config.yaml is rewritten when the stage starts: the old samples, stats and everything derived
+    from them (scores, smoothing) must go, whether the data or the tokenizer is what fails."""
+    run = seed_stale(good_run, tmp_path)
+    src = tmp_path / "good.jsonl"
+    src.write_bytes(jsonl(*(good("messages", i) for i in range(8))))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(M, {"instruction": "x"}))
+    code, err = ual(capsys, "data", write_config(tmp_path, bad))
+    assert code == 2 and f"{bad}:2" in err
+    assert_no_stale(run)
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["sources"][0]["name"] == str(bad)
+    # the same config as the good run rebuilds the same samples
+    assert ual(capsys, "data", write_config(tmp_path, src, heldout=2))[0] == 0
+    assert [r["id"] for r in read_jsonl(run / "samples.jsonl")] == [r["id"] for r in read_jsonl(good_run / "samples.jsonl")]
+    # a model whose tokenizer cannot load fails after config.yaml is written, before any data is read
+    empty_model = tmp_path / "no-model"
+    empty_model.mkdir()
+    try:
+        code = main(["data", str(write_config(tmp_path, src, model=empty_model, heldout=2))])
+    except Exception:  # noqa: BLE001 - how the tokenizer's failure surfaces is not this test's business
+        code = 1
+    assert code != 0
+    assert_no_stale(run)
+
+
+def test_a_source_that_is_an_output_is_refused_and_kept(tmp_path, capsys, good_run):
+    run = seed_stale(good_run, tmp_path)
+    content = (run / "samples.jsonl").read_bytes()
+    code, err = ual(capsys, "data", write_config(tmp_path, run / "samples.jsonl"))
+    assert code == 2 and "is also an output of `ual data`" in err
+    assert (run / "samples.jsonl").read_bytes() == content
+    assert not any((run / n).exists() for n in STALE if n != "samples.jsonl")
