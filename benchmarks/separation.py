@@ -1,8 +1,9 @@
 """Do the model-based scorers separate precise from open-ended data beyond the demo's two sources?
 
 Builds, offline, one open-ended set and several precise ones, scores every sample with
-one forward pass of the reference model (both measures: mean predictive entropy and
-mean NLL over the response tokens), and prints, for each precise set against the open
+two forward passes of the reference model (with the instructions, and with them blanked),
+which give the four model-based measures (mean predictive entropy and mean NLL over the
+response tokens, and each divided by its value with the instructions blanked), and prints, for each precise set against the open
 set, the AUC of open over precise and the ratio of their mean eps after the map
 (target mean 0.1) under each normalisation.
 
@@ -15,7 +16,7 @@ set, the AUC of open over precise and the ratio of their mean eps after the map
             many answers are good; the entropy is what should stay low)
 
     python benchmarks/separation.py [--n 64] [--model smollm2-135m] [--max-length 192]
-Ends with one JSON line: {"SET": {"entropy_auc", "nll_auc", "entropy_rank_ratio", ...}}.
+Ends with one JSON line: {"OPEN_vs_PRECISE": {"entropy_auc", "entropy_rank_ratio", "nll_auc", ...}}.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> int:
     from ual.evaluation.nll import response_token_stats
     from ual.models import load_model, load_tokenizer
     from ual.scoring.analysis import separation
+    from ual.scoring.perplexity import without_instructions
 
     sets = build_sets(args.n)
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, "cpu")
@@ -79,15 +81,19 @@ def main() -> int:
     scored = {}
     for name, samples in sets.items():
         st = response_token_stats(model, tokenizer, samples, args.max_length, batch_size=8, desc=name)
-        scored[name] = [(s, x) for s, x in zip(samples, st) if x.tokens]
+        alone = response_token_stats(model, tokenizer, [without_instructions(s) for s in samples], args.max_length,
+                                     batch_size=8, desc=f"{name}, instructions blanked")
+        scored[name] = [(x, {"entropy": x.mean_entropy, "nll": x.mean_nll,
+                             "entropy_ratio": x.mean_entropy / a.mean_entropy, "nll_ratio": x.mean_nll / a.mean_nll})
+                        for x, a in zip(st, alone) if x.tokens and a.tokens and a.mean_entropy > 0 and a.mean_nll > 0]
     seconds = time.time() - start
     smoothing = SmoothingConfig(target_mean=0.1)
     print(f"Model `{args.model}`, max_length {args.max_length}, {sum(len(v) for v in scored.values())} samples "
           f"scored in {seconds:.0f} s. Per set: mean entropy / mean NLL (nats per response token).\n")
     print("| set | n | mean entropy | mean NLL |\n|---|---:|---:|---:|")
     for name, rows in scored.items():
-        ent = sum(x.mean_entropy for _, x in rows) / len(rows)
-        nll = sum(x.mean_nll for _, x in rows) / len(rows)
+        ent = sum(m["entropy"] for _, m in rows) / len(rows)
+        nll = sum(m["nll"] for _, m in rows) / len(rows)
         print(f"| {name} | {len(rows)} | {ent:.3f} | {nll:.3f} |")
     print("\nOpen (or creative) over each precise set: AUC, and mean eps ratio after the map at target mean 0.1 "
           "(normalisation max / minmax / rank), scores from the two sets alone.\n")
@@ -95,9 +101,9 @@ def main() -> int:
     summary = {}
     for open_set in ("open", "creative"):
         for precise in ("gsm8k", "mmlu", "arith"):
-            for measure, attr in (("entropy", "mean_entropy"), ("nll", "mean_nll")):
-                rows = [{"source": name, "score": getattr(x, attr)} for name in (open_set, precise)
-                        for _, x in scored[name]]
+            for measure in ("entropy_ratio", "entropy", "nll_ratio", "nll"):
+                rows = [{"source": name, "score": m[measure]} for name in (open_set, precise)
+                        for _, m in scored[name]]
                 (pair,) = separation(rows, smoothing=smoothing)
                 auc = pair["auc"] if pair["high"] == open_set else 1 - pair["auc"]
                 ratios = {k: (v if pair["high"] == open_set else (1 / v if v else None))

@@ -112,6 +112,43 @@ def test_switching_between_entropy_and_perplexity_costs_no_model_call(tmp_path, 
     assert [r["score"] for r in fresh] == pytest.approx([r["score"] for r in ppl], rel=1e-5)
 
 
+
+def test_ratio_scorers_equal_hand_computation_and_derive_one_way(tmp_path, tiny_model_dir, monkeypatch):
+    """entropy_ratio = mean entropy with the instructions / with them blanked (same response tokens), by
+    hand; nll_ratio likewise. Ratio rows give every plain measure without a model call; plain rows cannot
+    give a ratio (they lack the blanked pass), so asking for one after them runs the model."""
+    from ual.models import load_model
+    from ual.scoring.perplexity import without_instructions
+
+    samples = _samples()
+    model = load_model(str(tiny_model_dir), "cpu")
+    from ual.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    with_i = [_by_hand(model, tok, s) for s in samples]
+    blank = [_by_hand(model, tok, without_instructions(s)) for s in samples]
+    assert [len(encode_sample(tok, without_instructions(s).messages, 64)["labels"]) for s in samples] != \
+        [len(encode_sample(tok, s.messages, 64)["labels"]) for s in samples]  # the instructions are gone
+    for measure, col in (("entropy_ratio", 0), ("nll_ratio", 1)):
+        got = ModelUncertaintyScorer(measure, str(tiny_model_dir), 64, batch_size=3, device="cpu").score(samples)
+        expected = np.array([w[col] / b[col] for w, b in zip(with_i, blank)])
+        np.testing.assert_allclose([r.score for r in got], expected / expected.max(), rtol=1e-4)
+
+    cfg = _run_config(tmp_path, tiny_model_dir, scorer="entropy")
+    assert main(["data", str(cfg)]) == 0 and main(["score", str(cfg)]) == 0
+    calls = []
+    real = load_model
+    monkeypatch.setattr("ual.models.load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["score", str(cfg), "--score.scorer", "entropy_ratio"]) == 0
+    assert calls, "an entropy_ratio cannot come from plain entropy rows"
+    ratio = read_jsonl(tmp_path / "run" / "scores.jsonl")
+    assert all({"mean_entropy_alone", "mean_nll_alone", "mean_entropy"} <= set(r["details"]) for r in ratio)
+    calls.clear()
+    for plain in ("nll_ratio", "perplexity", "entropy"):
+        assert main(["score", str(cfg), "--score.scorer", plain]) == 0
+    assert not calls  # nll_ratio from entropy_ratio's rows; the plain ones reused or derived
+
+
 def test_prior_scorer_and_its_refusal(tmp_path, tiny_model_dir, capsys):
     samples = _samples(4)
     res = PriorScorer({"maths": 0.2, "chat": 0.8}).score(samples)

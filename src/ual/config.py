@@ -53,10 +53,13 @@ class DataConfig:
 
 @dataclass
 class ScoreConfig:
-    scorer: Literal["entropy", "perplexity", "judge", "local_judge", "prior"] = _f("perplexity", "entropy (mean predictive entropy of the response tokens under a reference model) | "
-                                   "perplexity (their mean NLL; both come from one pass and are kept together) | judge "
-                                   "(OpenAI-compatible endpoint) | local_judge (transformers model) | prior (score.prior per source)")
-    model: str | None = _f(None, "reference model for entropy / perplexity / local judge (default: the run's model); "
+    scorer: Literal["entropy_ratio", "entropy", "nll_ratio", "perplexity", "judge", "local_judge", "prior"] = _f(
+        "perplexity", "entropy (mean predictive entropy of the response tokens under a reference model) | perplexity "
+                      "(their mean NLL; both from one pass, kept together) | entropy_ratio / nll_ratio (the same with the "
+                      "instructions / with them blanked: how much of the response's uncertainty the instruction removes; "
+                      "a second pass) | judge (OpenAI-compatible endpoint) | local_judge (transformers model) | prior "
+                      "(score.prior per source); docs/scoring.md")
+    model: str | None = _f(None, "reference model for the model-based scorers and the local judge (default: the run's model); "
                                  "judge model name for 'judge'")
     prior: dict[str, float] = _f({}, "scorer prior: u in [0, 1] per data source, e.g. {gsm8k: 0.2, sharegpt: 0.8}")
     heldout: bool = _f(True, "also score the held-out samples (heldout_scores.jsonl), so evaluation can report "

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def build_scorer(cfg: ExperimentConfig):
     sc = cfg.score
     max_length = sc.max_length or cfg.data.max_length
-    if sc.scorer in ("perplexity", "entropy"):
+    if sc.scorer in ("perplexity", "entropy", "entropy_ratio", "nll_ratio"):
         from ual.scoring.perplexity import ModelUncertaintyScorer
 
         return ModelUncertaintyScorer(sc.scorer, sc.model or cfg.model, max_length, sc.batch_size, cfg.device,
@@ -39,7 +39,7 @@ def build_scorer(cfg: ExperimentConfig):
         from ual.scoring.local_judge import build_local_judge_scorer
 
         return build_local_judge_scorer(sc, sc.model or cfg.model, cfg.device)
-    raise ValueError(f"score.scorer must be entropy, perplexity, judge, local_judge or prior, got {sc.scorer!r}")
+    raise ValueError(f"score.scorer must be entropy_ratio, entropy, nll_ratio, perplexity, judge, local_judge or prior, got {sc.scorer!r}")
 
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
