@@ -18,6 +18,13 @@ gradients for the hidden states and, unless --frozen-head, for the weight):
                 falls back to its full-logits reference path (it warns); measured as is
   ual_naive     ual.loss.smoothed_cross_entropy, per-sample eps, on full logits
   ual_chunked   ual.loss.chunked_smoothed_cross_entropy, per-sample eps (ours)
+  ual_dft       the same with token_scale="dft" (each token's smoothed CE times sg(p_y): ual+dft)
+  ual_eaft      the same with token_scale="eaft" (times sg(top-20 entropy / log 20): ual+eaft)
+  ual_weighted  the same with per-sample loss weights (0.5 + i / B for sample i)
+  ual_naive_eaft  ual.loss.smoothed_cross_entropy with token_scale="eaft" on full logits (as
+                LLaMA-Factory computes EAFT)
+The token-scale and weighted variants are also compared with ual_chunked measured in the
+same run (columns "vs ual_chunked"; the target is within 1.1x in time and memory).
 
 Peak memory: tracemalloc does not see torch's allocations and CPU tensors have no
 allocator statistics, so each worker measures the growth of the process's peak
@@ -48,7 +55,10 @@ SHAPES = {
     "llama7b_head": (1, 1024, 4096, 32000),  # Llama-2-7B-sized head
 }
 QUICK_SHAPES = {"smollm2": (2, 128, 128, 1024), "llama7b_head": (1, 128, 256, 1024)}
-VARIANTS = ["ce", "hf_ls", "torch_chunked", "torch_chunked_512", "torch_ls", "ual_naive", "ual_chunked"]
+VARIANTS = ["ce", "hf_ls", "torch_chunked", "torch_chunked_512", "torch_ls", "ual_naive", "ual_chunked",
+            "ual_dft", "ual_eaft", "ual_weighted", "ual_naive_eaft"]
+# Variants compared with ual_chunked (same loss, a token scale or sample weights added).
+MODE_VARIANTS = ("ual_dft", "ual_eaft", "ual_weighted", "ual_naive_eaft")
 UNIFORM_EPS = 0.1
 SUPERVISED = 0.7  # fraction of supervised (response) tokens
 
@@ -122,6 +132,23 @@ def _loss_fn(variant):
         def fn(hidden, weight, targets, eps):
             return chunked_smoothed_cross_entropy(hidden, weight, targets, eps)
 
+    elif variant in ("ual_dft", "ual_eaft", "ual_weighted"):
+        from ual.loss import chunked_smoothed_cross_entropy
+
+        token_scale = {"ual_dft": "dft", "ual_eaft": "eaft"}.get(variant, "none")
+
+        def fn(hidden, weight, targets, eps):
+            b = targets.shape[0]
+            weights = 0.5 + torch.arange(b) / b if variant == "ual_weighted" else None
+            return chunked_smoothed_cross_entropy(hidden, weight, targets, eps, token_scale=token_scale,
+                                                  sample_weights=weights)
+
+    elif variant == "ual_naive_eaft":
+        from ual.loss import smoothed_cross_entropy
+
+        def fn(hidden, weight, targets, eps):
+            return smoothed_cross_entropy(F.linear(hidden, weight), targets, eps, token_scale="eaft")
+
     else:
         raise ValueError(variant)
     return fn
@@ -159,7 +186,7 @@ def worker(variant, shape, frozen_head, iters):
         if i == 0:
             peak = _maxrss_mib() - base
             notes = sorted({str(w.message).split(";")[0][:80] for w in caught})
-            value = float(loss)
+            value = float(loss.detach())
         else:
             times.append(dt)
             cpu_times.append(dc)
@@ -294,6 +321,7 @@ def main(argv=None):
                     "notes": rs[0]["notes"],
                 }
             ce = rows["ce"]
+            ours = rows["ual_chunked"]
             grad_w = 0.0 if frozen else v * h * 4 / 2**20
             print()
             print(
@@ -304,20 +332,22 @@ def main(argv=None):
             print()
             print(
                 "| variant | per-sample eps | time (s) | time vs ce | CPU time (s) | CPU time vs ce "
-                "| peak mem (MiB) | mem vs ce | mem - grad_w vs ce | loss |"
+                "| peak mem (MiB) | mem vs ce | mem - grad_w vs ce | time vs ual_chunked | mem vs ual_chunked | loss |"
             )
-            print("|---|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for var in variants:
                 row = rows[var]
                 if row is None:
-                    print(f"| {var} | | n/a | | | | | | | |")
+                    print(f"| {var} | | n/a | | | | | | | | | |")
                     continue
                 work = (row["mem"] - grad_w) / max(ce["mem"] - grad_w, 1e-9)
+                vs_ours = var in MODE_VARIANTS
                 print(
                     f"| {var} | {'yes' if var.startswith('ual') else 'no'} | {row['time']:.2f} "
                     f"| {_fmt_ratio(row['time'] / ce['time'])} | {row['cpu']:.2f} | {_fmt_ratio(row['cpu'] / ce['cpu'])} "
                     f"| {row['mem']:.0f} | {_fmt_ratio(row['mem'] / ce['mem'])} "
-                    f"| {_fmt_ratio(work)} | {row['loss']:.4f} |"
+                    f"| {_fmt_ratio(work)} | {_fmt_ratio(row['time'] / ours['time']) if vs_ours else ''} "
+                    f"| {_fmt_ratio(row['mem'] / max(ours['mem'], 1e-9)) if vs_ours else ''} | {row['loss']:.4f} |"
                 )
             print()
             print(f"all timed steps (s): " + "; ".join(f"{k} {r['times']}" for k, r in rows.items() if r))
@@ -326,10 +356,10 @@ def main(argv=None):
             for var, row in rows.items():
                 if row and row["notes"]:
                     print(f"note {var}: " + " | ".join(row["notes"]))
-            ours = rows["ual_chunked"]
-
-            def ratio(key, base):
-                return None if rows.get(base) is None else round(ours[key] / rows[base][key], 3)
+            def ratio(key, base, var="ual_chunked"):
+                if rows.get(base) is None or rows.get(var) is None:
+                    return None
+                return round(rows[var][key] / max(rows[base][key], 1e-9), 3)
 
             entry = {
                 "time_vs_ce": ratio("time", "ce"),
@@ -343,6 +373,17 @@ def main(argv=None):
                 "cpu_time_vs_torch_chunked": ratio("cpu", "torch_chunked"),
                 "time_s": round(ours["time"], 3),
                 "ce_time_s": round(ce["time"], 3),
+                # token scales and sample weights: against ce and against ual_chunked (target <= 1.1)
+                "modes": {
+                    var: {
+                        "time_vs_ce": ratio("time", "ce", var),
+                        "mem_vs_ce": ratio("mem", "ce", var),
+                        "time_vs_ual_chunked": ratio("time", "ual_chunked", var),
+                        "cpu_time_vs_ual_chunked": ratio("cpu", "ual_chunked", var),
+                        "mem_vs_ual_chunked": ratio("mem", "ual_chunked", var),
+                    }
+                    for var in MODE_VARIANTS if rows.get(var) is not None
+                },
             }
             summary[name if not frozen or heads == ["frozen"] else f"{name}_frozen_head"] = entry
     print()

@@ -1,100 +1,85 @@
-"""Per-sample label-smoothed cross-entropy (METHOD.md §3). Pure torch, no I/O.
+"""Per-sample label-smoothed cross-entropy (METHOD.md §3), optionally scaled per
+token (DFT, EAFT) and weighted per sample. Pure torch, no I/O, no state.
 
-For a supervised token with gold y, logits z over a vocabulary of V and the
-sample's smoothing eps:
+For a supervised token t of sample i, with gold y, logits z over a vocabulary
+of V and the sample's smoothing eps_i, the loss is the product of three factors
 
-    loss = (1 - eps) * (-log p_y) + eps * mean_v(-log p_v)
-         = (1 - eps) * (lse(z) - z_y) + eps * (lse(z) - mean_v(z))
-         = lse(z) - (1 - eps) * z_y - eps * mean_v(z)
+    loss_t = w_i * s_t * l_t(eps_i)
 
-which is PyTorch's `label_smoothing` convention, with eps varying per sample.
+l_t(eps), the label-smoothed cross-entropy (PyTorch's `label_smoothing`
+convention, eps varying per sample):
+
+    l = (1 - eps) * (-log p_y) + eps * mean_v(-log p_v)
+      = lse(z) - (1 - eps) * z_y - eps * mean_v(z)
+
 The smoothed term costs one extra reduction over the logits, never a dense
-(T, V) target. Losses are summed over supervised tokens and divided by the
-number of supervised tokens of the whole accumulated batch
-(`num_items_in_batch`, as Hugging Face does), so gradient accumulation is exact.
+(T, V) target.
 
-Each mode optimises a different objective (eps differs), so its loss values are
-not comparable across modes; the eps = 0 term lse(z) - z_y (plain NLL) is. Both
-losses can return it beside the loss (`return_nll=True`): it is built from the
-lse and z_y the loss computes anyway, so it costs no pass over the logits.
+s_t, the token scale (`token_scale`), computed from the model's own predictive
+distribution p = softmax(z) (never from the smoothed target), with the gradient
+stopped (sg): a weight on the token, not a term that is optimised:
+  none  s = 1.
+  dft   s = sg(p_y). DFT (Wu et al. 2025, arXiv 2508.05629) as TRL's
+        `loss_type="dft"` computes it: per token -log p_y * p_y.detach(), summed
+        and divided by the supervised-token count.
+  eaft  s = sg(H_k(z) / log k), H_k(z) = -sum_j q_j log q_j the entropy of
+        q = softmax of the k largest logits, k = min(eaft_topk, V) (default 20).
+        EAFT (arXiv 2601.02151) as LLaMA-Factory's `eaft_loss_func` computes it,
+        except for the normaliser: it divides H_20 by the constant 3.0 (k fixed
+        at 20); we divide by log k, the maximum of H_k, so s lies in [0, 1] for
+        every k (it is 1 when the top k logits are equal). At k = 20 ours is
+        3.0 / ln 20 = 1.0014 times theirs: the same objective up to a 0.14%
+        constant, i.e. the learning rate. Their exponent alpha (default 1) is 1 here.
+
+w_i, the sample's weight (`sample_weights`, (B,); None: all 1): a constant (no
+gradient reaches it); zero removes the sample's tokens from the numerator.
+Negative weights are not checked (that would need a host sync).
+
+Composition. eps acts on the target distribution, s on the token, w on the
+sample: the factors are independent, any combination is defined by the product
+above, and each factor at its identity (eps = 0, s = 1, w = 1) gives back the
+others alone. So "ual+dft" is w = 1, s = sg(p_y), eps = eps_i: each token's
+smoothed cross-entropy times sg(p_y), the model's probability of the gold token
+(not of the smoothed target). Since s and w are constants, the gradient is the
+smoothed loss's, scaled per token:
+
+    d loss_t / dz = w_i * s_t * (p - (1 - eps_i) onehot(y) - eps_i / V).
+
+Normalisation. The per-token losses are summed over supervised tokens and
+divided by the number of supervised tokens of the whole accumulated batch
+(`num_items_in_batch`, as Hugging Face does; else this batch's count): a mean
+over tokens, never divided by sum(w) or sum(s), as TRL's DFT and LLaMA-Factory's
+EAFT divide. Gradient accumulation and data parallel stay exact (a weighted mean
+would need sum(w) over the accumulated batch), and the mean weight sets the
+effective learning rate: normalise weights to mean 1 to keep it.
+
+Each mode optimises a different objective, so its loss values are not
+comparable across modes; the plain NLL lse(z) - z_y (eps = 0, s = 1, w = 1) is.
+Both losses can return it beside the loss (`return_nll=True`), under the same
+denominator: it is built from the lse and z_y the loss computes anyway, so it
+costs no pass over the logits.
+
+The full-logits path (`smoothed_cross_entropy`, in `ual.loss_naive`) is the
+reference; `chunked_smoothed_cross_entropy` computes the same from hidden
+states and the output projection without materialising all logits.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Targets for next-token prediction: position t predicts labels[t + 1]."""
-    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
-
-
-def token_smoothed_nll(
-    logits: torch.Tensor, targets: torch.Tensor, eps: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Per-token loss (fp32), zero where targets == ignore_index.
-
-    logits: (..., V); targets: (...); eps: broadcastable to targets (per token).
-    """
-    return _token_losses(logits, targets, eps, ignore_index, False)[0]
-
-
-def _token_losses(logits, targets, eps, ignore_index, with_nll):
-    """Per-token loss and, if with_nll, the detached per-token plain NLL
-    lse - z_y (else None), both zero where ignored."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)
-    mask = targets != ignore_index
-    gold = z.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    eps = eps.to(z.dtype)
-    loss = lse - (1 - eps) * gold - eps * z.mean(dim=-1)
-    zero = torch.zeros_like(loss)
-    # lse - z_y is bitwise what the loss line gives at eps = 0 ((1 - 0) * z_y = z_y,
-    # 0 * mean = 0), so the logged NLL equals an eps = 0 run's loss exactly.
-    nll = torch.where(mask, (lse - gold).detach(), zero) if with_nll else None
-    return torch.where(mask, loss, zero), nll
-
-
-def smoothed_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    eps: torch.Tensor | float,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    *,
-    return_nll: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Mean per-sample label-smoothed cross-entropy over supervised tokens.
-
-    logits: (B, T, V) aligned with targets (B, T) (already shifted, see `shift_labels`);
-    eps: (B,) per-sample smoothing, or a float for uniform smoothing.
-    The sum is divided by `num_items_in_batch` when given (the supervised-token
-    count of the whole accumulated batch), else by this batch's count.
-    return_nll: return `(loss, nll)`, nll the detached fp32 plain NLL (the
-    eps = 0 term) under the same normalisation: what this call with eps = 0 returns.
-    """
-    eps_t = torch.as_tensor(eps, dtype=torch.float32, device=logits.device)
-    if eps_t.dim() == 1:
-        eps_t = eps_t.view(-1, *([1] * (targets.dim() - 1)))
-    tok, nll_tok = _token_losses(logits, targets, eps_t, ignore_index, return_nll)
-    denom = _denominator(targets, num_items_in_batch, ignore_index)
-    loss = tok.sum() / denom
-    if not return_nll:
-        return loss
-    return loss, nll_tok.sum() / denom
-
-
-def _denominator(targets, num_items_in_batch, ignore_index):
-    if num_items_in_batch is None:
-        count = (targets != ignore_index).sum()
-    else:
-        count = torch.as_tensor(num_items_in_batch, device=targets.device)
-    # An all-ignored batch yields 0 / 1 = 0 with a zero gradient, never NaN.
-    return count.clamp_min(1).float()
-
+from ual.loss_naive import (  # noqa: F401 - re-exported: `from ual.loss import ...`
+    IGNORE_INDEX,
+    TOKEN_SCALES,
+    _token_losses,
+    check_token_scale,
+    per_sample,
+    shift_labels,
+    smoothed_cross_entropy,
+    token_smoothed_nll,
+    topk_entropy_scale,
+)
+from ual.loss_naive import denominator as _denominator
 
 # --------------------------------------------------------------------------
 # Chunked loss from hidden states and the output projection (never all logits)
@@ -126,6 +111,13 @@ def _denominator(targets, num_items_in_batch, ignore_index):
 #   (+33% of the dominant cost on CPU); storing dh and dW (fp32) costs no more
 #   memory than the backward allocates anyway. The backward only scales them
 #   by the incoming gradient.
+# - Token scales and sample weights: each row's coefficient c = w * s is a
+#   constant, so dL/dz = a * c * (p - ...) and c is folded into the same
+#   (C, H)-sized operands (rows of P @ W, rows of h in P^T h) and C-sized
+#   coefficients, never into the (C, V) buffer (with low-precision GEMMs, into
+#   the buffer's cast, which is a pass anyway): dft's s = p_y = exp(z_y - lse)
+#   costs C values; eaft's s adds one top-k over the buffer before the softmax
+#   (a partial pass: ~2-3% of a chunk's three matmuls on CPU).
 # - fp32 accumulation throughout. On CPU (no native bf16 GEMM with AVX2) bf16
 #   / fp16 inputs are upcast to fp32 for the matmuls; on CUDA the matmuls run
 #   in the input dtype with fp32 output and the softmax in fp32.
@@ -163,17 +155,20 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
 
 
 class _ChunkedSmoothedCE(torch.autograd.Function):
-    """Sum over supervised rows r of a * (lse(z) - (1 - eps) z_y - eps mean(z)),
-    z = h[r] W^T + b. h: (N, H) all rows; rows: (n,) supervised row indices, with
-    their targets y and eps (n,). The supervised rows are gathered chunk by chunk
+    """Sum over supervised rows r of a * c_r * (lse(z) - (1 - eps) z_y - eps mean(z)),
+    z = h[r] W^T + b, c_r = row_weight_r * s_r (the token scale, see the module
+    docstring; c = 1 when token_scale is "none" and row_weight None). h: (N, H)
+    all rows; rows: (n,) supervised row indices, with their targets y, eps and
+    row_weight (n,). The supervised rows are gathered chunk by chunk
     and their gradient is written straight into the (N, H) gradient (no gathered
     copy of h, no separate gradient to scatter). Returns the fp32 scalar, or with
-    need_nll the pair (loss, a * sum_r (lse - z_y)), the second non-differentiable.
+    need_nll the pair (loss, a * sum_r (lse - z_y)) (unscaled, unweighted), the
+    second non-differentiable.
     """
 
     @staticmethod
     def forward(ctx, h, rows, w, b, y, eps, scale, chunk_size, need_h, need_w, need_b, lse_from_softmax,
-                need_nll=False):
+                need_nll=False, token_scale="none", topk=20, row_weight=None):
         n = rows.numel()
         hid = h.shape[1]
         vocab = w.shape[0]
@@ -189,6 +184,8 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
         b32 = None if b is None else b.to(f32)
         keep = 1.0 - eps  # (n,) fp32
         spread = eps / vocab  # (n,) fp32
+        scaled = token_scale != "none" or row_weight is not None
+        spread_sum = torch.zeros((), dtype=f32, device=dev)  # sum_r c_r eps_r / V (scaled bias gradient)
 
         loss = torch.zeros((), dtype=f32, device=dev)
         nll = torch.zeros((), dtype=f32, device=dev) if need_nll else None
@@ -211,6 +208,8 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
             if b32 is not None:
                 z.add_(b32)
             gold = z.gather(1, yc).squeeze(1)
+            # EAFT's entropy from the logits, before the softmax overwrites them.
+            ent = topk_entropy_scale(z, topk) if token_scale == "eaft" else None
             hc32 = hc.to(f32)
             mean = hc32 @ w_mean
             if b32 is not None:
@@ -228,30 +227,52 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
             else:  # no data-dependent branch (no host sync): for CUDA
                 lse = torch.logsumexp(z, 1)
                 z.sub_(lse.unsqueeze(1)).exp_()
-            loss += (lse - kc * gold - eps[s:e] * mean).sum()
+            tok = lse - kc * gold - eps[s:e] * mean
+            coef = ent if token_scale == "eaft" else torch.exp(gold - lse) if token_scale == "dft" else None
+            if row_weight is not None:
+                coef = row_weight[s:e] if coef is None else coef * row_weight[s:e]
+            if scaled:  # c folded into the C-sized coefficients of the one-hot and constant parts
+                tok = tok * coef
+                kc, sc = kc * coef, sc * coef
+            loss += tok.sum()
             if need_nll:  # the eps = 0 loss of these rows (bitwise: (1 - 0) z_y = z_y, 0 * mean = 0)
                 nll += (lse - gold).sum()
+            # c multiplies the softmax rows: in fp32, through the (C, H) operands
+            # (row_c); in low precision, in the cast of P that happens anyway (one pass).
+            row_c = coef if scaled and mm_dtype == f32 else None
             if need_h or need_w:
-                zm = z if mm_dtype == f32 else z.to(mm_dtype)
+                if mm_dtype == f32:
+                    zm = z
+                elif scaled:
+                    zm = torch.mul(z, coef.unsqueeze(1), out=torch.empty(z.shape, dtype=mm_dtype, device=dev))
+                else:
+                    zm = z.to(mm_dtype)
             if need_h:
                 g = _mm_f32(zm, wm)  # P @ W
+                if row_c is not None:
+                    g.mul_(row_c.unsqueeze(1))
                 g.addcmul_(wm.index_select(0, yc.squeeze(1)).to(f32), kc.unsqueeze(1), value=-1.0)
                 g.addr_(sc, w_sum, alpha=-1.0)
                 gh.index_copy_(0, rc, g.mul_(scale))
             if need_w:
                 if mm_dtype == f32:
-                    gw.addmm_(zm.t(), hc32, alpha=scale)
+                    gw.addmm_(zm.t(), hc32 if row_c is None else hc32 * row_c.unsqueeze(1), alpha=scale)
                 else:
                     gw.add_(_mm_f32(zm.t(), hc), alpha=scale)
                 gw.index_add_(0, yc.squeeze(1), hc32 * kc.unsqueeze(1), alpha=-scale)
                 h_spread.addmv_(hc32.t(), sc)
             if need_b:
-                gb.add_(z.sum(0))
+                if scaled:  # P^T c
+                    gb.addmv_(z.t(), coef)
+                else:  # P^T 1
+                    gb.add_(z.sum(0))
                 gb.index_add_(0, yc.squeeze(1), kc, alpha=-1.0)
+                if scaled:
+                    spread_sum += sc.sum()
         if need_w:  # one pass over (V, H): the constant part of dL/dz
             gw.sub_(h_spread.mul_(scale))
         if need_b:
-            gb.sub_(spread.sum()).mul_(scale)
+            gb.sub_(spread_sum if scaled else spread.sum()).mul_(scale)
         ctx.grads = (gh, None, gw, gb)
         ctx.dtypes = (h.dtype, None, w.dtype, None if b is None else b.dtype)
         if not need_nll:
@@ -276,14 +297,15 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
             if not one:
                 g = g.mul_(grad_out)
             out.append(g.to(dt))
-        return tuple(out) + (None,) * 9
+        return tuple(out) + (None,) * 12
 
 
 def _is_plain_linear(module) -> bool:
     return isinstance(module, torch.nn.Linear) and not hasattr(module, "lora_A")
 
 
-def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_index, need_nll=False):
+def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_index, need_nll=False,
+                     token_scale="none", topk=20, w_tok=None):
     """Output projection that is not a plain Linear (e.g. carries LoRA): logits
     per chunk through the module, each chunk checkpointed, so memory stays at one
     chunk of logits; slower (the logits are computed twice). With need_nll,
@@ -300,10 +322,10 @@ def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_i
         _warned_module_fallback = True
     from torch.utils.checkpoint import checkpoint
 
-    def chunk_loss(hc, yc, ec):
+    def chunk_loss(hc, yc, ec, wc):
         # Both terms from the one set of chunk logits: the NLL needs no second
         # forward through the head (the checkpoint's recompute redoes both, cheaply).
-        tok, nll = _token_losses(head(hc), yc, ec, ignore_index, need_nll)
+        tok, nll = _token_losses(head(hc), yc, ec, ignore_index, need_nll, token_scale, topk, wc)
         return (tok.sum(), nll.sum()) if need_nll else tok.sum()
 
     n = hidden.shape[0]
@@ -312,11 +334,8 @@ def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_i
     total = hidden.new_zeros((), dtype=torch.float32)
     nll = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, c):
-        hc = hidden[s : s + c]
-        if torch.is_grad_enabled():
-            out = checkpoint(chunk_loss, hc, targets[s : s + c], eps_tok[s : s + c], use_reentrant=False)
-        else:
-            out = chunk_loss(hc, targets[s : s + c], eps_tok[s : s + c])
+        args = (hidden[s : s + c], targets[s : s + c], eps_tok[s : s + c], None if w_tok is None else w_tok[s : s + c])
+        out = checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args)
         if need_nll:
             total, nll = total + out[0], nll + out[1]
         else:
@@ -336,16 +355,20 @@ def chunked_smoothed_cross_entropy(
     bias: torch.Tensor | None = None,
     lse_from_softmax: bool | None = None,
     return_nll: bool = False,
+    token_scale: str = "none",
+    eaft_topk: int = 20,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`smoothed_cross_entropy(hidden @ weight.T + bias, ...)` without ever
-    materialising all logits.
+    materialising all logits (same token_scale, eaft_topk, sample_weights).
 
     hidden: (B, T, H) final hidden states (the output projection's input);
     weight: (V, H) output-projection weight, or the projection module itself
     (a plain nn.Linear takes the fast path with its bias; any other module,
     e.g. a LoRA-wrapped lm_head, takes a correct slower chunk-by-chunk path,
     with a one-time warning); targets: (B, T) already shifted; eps: (B,) per
-    sample or a float. Normalisation as `smoothed_cross_entropy`.
+    sample or a float; sample_weights: (B,) or None (`weight` is the output
+    projection). Normalisation as `smoothed_cross_entropy`.
     chunk_size: supervised rows per chunk (default: a ~32 MiB fp32 logits
     buffer on CPU, >= 256 rows). lse_from_softmax: how the log-normaliser is obtained
     (default: True on CPU, False on CUDA, where it avoids a host sync).
@@ -358,16 +381,21 @@ def chunked_smoothed_cross_entropy(
     flat_t = targets.reshape(-1)
     rows = (flat_t != ignore_index).nonzero().squeeze(1)
     y = flat_t.index_select(0, rows)
-    eps_t = torch.as_tensor(eps, dtype=torch.float32, device=hidden.device)
-    if eps_t.dim() == 1:
-        eps_t = eps_t.view(-1, *([1] * (targets.dim() - 1)))
-    eps_tok = eps_t.expand(targets.shape).reshape(-1).index_select(0, rows)
+    vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else getattr(weight, "out_features", 2)
+    check_token_scale(token_scale, eaft_topk, vocab)
+
+    def per_row(values):  # a float or (B,) -> one value per supervised row
+        return per_sample(values, targets, hidden.device).expand(targets.shape).reshape(-1).index_select(0, rows)
+
+    eps_tok = per_row(eps)
+    w_tok = None if sample_weights is None else per_row(torch.as_tensor(sample_weights).detach())
     scale = 1.0 / float(_denominator(targets, num_items_in_batch, ignore_index))
 
     if isinstance(weight, torch.nn.Module):
         if not _is_plain_linear(weight):
             h = hidden.reshape(-1, hid).index_select(0, rows)
-            return _module_fallback(h, weight, y, eps_tok, scale, chunk_size, ignore_index, return_nll)
+            return _module_fallback(h, weight, y, eps_tok, scale, chunk_size, ignore_index, return_nll,
+                                    token_scale, eaft_topk, w_tok)
         weight, bias = weight.weight, weight.bias
     if lse_from_softmax is None:
         lse_from_softmax = hidden.device.type != "cuda"
@@ -387,4 +415,7 @@ def chunked_smoothed_cross_entropy(
         grad and bias is not None and bias.requires_grad,
         lse_from_softmax,
         return_nll,
+        token_scale,
+        eaft_topk,
+        w_tok,
     )

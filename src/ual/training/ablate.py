@@ -7,12 +7,12 @@
 
 Every mode is trained by the same `train_one` with the same seed (same LoRA init),
 the same data order and the same number of optimiser steps; they differ only in
-each sample's eps (stage.py). Missing earlier stages (data, score) run first and
+each sample's eps and each token's scale (stage.py: dft, eaft, ual+dft, ual+eaft). Missing earlier stages (data, score) run first and
 are reused after; `map` is rerun for each target mean (it is cheap).
 
 With --sweep, each target mean gets its own sub-run folder RUN/sweep/mean-M/ (its
 own smoothing.jsonl, train/{ls,ual,ppl}, eval/), sharing RUN's samples and scores.
-SFT does not depend on the mean, so it is trained (and evaluated) once, in RUN.
+SFT (and dft, eaft: eps 0 too) does not depend on the mean, so it is trained (and evaluated) once, in RUN.
 With --seeds N, each training seed K (seed, seed + 1, ...: LoRA init and data order)
 gets its own sub-run folder RUN/seeds/seed-K/ sharing RUN's samples, scores and
 smoothing; the base model is evaluated once, in RUN, and shared. Each seed folder has
@@ -31,10 +31,12 @@ from pathlib import Path
 
 from ual.config import ExperimentConfig
 from ual.io import read_json, write_json, write_text
+from ual.training.stage import MODES as ALL_MODES
+from ual.training.stage import mode_parts, uses_smoothing_map
 
 log = logging.getLogger(__name__)
 
-ALL_MODES = ("sft", "ls", "ual", "ppl")
+DEFAULT_MODES = ("sft", "ls", "ual", "ppl")
 SHARED_FILES = ("samples.jsonl", "heldout.jsonl", "data_stats.json", "scores.jsonl", "heldout_scores.jsonl")
 # A seed changes only training: the map's output is shared too.
 SEED_SHARED_FILES = SHARED_FILES + ("smoothing.jsonl", "smoothing_stats.json")
@@ -45,7 +47,8 @@ def add_arguments(p) -> None:
 
     p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config (same as --config)")
     add_config_flags(p)
-    p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated modes (default: sft,ls,ual,ppl)")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"comma-separated modes from {','.join(ALL_MODES)} (default: {','.join(DEFAULT_MODES)})")
     p.add_argument("--sweep", default=None, help="comma-separated target means, e.g. 0.1,0.2,0.3,0.4,0.5; "
                    "each in its own sub-run folder")
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="train every mode with N seeds (seed, seed + 1, "
@@ -96,26 +99,26 @@ def run_ablation(cfg: ExperimentConfig, modes: list[str], sweep: list[float] | N
     from ual.cli import run_stage
 
     root = cfg.run_path
-    prepare(cfg, need_scores="ual" in modes)
+    prepare(cfg, need_scores=any(map(uses_smoothing_map, modes)))
     if sweep is None:
         runs = [(cfg.smoothing.target_mean, cfg, modes)]
         shared_modes: list[str] = []
-    else:
-        shared_modes = [m for m in modes if m == "sft"]
+    else:  # eps 0 modes (sft, dft, eaft) do not depend on the target mean
+        shared_modes = [m for m in modes if mode_parts(m)[0] == "sft"]
         runs = []
         for mean in sweep:
             sub = copy.deepcopy(cfg)
             sub.run_dir = str(sub_run_dir(root, mean))
             sub.smoothing.target_mean = mean
             share_inputs(root, sub.run_path)
-            runs.append((mean, sub, [m for m in modes if m != "sft"]))
+            runs.append((mean, sub, [m for m in modes if m not in shared_modes]))
         if shared_modes:
             train_modes(cfg, shared_modes, force)
             if evaluate:
                 evaluate_models(cfg, ["base"] + shared_modes, force)
     for mean, sub, sub_modes in runs:
         log.info("ablate: target mean %g: %s", mean, ", ".join(sub_modes))
-        if "ual" in sub_modes:
+        if any(map(uses_smoothing_map, sub_modes)):
             run_stage("map", sub)
         train_modes(sub, sub_modes, force)
         if evaluate:
@@ -170,8 +173,8 @@ def run_seeds(cfg: ExperimentConfig, modes: list[str], n_seeds: int, evaluate: b
     from ual.runfolder import RunFolder
 
     root = cfg.run_path
-    prepare(cfg, need_scores="ual" in modes)
-    if "ual" in modes:
+    prepare(cfg, need_scores=any(map(uses_smoothing_map, modes)))
+    if any(map(uses_smoothing_map, modes)):
         run_stage("map", cfg)
     if evaluate:
         evaluate_models(cfg, ["base"], force)
@@ -330,11 +333,12 @@ def comparison(cfg: ExperimentConfig, modes: list[str], sweep: list[float] | Non
         for m in modes:
             row(cfg.smoothing.target_mean, m, root)
     else:
-        if "sft" in modes:
-            row(None, "sft", root)
+        shared = [m for m in modes if mode_parts(m)[0] == "sft"]  # trained once, in RUN
+        for m in shared:
+            row(None, m, root)
         for mean in sweep:
             for m in modes:
-                if m != "sft":
+                if m not in shared:
                     row(mean, m, sub_run_dir(root, mean))
     steps = {r["steps"] for r in rows if "steps" in r}
     return {

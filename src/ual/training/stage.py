@@ -1,10 +1,13 @@
-"""The `ual train` stage: train each mode (sft, ls, ual) on the same data, seed and steps.
+"""The `ual train` stage: train each mode (sft, ls, ual, ...) on the same data, seed and steps.
 
-The modes differ only in each sample's eps:
+The modes differ only in each sample's eps and each token's scale (ual.loss):
   sft  eps = 0 for every sample (plain cross-entropy)
   ls   eps = smoothing.target_mean for every sample (uniform label smoothing)
   ual  eps from smoothing.jsonl (per-sample, from the uncertainty scores)
   ppl  eps from each sample's current NLL relative to the running mean (training/ppl.py)
+  dft  eps = 0, each token's loss times sg(p_y) (DFT, TRL's loss_type="dft")
+  eaft eps = 0, each token's loss times sg(top-20 entropy / log 20) (EAFT)
+  ual+dft, ual+eaft  ual's eps, and the token scale: the smoothed loss of each token scaled
 The data order is fixed by the seed, so every mode sees the same batches.
 A finished mode (train/MODE/result.json) is skipped on rerun.
 """
@@ -21,10 +24,25 @@ from ual.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
-MODES = ("sft", "ls", "ual", "ppl")
+MODES = ("sft", "ls", "ual", "ppl", "dft", "eaft", "ual+dft", "ual+eaft")
+# Token-scaled modes: (the mode that gives eps, the token scale).
+_SCALED = {"dft": ("sft", "dft"), "eaft": ("sft", "eaft"), "ual+dft": ("ual", "dft"), "ual+eaft": ("ual", "eaft")}
+
+
+def mode_parts(mode: str) -> tuple[str, str]:
+    """(eps mode, token scale) of a training mode: "ual+dft" -> ("ual", "dft"), "ls" -> ("ls", "none")."""
+    return _SCALED.get(mode, (mode, "none"))
+
+
+def uses_smoothing_map(mode: str) -> bool:
+    """Whether the mode reads smoothing.jsonl (ual's per-sample eps), so needs scores and the map."""
+    return mode_parts(mode)[0] == "ual"
 
 
 def smoothing_for_mode(mode: str, samples, cfg: ExperimentConfig, run: RunFolder) -> list[float]:
+    if mode not in MODES:
+        raise ValueError(f"unknown training mode {mode!r}; choose from {MODES}")
+    mode = mode_parts(mode)[0]
     if mode == "sft":
         return [0.0] * len(samples)
     if mode == "ls":
@@ -46,7 +64,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
 
     run = RunFolder(cfg.run_path)
     samples = run.load_samples("train")
-    if cfg.smoothing.missing == "drop" and "ual" in cfg.train.modes and run.smoothing.exists():
+    if cfg.smoothing.missing == "drop" and any(map(uses_smoothing_map, cfg.train.modes)) and run.smoothing.exists():
         # Samples dropped at the map stage are dropped for every mode, so the modes stay comparable.
         have = {r["id"] for r in read_jsonl(run.smoothing)}
         samples = [s for s in samples if s.id in have]
@@ -107,6 +125,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         loss_impl=loss_impl,
         eps_fn=eps_fn,
         callbacks=callbacks,
+        token_scale=mode_parts(mode)[1],
     )
     resume = latest_checkpoint(out / "checkpoints", "ual_ppl_state.json" if eps_fn else None) if tc.resume else None
     if resume is not None:
@@ -115,7 +134,8 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
             log.warning("%s has no ppl running mean; it restarts from this step", resume)
     memory = estimate_and_measure_start(cfg, len(dataset), device)
     start = time.time()
-    log.info("training %s: %d samples, %d optimiser steps, %s loss", mode, len(dataset), args.max_steps, loss_impl)
+    log.info("training %s: %d samples, %d optimiser steps, %s loss, token scale %s", mode, len(dataset), args.max_steps,
+             loss_impl, mode_parts(mode)[1])
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
     memory = estimate_and_measure_end(memory, device)
@@ -136,6 +156,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         "processes": trainer.args.world_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "loss": loss_impl,
+        "token_scale": mode_parts(mode)[1],
         "sharding": sharding,
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1]["loss"] if losses else None,

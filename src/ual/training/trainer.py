@@ -2,15 +2,19 @@
 
 Three pieces, all thin:
 - `SmoothedDataset` / `SmoothingCollator`: tokenised samples that carry their
-  eps through batching (a float per sample, padded alongside input_ids).
+  eps (and, optionally, a loss weight) through batching (a float per sample,
+  padded alongside input_ids).
 - `UALTrainer.compute_loss`: the model's logits (or, with the chunked loss, its
   final hidden states) into `ual.loss`, normalised by the supervised-token count
-  of the whole accumulated batch, so accumulation and data parallel are exact.
+  of the whole accumulated batch, so accumulation and data parallel are exact;
+  with the trainer's token scale (none, dft, eaft) and the batch's per-sample
+  weights (a "weight" key), if any.
 - `NllLogging`: every training log entry carries "nll" beside "loss", the plain
   NLL (the loss's eps = 0 term) of the same batches, which the loss returns at no
   extra cost: each mode's "loss" is its own objective, "nll" compares the modes.
 
-SFT, uniform label smoothing and UAL are the same code with different eps.
+SFT, uniform label smoothing and UAL are the same code with different eps; DFT
+and EAFT the same code with a token scale (ual.loss docstring).
 """
 
 from __future__ import annotations
@@ -28,10 +32,14 @@ log = logging.getLogger(__name__)
 
 
 class SmoothedDataset(Dataset):
-    def __init__(self, encoded: list[dict], eps: list[float]):
+    def __init__(self, encoded: list[dict], eps: list[float], weights: list[float] | None = None):
         if len(encoded) != len(eps):
             raise ValueError(f"{len(encoded)} samples but {len(eps)} smoothing values")
+        if weights is not None and len(weights) != len(eps):
+            raise ValueError(f"{len(encoded)} samples but {len(weights)} loss weights")
         self.rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": float(x)} for e, x in zip(encoded, eps)]
+        for row, w in zip(self.rows, weights or ()):
+            row["weight"] = float(w)
 
     def __len__(self):
         return len(self.rows)
@@ -55,7 +63,10 @@ class SmoothingCollator:
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
         eps = torch.tensor([r["eps"] for r in rows], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "eps": eps}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "eps": eps}
+        if "weight" in rows[0]:
+            batch["weight"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
+        return batch
 
 
 class NllLogging:
@@ -102,16 +113,24 @@ class UALTrainer(NllLogging, Trainer):
     """A Trainer whose loss is per-sample label-smoothed cross-entropy.
 
     `loss_impl`: "naive" (full logits) or "chunked" (from hidden states and the
-    output-projection weight, never materialising all logits). Logs "nll" beside
-    "loss" (`NllLogging`).
+    output-projection weight, never materialising all logits). `token_scale`:
+    "none", "dft" or "eaft" (top `eaft_topk` logits), applied to every token
+    (ual.loss). A batch's "weight" (B,) weights its samples' losses. Logs "nll"
+    beside "loss" (`NllLogging`): the plain NLL, unscaled and unweighted.
     """
 
     # Our loss is divided by num_items_in_batch (the whole accumulated batch's
     # token count), so the Trainer must not divide it again by the accumulation steps.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, **kwargs):
+    def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, token_scale: str = "none", eaft_topk: int = 20,
+                 **kwargs):
+        from ual.loss import TOKEN_SCALES
+
+        if token_scale not in TOKEN_SCALES:
+            raise ValueError(f"token_scale must be one of {TOKEN_SCALES}, got {token_scale!r}")
         super().__init__(*args, **kwargs)
+        self.token_scale, self.eaft_topk = token_scale, eaft_topk
         # eps_fn (the ppl mode, training/ppl.py): per-sample eps computed from this
         # very forward pass, replacing the collator's eps; None: the collator's eps.
         self.eps_fn = eps_fn
@@ -128,6 +147,9 @@ class UALTrainer(NllLogging, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         eps = inputs.pop("eps")
         targets = shift_labels(inputs.pop("labels"))
+        # The token scale and the per-sample weights (None: all 1) act beside eps (ual.loss).
+        modes = dict(token_scale=getattr(self, "token_scale", "none"), eaft_topk=getattr(self, "eaft_topk", 20),
+                     sample_weights=inputs.pop("weight", None))
         if self.loss_impl == "chunked":
             from ual.loss import chunked_smoothed_cross_entropy
 
@@ -138,14 +160,14 @@ class UALTrainer(NllLogging, Trainer):
             # The module, not its weight: a LoRA-carrying head then takes the loss's
             # slower exact path instead of silently dropping its adapter.
             loss, nll = chunked_smoothed_cross_entropy(hidden, head, targets, eps, num_items_in_batch=num_items_in_batch,
-                                                       return_nll=True)
+                                                       return_nll=True, **modes)
             outputs = None
         else:
             outputs = model(**inputs, use_cache=False)
             if self.eps_fn is not None:
                 eps = self.eps_fn(targets, logits=outputs.logits.detach(), training=model.training)
             loss, nll = smoothed_cross_entropy(outputs.logits, targets, eps, num_items_in_batch=num_items_in_batch,
-                                               return_nll=True)
+                                               return_nll=True, **modes)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch is summed over processes; DDP averages gradients,
             # so undo that average to get the global per-token mean. The NLL gets the

@@ -11,7 +11,8 @@
 Everything TRL does (chat templates, assistant/completion masks, truncation, peft,
 DeepSpeed/FSDP through accelerate) is kept; three things change:
 
-1. The `eps` column survives. TRL (like Trainer) drops dataset columns the model's
+1. The `eps` column survives (and a float `weight` column, if the dataset has one:
+   each sample's loss weight, ual.loss). TRL (like Trainer) drops dataset columns the model's
    forward does not take (`remove_unused_columns`), and its collator builds only
    input_ids / attention_mask / labels. `eps` is added to the kept columns and the
    collator is wrapped so each batch carries `eps` (B,), exactly as ual's own collator.
@@ -24,6 +25,8 @@ DeepSpeed/FSDP through accelerate) is kept; three things change:
    forward (`fused_lm_head` off), or with `loss_impl="chunked"` ual's chunked loss from
    the final hidden states. TRL's `label_smoothing_factor`, `loss_type="dft"` and
    Liger's fused linear cross-entropy would replace or fight the smoothing: refused.
+   DFT is `token_scale="dft"` here (TRL's definition, composed with eps; EAFT:
+   `token_scale="eaft"`), in either loss_impl.
 3. Packing and padding-free batches are refused: they concatenate samples into one
    row, and each sample has its own eps.
 
@@ -47,7 +50,8 @@ from ual.training.trainer import NllLogging, UALTrainer
 
 
 class EpsCollator:
-    """Wrap any collator: take each example's `eps` out, collate the rest, add eps (B,) to the batch."""
+    """Wrap any collator: take each example's `eps` (and `weight`, if any) out, collate the
+    rest, add eps (B,) (and weight (B,)) to the batch."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -58,8 +62,12 @@ class EpsCollator:
         except KeyError:
             raise ValueError("UALSFTTrainer: a training example has no `eps` (add a float column `eps` "
                              "to the dataset: the sample's label smoothing, 0 for plain SFT)") from None
-        batch = self.inner([{k: v for k, v in ex.items() if k != "eps"} for ex in examples])
+        weighted = "weight" in examples[0]
+        weights = [float(ex["weight"]) for ex in examples] if weighted else None
+        batch = self.inner([{k: v for k, v in ex.items() if k not in ("eps", "weight")} for ex in examples])
         batch["eps"] = torch.tensor(eps, dtype=torch.float32)
+        if weighted:
+            batch["weight"] = torch.tensor(weights, dtype=torch.float32)
         return batch
 
     def __getattr__(self, name):  # look like the wrapped collator (TRL reads some of its fields)
@@ -67,12 +75,14 @@ class EpsCollator:
 
 
 class UALSFTTrainer(NllLogging, SFTTrainer):
-    """TRL's SFTTrainer with ual's per-sample label-smoothed loss; the dataset needs an `eps` column."""
+    """TRL's SFTTrainer with ual's per-sample label-smoothed loss; the dataset needs an `eps` column
+    (and may have a `weight` column). token_scale: "none", "dft" or "eaft" (ual.loss)."""
 
     # Our loss is already divided by the whole accumulated batch's token count.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, **kwargs):
+    def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, token_scale: str = "none", eaft_topk: int = 20,
+                 **kwargs):
         cfg = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if cfg is not None:
             if getattr(cfg, "packing", False) or getattr(cfg, "padding_free", False):
@@ -81,14 +91,20 @@ class UALSFTTrainer(NllLogging, SFTTrainer):
             if getattr(cfg, "label_smoothing_factor", 0) > 0:
                 raise ValueError("UALSFTTrainer: leave label_smoothing_factor at 0; eps comes from the dataset")
             if getattr(cfg, "loss_type", "nll") != "nll":
-                raise ValueError(f"UALSFTTrainer: loss_type {cfg.loss_type!r} would replace the UAL loss; use 'nll'")
+                raise ValueError(f"UALSFTTrainer: loss_type {cfg.loss_type!r} would replace the UAL loss; use 'nll' "
+                                 "(and token_scale='dft' for DFT)")
             if getattr(cfg, "use_liger_kernel", False):
                 raise ValueError("UALSFTTrainer: Liger kernels fuse the cross-entropy and ignore eps; turn them off "
                                  "(loss_impl='chunked' is the memory-saving path)")
         if loss_impl not in ("naive", "chunked"):
             raise ValueError(f"loss_impl must be naive or chunked, got {loss_impl!r}")
+        from ual.loss import TOKEN_SCALES
+
+        if token_scale not in TOKEN_SCALES:
+            raise ValueError(f"token_scale must be one of {TOKEN_SCALES}, got {token_scale!r}")
         super().__init__(*args, **kwargs)
         self.loss_impl, self.eps_fn = loss_impl, eps_fn
+        self.token_scale, self.eaft_topk = token_scale, eaft_topk
         self.data_collator = EpsCollator(self.data_collator)
         # Count supervised tokens over the accumulated batch (shifted labels), as UALTrainer does.
         self.model_accepts_loss_kwargs = True
@@ -97,11 +113,12 @@ class UALSFTTrainer(NllLogging, SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "eps" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "eps"]
+        extra = [c for c in ("eps", "weight") if c not in self._signature_columns]
+        if extra:
+            self._signature_columns = [*self._signature_columns, *extra]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The very function `ual train` uses (it reads only loss_impl, eps_fn, args, accelerator, _hidden_checked,
-        # and records the NLL through NllLogging, a base of this class too).
+        # The very function `ual train` uses (it reads only loss_impl, eps_fn, token_scale, eaft_topk, args,
+        # accelerator, _hidden_checked, and records the NLL through NllLogging, a base of this class too).
         return UALTrainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
