@@ -90,7 +90,9 @@ class SmoothingConfig:
 @dataclass
 class TrainConfig:
     modes: list[str] = _f(["sft", "ls", "ual"], "modes trained side by side: sft (eps 0), ls (uniform eps = target mean), ual (per-sample eps), "
-                                                "ppl (eps from each sample's current NLL relative to its running mean)")
+                                                "ppl (eps from each sample's current NLL relative to its running mean), "
+                                                "dft / eaft (eps 0, each token's loss scaled by sg(p_y) / by its normalised "
+                                                "top-20 entropy), ual+dft / ual+eaft (ual's eps and the token scale); ual/loss.py")
     lora: bool = _f(True, "train LoRA adapters (false: full fine-tuning)")
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")

@@ -14,7 +14,7 @@ from ual.report.html import markdown_to_html
 from ual.report.plots import plot_distributions, plot_loss_curves
 from ual.runfolder import RunFolder
 
-MODEL_ORDER = ("base", "sft", "ls", "ual", "ppl")
+MODEL_ORDER = ("base", "sft", "ls", "ual", "ppl", "dft", "eaft", "ual+dft", "ual+eaft")  # training/stage.py MODES
 
 
 def collect(cfg: ExperimentConfig) -> dict:
