@@ -1,6 +1,8 @@
 """Test helpers for the judge: the real llama.cpp server, a scripted stub, a fault-injecting proxy.
 
-All three listen on 127.0.0.1 only. The proxy sits between the client and an
+All three listen on 127.0.0.1 only. The stub can also misbehave at the HTTP level
+(a body trickled byte by byte, a stalled connection, headers then silence, a raw
+non-JSON body, a dropped connection): see StubJudge. The proxy sits between the client and an
 upstream OpenAI-compatible server and, per sample (the request's messages,
 hashed) and per attempt, injects a fault from a plan: a delay, a dropped
 connection, a 429 with Retry-After, a 500, a garbage 200 body, a hang past the
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -107,6 +110,7 @@ class _Base:
     def __init__(self):
         self.lock = threading.Lock()
         self.log: list[dict] = []
+        self.stopping = threading.Event()  # set on exit: ends stalled and trickling replies
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -153,6 +157,7 @@ class _Base:
         return self
 
     def __exit__(self, *exc):
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -174,8 +179,27 @@ def completion(text: str, logprobs: list[dict] | None = None, usage=(100, 2)) ->
                                            "total_tokens": sum(usage)}}
 
 
+@dataclass
+class Trickle:
+    """A 200 whose body (after the headers, sent at once) arrives `chunk` bytes every `every_s` seconds."""
+
+    data: bytes
+    every_s: float = 0.1
+    chunk: int = 1
+
+
+STALL = "stall"  # read the request, never answer (until the server stops)
+HEADERS_ONLY = "headers_only"  # a 200 status line and headers, then silence
+DROP = "drop"  # close the connection without a word
+
+
 class StubJudge(_Base):
-    """An instant OpenAI-compatible endpoint: answer(body) -> completion dict (or (status, dict))."""
+    """An OpenAI-compatible endpoint: answer(body) -> what to send.
+
+    A dict: a 200 with that JSON; (status, obj) or (status, obj, headers): that
+    status; bytes: a 200 with that raw body; a Trickle; STALL, HEADERS_ONLY or DROP.
+    Log rows (written when a request arrives): key, auth, body, t.
+    """
 
     def __init__(self, answer=None):
         super().__init__()
@@ -185,8 +209,37 @@ class StubJudge(_Base):
         req = json.loads(body)
         self.record(key=request_key(req), auth=h.headers.get("Authorization"), body=req)
         out = self.answer(req)
-        status, obj = out if isinstance(out, tuple) else (200, out)
-        h.reply(status, obj)
+        if out == STALL:
+            self.stopping.wait()
+            return h.drop()
+        if out == DROP:
+            return h.drop()
+        if out == HEADERS_ONLY:
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", "1000")
+            h.end_headers()
+            self.stopping.wait()
+            return h.drop()
+        if isinstance(out, Trickle):
+            return self._trickle(h, out)
+        if isinstance(out, bytes):
+            return h.reply(200, raw=out)
+        status, obj, headers = (out + (None,))[:3] if isinstance(out, tuple) else (200, out, None)
+        h.reply(status, obj, headers=headers)
+
+    def _trickle(self, h, out: Trickle) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(out.data)))
+        h.end_headers()
+        for i in range(0, len(out.data), out.chunk):
+            if self.stopping.wait(out.every_s):
+                return h.drop()
+            try:
+                h.wfile.write(out.data[i:i + out.chunk])
+            except OSError:  # the client gave up (its deadline)
+                return
 
 
 class FaultProxy(_Base):

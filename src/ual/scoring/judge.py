@@ -8,9 +8,14 @@ of them. Judging thousands of samples costs money and time, so:
   token rate limits, with exponential backoff that honours Retry-After on 429,
   5xx and time-outs (the client's own retries are off, so every attempt is ours,
   counted and visible);
-- a malformed or unparseable answer is retried (at a small temperature, since a
-  greedy rerun would repeat it) and after cfg.max_retries listed as a failure
-  with its reasons: no score is ever invented;
+- each request has a total deadline, cfg.timeout_s for connect, headers and body
+  together (judge_http.py): a server trickling its body cannot hold it longer;
+- a malformed body ("malformed response: empty choices") or an unparseable
+  answer is retried (the latter at a small temperature, since a greedy rerun
+  would repeat it) and after cfg.max_retries listed as a failure with its
+  reasons: no score is ever invented;
+- a wrong key (401), no access (403) or an unknown model (404) stops the run at
+  once with one line saying so (JudgeFatalError): retrying cannot fix it;
 - when the endpoint returns top log-probabilities the score is their expectation
   (prompt.expected_score); the sampled number is recorded next to it;
 - n_samples > 1 adds draws at a small temperature and averages them.
@@ -31,7 +36,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +43,8 @@ from ual.config import ScoreConfig
 from ual.data.sample import Sample
 from ual.scoring.base import ScoreResult
 from ual.scoring.cache import JudgeCache
+from ual.scoring.judge_http import classify, post_chat
+from ual.scoring.judge_http import retry_after as _retry_after
 from ual.scoring.prompt import JudgePrompt, load_prompt, parse_answer, expected_score
 
 log = logging.getLogger(__name__)
@@ -63,7 +69,7 @@ def price_for(model: str) -> tuple[float, float] | None:
 class JudgeOptions:
     """Knobs beyond ScoreConfig, with defaults that suit OpenAI and local servers alike."""
 
-    timeout_s: float = 120.0  # per request
+    timeout_s: float = 120.0  # total per request: connect, headers and body (judge_http.post_chat)
     max_tokens: int = 16  # the answer is one integer; room for "Score: 73"
     logprobs: bool = True  # ask for top log-probabilities (turned off if the endpoint refuses)
     top_logprobs: int = 20  # OpenAI's maximum
@@ -76,8 +82,13 @@ class JudgeOptions:
     progress: bool = True
 
 
-class JudgeFatalError(RuntimeError):
-    """An error that retrying cannot fix (bad key, unknown model): the run stops."""
+class JudgeFatalError(RuntimeError, ValueError):
+    """An error that retrying cannot fix (bad key, unknown model): the run stops.
+
+    Also a ValueError, so the CLI reports it the way it reports a bad setting: one
+    line ("ual score: error: ...") and exit code 2, no traceback. Its message is
+    scrubbed of the key.
+    """
 
 
 class RateLimiter:
@@ -178,7 +189,9 @@ class JudgeScorer:
         key = self._key or (NO_KEY_PLACEHOLDER if self.cfg.base_url else "")
         if not key:
             raise JudgeFatalError("OPENAI_API_KEY is not set (it is read from the environment only)")
-        client = AsyncOpenAI(api_key=key, base_url=self.cfg.base_url, max_retries=0, timeout=self.opts.timeout_s)
+        # The deadline of each request is post_chat's (total); the client's own time-outs, per connect and per
+        # read, are set past it so that they only back it up and every time-out reads the same.
+        client = AsyncOpenAI(api_key=key, base_url=self.cfg.base_url, max_retries=0, timeout=self.opts.timeout_s + 5)
         limiter = RateLimiter(self.opts.requests_per_minute, self.opts.tokens_per_minute)
         queue: asyncio.Queue = asyncio.Queue()
         for job in todo:
@@ -216,8 +229,6 @@ class JudgeScorer:
 
     async def _answer(self, client, limiter: RateLimiter, msgs: list[dict], draw: int) -> dict:
         """One (sample, draw): retry until a parseable answer or cfg.max_retries retries."""
-        import openai
-
         reasons, unparseable, est = [], 0, _estimate_tokens(msgs, self.opts)
         for attempt in range(self.cfg.max_retries + 1):
             await limiter.acquire(est)
@@ -227,29 +238,25 @@ class JudgeScorer:
                 kwargs.update(logprobs=True, top_logprobs=self.opts.top_logprobs)
             self.stats["requests"] += 1
             try:
-                resp = await client.chat.completions.create(**kwargs)
-                text, content, usage = _unpack(resp)
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise JudgeFatalError(self._redact(f"{type(e).__name__}: {e}")) from None
-            except openai.BadRequestError as e:
-                if "logprobs" in kwargs and "logprob" in str(e).lower():
+                text, content, usage = await post_chat(client, kwargs, self.opts.timeout_s)
+            except Exception as e:  # time-outs, HTTP errors, dropped connections, malformed bodies
+                reason, verdict = classify(e, asked_logprobs="logprobs" in kwargs, scrub=self._redact)
+                reason = self._redact(reason)[:300]  # belt and braces: nothing unscrubbed is kept
+                if verdict == "fatal":
+                    raise JudgeFatalError(self._redact(self._fatal_message(reason))) from None
+                reasons.append(reason)
+                if verdict == "no_logprobs":
                     self._use_logprobs = False  # the endpoint does not do log-probabilities: go without
-                    reasons.append("endpoint refused logprobs; retrying without")
                     continue
-                reasons.append(self._redact(f"bad request: {e}"))
-                break  # the same request would fail the same way
-            except Exception as e:  # 429, 5xx, time-outs, dropped connections, garbage bodies
-                status = getattr(e, "status_code", None)
-                if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
-                    reasons.append(self._redact(f"HTTP {status}: {e}"))
-                    break
-                retry_after = _retry_after(e)
-                reasons.append(self._redact(f"{type(e).__name__}{f' {status}' if status else ''}: {e}")[:300])
+                if verdict == "final":
+                    break  # the same request would fail the same way
                 delay = min(self.opts.backoff_max_s, self.opts.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1)
+                retry_after = _retry_after(e)
                 if retry_after is not None:
                     delay = min(retry_after, 600.0)
                     limiter.pause(delay)  # everyone waits, not just this request
-                await asyncio.sleep(delay)
+                if attempt < self.cfg.max_retries:
+                    await asyncio.sleep(delay)
                 continue
             self.stats["prompt_tokens"] += usage[0]
             self.stats["completion_tokens"] += usage[1]
@@ -265,6 +272,17 @@ class JudgeScorer:
                     "attempts": attempt + 1, "reasons": reasons, "usage": list(usage)}
         return {"ok": False, "score": None, "error": reasons[-1] if reasons else "no attempt made",
                 "reasons": reasons, "attempts": len(reasons)}
+
+    def _fatal_message(self, reason: str) -> str:
+        """One line for an error no retry can fix: what the endpoint said and what to check."""
+        where = re.sub(r"//[^/@]*@", "//***@", self.cfg.base_url) if self.cfg.base_url else "the OpenAI API"
+        if reason.startswith("HTTP 401"):
+            hint = "the API key was refused; check $OPENAI_API_KEY"
+        elif reason.startswith("HTTP 403"):
+            hint = f"no access to model {self.model} with this key; check $OPENAI_API_KEY and score.model"
+        else:
+            hint = f"check that score.model ({self.model}) is served there and score.base_url is right"
+        return f"judge endpoint {where} answered {reason} ({hint})"
 
     # ------------------------------------------------------------------ results
 
@@ -312,40 +330,6 @@ def _content_hash(msgs: list[dict]) -> str:
 
 def _estimate_tokens(msgs: list[dict], opts: JudgeOptions) -> float:
     return sum(len(m["content"]) / opts.chars_per_token + 4 for m in msgs) + opts.max_tokens
-
-
-def _unpack(resp) -> tuple[str, list[dict] | None, tuple[int, int]]:
-    """Answer text, the per-token log-probabilities (or None) and (prompt, completion) tokens.
-
-    A body that is not a chat completion (garbage from a proxy) raises here and
-    is retried like any transport error.
-    """
-    choice = resp.choices[0]
-    text = choice.message.content
-    if not isinstance(text, str):
-        raise ValueError(f"malformed response: no message content ({type(text).__name__})")
-    content = None
-    lp = getattr(choice, "logprobs", None)
-    if lp is not None and getattr(lp, "content", None):
-        content = [{"token": t.token, "logprob": t.logprob,
-                    "top_logprobs": [{"token": a.token, "logprob": a.logprob} for a in (t.top_logprobs or [])]}
-                   for t in lp.content]
-    u = getattr(resp, "usage", None)
-    return text, content, (int(getattr(u, "prompt_tokens", 0) or 0), int(getattr(u, "completion_tokens", 0) or 0))
-
-
-def _retry_after(exc) -> float | None:
-    """Seconds from Retry-After / retry-after-ms headers (number or HTTP date), if any."""
-    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    try:
-        if headers.get("retry-after-ms"):
-            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
-        value = headers.get("retry-after")
-        if value and value.strip().replace(".", "", 1).isdigit():
-            return float(value)
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time()) if value else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _plan_text(plan: dict) -> str:

@@ -1,0 +1,232 @@
+"""One judge request over HTTP: a total deadline, a body checked field by field, errors in words.
+
+judge.py decides what to do with an attempt (retry, back off, give up, stop the
+run); this module makes the attempt and says what happened:
+- `post_chat` sends one chat completion under a total deadline (connect, headers
+  and body together) and returns the checked answer;
+- `parse_completion` turns a 200's body into (text, log-probabilities, usage) or
+  raises MalformedResponse naming what is wrong ("empty choices");
+- `classify` turns any failure into a one-line reason and a verdict: retry,
+  give up on this sample, retry without log-probabilities, or stop the run.
+Nothing here sees the API key except through the client. Text that comes from
+the server (an error message, a body that is not JSON) may echo it: classify
+passes it through judge.py's scrubber before cutting it short, so a key cut in
+half cannot slip past the scrubber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from typing import NamedTuple
+
+# After the deadline the request is cancelled; give it this long to close its connection, then move on.
+_GRACE_S = 2.0
+
+
+class MalformedResponse(ValueError):
+    """A 200 whose body is not a usable chat completion; the message says what is wrong.
+
+    `body`: the body as text when it is not JSON (server text: scrub before showing).
+    """
+
+    def __init__(self, what: str, body: str | None = None):
+        super().__init__(f"malformed response: {what}")
+        self.body = body
+
+
+class DeadlineExceeded(TimeoutError):
+    """No complete response (connect, headers and body) within the request's total deadline."""
+
+
+class Completion(NamedTuple):
+    text: str
+    content: list[dict] | None  # per sampled token: token, logprob, top_logprobs [{token, logprob}]; None if not sent
+    usage: tuple[int, int]  # (prompt, completion) tokens, 0 where not reported
+
+
+async def post_chat(client, kwargs: dict, deadline_s: float) -> Completion:
+    """One chat completion through the openai client, under a total deadline of deadline_s.
+
+    Why a deadline of our own: the client's (httpx's) timeouts are per operation
+    (connect, write, pool, and each read) and a read's restarts with every chunk,
+    so a server trickling its body one byte at a time is never cut off. Nothing in
+    the client bounds the whole exchange. Here the request is an asyncio task that
+    is cancelled when the deadline passes, wherever it is waiting (connecting,
+    reading headers or body): cancellation needs no cooperation from the server,
+    closes the connection (the pool discards it), and needs no extra thread since
+    all of the client's I/O is on the event loop. with_raw_response keeps the body
+    as sent, so parse_completion sees exactly what the server said.
+    """
+    task = asyncio.ensure_future(_post(client, kwargs))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=deadline_s)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=_GRACE_S)  # a cancelled request closing: never wait long on it
+            if not (task.done() and not task.cancelled() and task.exception() is None):
+                task.add_done_callback(_quiet)
+                raise DeadlineExceeded(f"timed out after {deadline_s:g} s (score.timeout_s): no complete response")
+    except asyncio.CancelledError:  # this worker was stopped (a fatal error elsewhere): stop the request too
+        task.cancel()
+        raise
+    return parse_completion(task.result())  # an answer that made it in the grace period is paid for: keep it
+
+
+async def _post(client, kwargs: dict) -> bytes:
+    raw = await client.chat.completions.with_raw_response.create(**kwargs)
+    return raw.http_response.content  # read in full before create returns (not a streamed response)
+
+
+def _quiet(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log "exception was never retrieved"
+
+
+# ---------------------------------------------------------------------- the body
+
+def parse_completion(body: bytes) -> Completion:
+    """Text, log-probabilities and usage of a chat.completion body; MalformedResponse names what is missing."""
+    try:
+        resp = json.loads(body)
+    except ValueError:
+        raise MalformedResponse(f"body is not JSON ({len(body)} bytes)", body[:65536].decode("utf-8", "replace")) from None
+    if not isinstance(resp, dict):
+        raise MalformedResponse(f"body is a JSON {type(resp).__name__}, not an object")
+    choices = resp.get("choices")
+    if not isinstance(choices, list):
+        raise MalformedResponse("no choices list" if choices is None else f"choices is a {_kind(choices)}, not a list")
+    if not choices:
+        raise MalformedResponse("empty choices")
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise MalformedResponse(f"choices[0] is a {_kind(choice)}, not an object")
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise MalformedResponse("choices[0].message is missing" if message is None
+                                else f"choices[0].message is a {_kind(message)}, not an object")
+    text = message.get("content")
+    if not isinstance(text, str):
+        raise MalformedResponse(f"choices[0].message.content is {'null' if text is None else 'a ' + _kind(text)}, "
+                                "not text")
+    usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else {}
+    return Completion(text, _logprobs(choice.get("logprobs")),
+                      (_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))))
+
+
+def _logprobs(lp) -> list[dict] | None:
+    """choices[0].logprobs.content, checked: None when the endpoint sent none (the sampled number is used)."""
+    if lp is None:
+        return None
+    where = "choices[0].logprobs"
+    if not isinstance(lp, dict):
+        raise MalformedResponse(f"{where} is a {_kind(lp)}, not an object")
+    content = lp.get("content")
+    if content is None or content == []:
+        return None
+    if not isinstance(content, list):
+        raise MalformedResponse(f"{where}.content is a {_kind(content)}, not a list")
+    out = []
+    for i, tok in enumerate(content):
+        entry = _token(tok, f"{where}.content[{i}]")
+        tops = tok.get("top_logprobs") or []
+        if not isinstance(tops, list):
+            raise MalformedResponse(f"{where}.content[{i}].top_logprobs is a {_kind(tops)}, not a list")
+        entry["top_logprobs"] = [_token(t, f"{where}.content[{i}].top_logprobs[{j}]") for j, t in enumerate(tops)]
+        out.append(entry)
+    return out
+
+
+def _token(t, where: str) -> dict:
+    if not isinstance(t, dict):
+        raise MalformedResponse(f"{where} is a {_kind(t)}, not an object")
+    token, logprob = t.get("token"), t.get("logprob")
+    if not isinstance(token, str):
+        raise MalformedResponse(f"{where}.token is {'missing' if token is None else 'a ' + _kind(token)}")
+    # a log-probability is a number <= 0 (-inf allowed: probability 0); a little above 0 is rounding
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)) or math.isnan(logprob) or logprob > 1e-3:
+        raise MalformedResponse(f"{where}.logprob is not a log-probability: {json.dumps(logprob)[:40]}")
+    return {"token": token, "logprob": float(logprob)}
+
+
+def _kind(x) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(x), type(x).__name__)
+
+
+def _count(x) -> int:
+    return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 else 0
+
+
+# ---------------------------------------------------------------------- failures
+
+def classify(exc: BaseException, asked_logprobs: bool, scrub=lambda text: text) -> tuple[str, str]:
+    """(one-line reason, verdict) for a failed attempt; scrub(text) removes the key from server text. Verdicts:
+    "retry": transient (time-out, dropped connection, 408/409/429, 5xx, malformed body: a glitch may pass);
+    "final": this request would fail the same way again (other 4xx): the sample is listed as failed now;
+    "no_logprobs": the endpoint refuses log-probabilities: retry without them;
+    "fatal": retrying cannot help any sample (401 wrong key, 403 no access, 404 unknown model): stop the run.
+    """
+    import openai
+
+    if isinstance(exc, MalformedResponse) and exc.body is not None:
+        return f"{exc}: {_one_line(scrub(exc.body), 80)!r}", "retry"
+    if isinstance(exc, (DeadlineExceeded, MalformedResponse)):
+        return str(exc), "retry"
+    if isinstance(exc, openai.APITimeoutError):  # the client's own per-read time-out, before the deadline
+        return "timed out (no data within score.timeout_s)", "retry"
+    if isinstance(exc, openai.APIStatusError):
+        status, reason = exc.status_code, http_reason(exc, scrub)
+        if status in (401, 403, 404):
+            return reason, "fatal"
+        if status == 400 and asked_logprobs and "logprob" in reason.lower():
+            return "endpoint refused logprobs; retrying without", "no_logprobs"
+        if 400 <= status < 500 and status not in (408, 409, 429):
+            return reason, "final"
+        return reason, "retry"
+    if isinstance(exc, openai.APIConnectionError):  # refused, reset, closed without an answer
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None and str(cause) else str(exc)
+        return f"connection failed ({_one_line(scrub(detail))})", "retry"
+    return f"{type(exc).__name__}: {_one_line(scrub(str(exc)))}", "retry"  # anything else: as before, retried
+
+
+def http_reason(exc, scrub=lambda text: text) -> str:
+    """'HTTP 500 Internal Server Error: upstream exploded': the status and the server's own message."""
+    status = exc.status_code
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    body = getattr(exc, "body", None)  # the client's parse of the error body ({"message": ...} or text)
+    if isinstance(body, dict):
+        msg = body.get("message") or body.get("error") or json.dumps(body)
+    elif isinstance(body, str) and body.strip():
+        msg = body
+    else:
+        msg = re.sub(r"^Error code: \d+ - ", "", str(getattr(exc, "message", exc)))
+    return f"HTTP {status}{' ' + phrase if phrase else ''}: {_one_line(scrub(str(msg)))}"
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def retry_after(exc) -> float | None:
+    """Seconds from Retry-After / retry-after-ms headers (number or HTTP date), if any."""
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    try:
+        if headers.get("retry-after-ms"):
+            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
+        value = headers.get("retry-after")
+        if value and value.strip().replace(".", "", 1).isdigit():
+            return float(value)
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time()) if value else None
+    except (TypeError, ValueError):
+        return None
