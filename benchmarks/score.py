@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from judge_server import FaultProxy, LlamaServer, StubJudge, completion  # noqa: E402
 from ual.config import ScoreConfig  # noqa: E402
-from ual.data.sample import Sample  # noqa: E402
+from ual.sample import Sample  # noqa: E402
 from ual.scoring.judge import JudgeOptions, JudgeScorer  # noqa: E402
 from ual.scoring.prompt import default_prompt  # noqa: E402
 

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ual.config import SmoothingConfig  # noqa: E402
-from ual.data.sample import Sample  # noqa: E402
+from ual.sample import Sample  # noqa: E402
 
 WRITING = re.compile(r"\b(write|story|poem|essay|letter|email|song|tweet|slogan|describe|blog)\b", re.I)
 

@@ -332,7 +332,7 @@ ANSWERS = ["Crimson leaves drift down...", "17 * 23 = 391.", "It was great, than
 
 def small_dataset(n: int = 6, tag: str = ""):
     """n distinct samples (cycling the topics; `tag` makes another disjoint set)."""
-    from ual.data.sample import Sample
+    from ual.sample import Sample
 
     out = []
     for i in range(n):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.evaluation.maths import (
     answers_match,
     evaluate_maths,

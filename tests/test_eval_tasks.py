@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from ual.cli import main  # noqa: E402
-from ual.data.sample import Sample  # noqa: E402
+from ual.sample import Sample  # noqa: E402
 from ual.evaluation.harness import OPENLLM_TASKS, resolve_tasks  # noqa: E402
 from ual.io import read_json  # noqa: E402
 

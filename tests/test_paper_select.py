@@ -8,7 +8,7 @@ import torch
 from ual.cli import main
 from ual.data.deita import (ChatJudgeScorer, LocalDeitaScorer, MeanPoolEmbedder, diversity_filter, parse_scale,
                             score_samples, select, turns)
-from ual.data.sample import Sample
+from ual.sample import Sample
 
 from test_paper_data import write_sharegpt
 

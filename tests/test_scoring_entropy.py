@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ual.cli import main
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.data.tokenize import encode_sample
 from ual.evaluation.nll import response_token_stats
 from ual.io import read_jsonl

@@ -52,7 +52,7 @@ def test_tree_pass_equals_brute_force(tiny):
 
 
 def test_long_sample_is_cut_to_fit_or_listed(tiny):
-    from ual.data.sample import Sample
+    from ual.sample import Sample
 
     long = Sample.create("x", [{"role": "user", "content": "word " * 3000}, {"role": "assistant", "content": "ok"}])
     scorer = LocalJudgeScorer("tiny", model=tiny.model, tokenizer=tiny.tokenizer, max_length=600)

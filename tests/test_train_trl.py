@@ -9,7 +9,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
-from ual.data.sample import Sample  # noqa: E402
+from ual.sample import Sample  # noqa: E402
 from ual.data.tokenize import encode_sample  # noqa: E402
 from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer  # noqa: E402
 from ual.training.trl import UALSFTTrainer  # noqa: E402

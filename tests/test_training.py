@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.data.tokenize import encode_sample
 from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
 

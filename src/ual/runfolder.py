@@ -40,7 +40,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.io import iter_jsonl, read_jsonl
 
 # What each stage writes (paths under the run folder), and the stages whose outputs derive from them.

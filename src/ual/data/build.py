@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ual.config import ExperimentConfig
 from ual.data.formats import DataError
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.data.sources import input_path, load_source, source_label
 from ual.io import write_json, write_jsonl
 from ual.runfolder import STAGE_OUTPUTS, RunFolder

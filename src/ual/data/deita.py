@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ual.data.files import DataError, iter_json_array, iter_rows, read_records  # noqa: F401 (re-exported)
-from ual.data.sample import Sample
+from ual.sample import Sample
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "lima")
 SHAPES = ("messages [{role, content}], sharegpt conversations [{from, value}], "

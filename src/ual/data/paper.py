@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ual.data.formats import DataError, iter_json_array, iter_rows, load_file, samples_from_rows
-from ual.data.sample import Sample
+from ual.sample import Sample
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ual.config import SourceConfig
 from ual.data.formats import DataError, iter_json_array, load_file, samples_from_rows
-from ual.data.sample import Sample
+from ual.sample import Sample
 
 PACKAGED = ("sharegpt", "gsm8k")
 

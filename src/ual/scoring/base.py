@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 
 
 @dataclass

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ual.config import ScoreConfig
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 from ual.scoring.cache import JudgeCache
 from ual.scoring.judge_http import classify, post_chat

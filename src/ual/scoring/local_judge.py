@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 from ual.scoring.prompt import JudgePrompt, SCORE_MAX, SCORE_MIN, load_prompt
 

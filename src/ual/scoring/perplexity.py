@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 
 # scorer -> the details fields it reads: (numerator, denominator or None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ual.data.sample import Sample
+from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 
 
