@@ -518,7 +518,8 @@ def test_training_modes():
     from types import SimpleNamespace
 
     from ual.training.ablate import ALL_MODES, DEFAULT_MODES, parse_modes
-    from ual.training.stage import MODES, mode_parts, smoothing_for_mode, uses_smoothing_map
+    from ual.training.plan import MODES, mode_parts, uses_smoothing_map
+    from ual.training.stage import smoothing_for_mode
 
     assert ALL_MODES == MODES and set(DEFAULT_MODES) <= set(MODES)
     assert parse_modes("sft,ls,ual,dft,eaft,ual+dft") == ["sft", "ls", "ual", "dft", "eaft", "ual+dft"]

@@ -11,7 +11,7 @@ import torch
 from ual.cli import main
 from ual.sample import Sample
 from ual.data.tokenize import encode_sample
-from ual.evaluation.nll import response_token_stats
+from ual.token_stats import response_token_stats
 from ual.io import read_jsonl
 from ual.loss import IGNORE_INDEX, shift_labels
 from ual.scoring.analysis import separation
@@ -221,7 +221,7 @@ def test_supervised_head_matches_full_logits(kind):
     labels[:, :6] = IGNORE_INDEX
     labels[2, 15:] = IGNORE_INDEX
 
-    from ual.evaluation import nll as nll_module
+    from ual import token_stats as nll_module
 
     head = nll_module._SupervisedHead(model)
     targets = shift_labels(labels)

@@ -111,7 +111,7 @@ def test_auto_loss_under_each_sharding():
 
 
 def test_sharding_from_env(monkeypatch):
-    from ual.training.estimate import sharding_from_env
+    from ual.training.plan import sharding_from_env
 
     for var in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(var, raising=False)

@@ -30,20 +30,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ual.config import (ConfigError, ExperimentConfig, add_config_flags, close_matches, config_from_args,
-                        run_dir_origin, save_config, split_commas)
-from ual.optional import MissingExtra, require
+from ual.config import ConfigError, add_config_flags, close_matches, config_from_args, split_commas
+from ual.optional import MissingExtra
+from ual.pipeline import STAGES, run_ablation, run_seeds, run_stage
 from ual.runfolder import RunFolder
 
-STAGES = {
-    "data": "build the training and held-out sets from the configured sources",
-    "score": "score each training sample's uncertainty",
-    "map": "map scores to per-sample label smoothing",
-    "train": "train the configured modes (sft, ls, ual) with the same seed, order and steps",
-    "eval": "evaluate the base model and each trained mode",
-    "report": "write report.md, metrics.json and plots",
-    "demo": "run every stage on the built-in default (configs/demo.yaml)",
-}
 
 
 # Commands beyond the stages: (module, help). Each module has add_arguments(parser) and run(args) -> result.
@@ -63,63 +54,6 @@ def default_demo_config() -> Path:
         if candidate.exists():
             return candidate
     raise FileNotFoundError("configs/demo.yaml not found: pass --config")
-
-
-def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
-    check_extras(stage, cfg)
-    if cfg.chat_template:  # base models ship no chat template: the config gives one
-        from ual.data.paper import resolve_chat_template
-        from ual.models import set_chat_template
-
-        set_chat_template(cfg.model, resolve_chat_template(cfg.chat_template))
-    try:
-        cfg.run_path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run_path / "config.yaml")
-    except OSError as exc:
-        raise ConfigError(f"{run_dir_origin(cfg)}: cannot write the run folder {cfg.run_path} "
-                          f"({exc.strerror or exc})") from None
-    if stage == "data":
-        from ual.data.build import build_dataset, discard_outputs
-        from ual.models import load_tokenizer
-
-        discard_outputs(cfg)  # before the tokenizer loads: a failed rerun keeps no samples of another config
-        return build_dataset(cfg, tokenizer=load_tokenizer(cfg.model, cfg.trust_remote_code))
-    if stage == "score":
-        from ual.scoring.stage import run_score
-
-        return run_score(cfg, force=force)
-    if stage == "map":
-        from ual.mapping import run_map
-
-        return run_map(cfg)
-    if stage == "train":
-        from ual.training.stage import run_train
-
-        return run_train(cfg, force=force)
-    if stage == "eval":
-        from ual.evaluation.stage import run_eval
-
-        return run_eval(cfg, force=force)
-    if stage == "report":
-        from ual.report.stage import run_report
-
-        run_report(cfg)
-        return {"report": str(cfg.run_path / "report.md")}
-    if stage == "demo":
-        from ual.demo import run_demo
-
-        return run_demo(cfg, force=force)
-    raise ValueError(stage)
-
-
-def check_extras(stage: str, cfg: ExperimentConfig) -> None:
-    """Optional packages this stage will need, checked before it writes or loads anything."""
-    if stage in ("eval", "demo") and cfg.eval.tasks:
-        from ual.evaluation.harness import require_lm_eval
-
-        require_lm_eval()
-    if stage in ("train", "demo") and cfg.train.report_to in ("tensorboard", "wandb", "trackio"):
-        require(cfg.train.report_to, f"train.report_to: {cfg.train.report_to}")
 
 
 class Parser(argparse.ArgumentParser):
@@ -202,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             args.config = str(default_demo_config())
         if args.stage == "score":
             _score_shortcuts(args)
-        if args.stage in COMMANDS:
+        if args.stage == "ablate":
+            result = _ablate(args)
+        elif args.stage in COMMANDS:
             result = importlib.import_module(COMMANDS[args.stage][0]).run(args)
         else:
             cfg = config_from_args(args)
@@ -226,6 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _ablate(args) -> dict:
+    from ual.training.ablate import parse_modes, parse_sweep
+
+    cfg = config_from_args(args)
+    modes = parse_modes(args.modes)
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if args.seeds is not None:
+        if sweep is not None:
+            raise ValueError("--seeds and --sweep together are not supported: run the sweep per seed with --seed")
+        if args.seeds < 1:
+            raise ValueError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
+        return run_seeds(cfg, modes, args.seeds, evaluate=args.eval, force=args.force)
+    return run_ablation(cfg, modes, sweep, evaluate=args.eval, force=args.force)
 
 
 def _score_shortcuts(args) -> None:

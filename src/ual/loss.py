@@ -129,14 +129,15 @@ _LOWP_MM_DEVICES = ("cuda",)
 _warned_module_fallback = False
 
 
-def _default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device | str) -> int:
     """Rows per chunk: a (C, V) fp32 logits buffer of about 32 MiB on CPU, at
     least 256 rows (a multiple of 64); 1 GiB on CUDA. On CPU the matmuls are
     ~95% of the time and only a few percent faster with bigger chunks
     (SmolLM2 head: 256 rows 18.4 s, 2048 rows 17.4 s CPU time; Llama-7B head:
     256 rows 22.5 s, 512 rows 20.7 s, 1024 rows 19.5 s), while the buffer is
     most of the loss's own memory; the buffer never fits a cache anyway."""
-    budget = (1 << 30) if device.type == "cuda" else (32 << 20)
+    kind = device if isinstance(device, str) else device.type
+    budget = (1 << 30) if kind == "cuda" else (32 << 20)
     c = max(256, budget // (4 * vocab) // 64 * 64)
     return max(1, min(c, n_rows))
 
@@ -194,7 +195,7 @@ class _ChunkedSmoothedCE(torch.autograd.Function):
         gb = torch.zeros(vocab, dtype=f32, device=dev) if need_b else None
         h_spread = torch.zeros(hid, dtype=f32, device=dev) if need_w else None
 
-        c = chunk_size or _default_chunk_size(n, vocab, dev)
+        c = chunk_size or default_chunk_size(n, vocab, dev)
         buf = torch.empty(min(c, n), vocab, dtype=f32, device=dev) if n else None
         wt = wm.t()
         for s in range(0, n, c):
@@ -330,7 +331,7 @@ def _module_fallback(hidden, head, targets, eps_tok, scale, chunk_size, ignore_i
 
     n = hidden.shape[0]
     vocab = getattr(head, "out_features", None) or 32768
-    c = chunk_size or _default_chunk_size(n, vocab, hidden.device)
+    c = chunk_size or default_chunk_size(n, vocab, hidden.device)
     total = hidden.new_zeros((), dtype=torch.float32)
     nll = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, c):

@@ -85,7 +85,7 @@ def pick_device(device: str = "auto"):
 
 
 # model name -> chat template for tokenizers that ship none (base models); filled from the
-# config's `chat_template` by `ual.cli.run_stage` (see set_chat_template).
+# config's `chat_template` by `ual.pipeline.run_stage` (see set_chat_template).
 _CHAT_TEMPLATES: dict[str, str] = {}
 
 

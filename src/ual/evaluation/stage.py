@@ -197,7 +197,7 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
     ec = cfg.eval
     metrics: dict = {"model": name}
     if ec.nll and inputs.heldout:
-        from ual.evaluation.nll import nll_by_source, response_token_stats
+        from ual.token_stats import nll_by_source, response_token_stats
 
         stats = response_token_stats(model, tokenizer, inputs.heldout, cfg.data.max_length, ec.batch_size,
                                      cfg.data.train_on_prompt, desc=f"NLL {name}", keep_tokens=True)

@@ -1,6 +1,6 @@
 """Uncertainty from a reference model's own predictions on the response (docs/method.md §1).
 
-Measures from one forward pass (evaluation/nll.py), all kept in every row's
+Measures from one forward pass (ual/token_stats.py), all kept in every row's
 details, so switching between them rescores nothing:
 - `perplexity`: the sample's mean response NLL, -log p(gold). High when the model
   finds the written answer surprising, which mixes "many good answers" with "hard
@@ -58,7 +58,7 @@ class ModelUncertaintyScorer:
                          if m != measure and (alone is not None or not self.needs_alone)]
 
     def score(self, samples: Sequence[Sample]) -> list[ScoreResult]:
-        from ual.evaluation.nll import response_token_stats
+        from ual.token_stats import response_token_stats
         from ual.models import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(self.model_name, self.trust_remote_code)

@@ -1,4 +1,7 @@
-"""`ual ablate`: the paper's ablation (Table 4) in one command.
+"""`ual ablate`'s components: modes and sweeps parsed, sub-run folders, the comparison tables.
+The recipes that run the stages (run_ablation, run_seeds) are in ual/pipeline.py.
+
+The paper's ablation (Table 4) in one command:
 
     ual ablate CONFIG                          sft, ls, ual and ppl on one run folder
     ual ablate CONFIG --eval                   ... and evaluate base + each mode
@@ -24,15 +27,14 @@ The comparison is RUN/ablation.md and RUN/ablation.json.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 from pathlib import Path
 
 from ual.config import ExperimentConfig
-from ual.io import read_json, write_json, write_text
-from ual.training.stage import MODES as ALL_MODES
-from ual.training.stage import mode_parts, uses_smoothing_map
+from ual.io import read_json
+from ual.training.plan import MODES as ALL_MODES
+from ual.training.plan import mode_parts
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +59,6 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="retrain and re-evaluate what already exists")
 
 
-def run(args) -> dict:
-    from ual.config import config_from_args
-
-    cfg = config_from_args(args)
-    modes = parse_modes(args.modes)
-    sweep = parse_sweep(args.sweep) if args.sweep else None
-    if args.seeds is not None:
-        if sweep is not None:
-            raise ValueError("--seeds and --sweep together are not supported: run the sweep per seed with --seed")
-        if args.seeds < 1:
-            raise ValueError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
-        return run_seeds(cfg, modes, args.seeds, evaluate=args.eval, force=args.force)
-    return run_ablation(cfg, modes, sweep, evaluate=args.eval, force=args.force)
-
-
 def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in ALL_MODES]
@@ -94,56 +81,6 @@ def sub_run_dir(root: Path, mean: float) -> Path:
     return root / "sweep" / f"mean-{mean:g}"
 
 
-def run_ablation(cfg: ExperimentConfig, modes: list[str], sweep: list[float] | None = None,
-                 evaluate: bool = False, force: bool = False) -> dict:
-    from ual.cli import run_stage
-
-    root = cfg.run_path
-    prepare(cfg, need_scores=any(map(uses_smoothing_map, modes)))
-    if sweep is None:
-        runs = [(cfg.smoothing.target_mean, cfg, modes)]
-        shared_modes: list[str] = []
-    else:  # eps 0 modes (sft, dft, eaft) do not depend on the target mean
-        shared_modes = [m for m in modes if mode_parts(m)[0] == "sft"]
-        runs = []
-        for mean in sweep:
-            sub = copy.deepcopy(cfg)
-            sub.run_dir = str(sub_run_dir(root, mean))
-            sub.smoothing.target_mean = mean
-            share_inputs(root, sub.run_path)
-            runs.append((mean, sub, [m for m in modes if m not in shared_modes]))
-        if shared_modes:
-            train_modes(cfg, shared_modes, force)
-            if evaluate:
-                evaluate_models(cfg, ["base"] + shared_modes, force)
-    for mean, sub, sub_modes in runs:
-        log.info("ablate: target mean %g: %s", mean, ", ".join(sub_modes))
-        if any(map(uses_smoothing_map, sub_modes)):
-            run_stage("map", sub)
-        train_modes(sub, sub_modes, force)
-        if evaluate:
-            evaluate_models(sub, ([] if shared_modes or sweep else ["base"]) + sub_modes, force)
-    if evaluate and sweep is None:
-        from ual.report.stage import run_report
-
-        run_report(cfg)
-    table = comparison(cfg, modes, sweep)
-    write_json(root / "ablation.json", table)
-    write_text(root / "ablation.md", render(table))
-    return {"table": str(root / "ablation.md"), "json": str(root / "ablation.json"), "rows": len(table["rows"])}
-
-
-def prepare(cfg: ExperimentConfig, need_scores: bool) -> None:
-    """Run `data` (and `score`, for ual) unless their outputs exist: all modes share them."""
-    from ual.cli import run_stage
-
-    root = cfg.run_path
-    if not (root / "samples.jsonl").exists():
-        run_stage("data", cfg)
-    if need_scores and not (root / "scores.jsonl").exists():
-        run_stage("score", cfg)
-
-
 def share_inputs(root: Path, sub: Path, names=SHARED_FILES) -> None:
     """Copy the shared data and scores into a sub-run (they are its inputs; a stale copy is replaced,
     one the root no longer has is removed, so a sub-run never mixes inputs of two versions)."""
@@ -163,44 +100,6 @@ def share_inputs(root: Path, sub: Path, names=SHARED_FILES) -> None:
 
 def seed_run_dir(root: Path, seed: int) -> Path:
     return root / "seeds" / f"seed-{seed}"
-
-
-def run_seeds(cfg: ExperimentConfig, modes: list[str], n_seeds: int, evaluate: bool = False,
-              force: bool = False) -> dict:
-    """Every mode with n_seeds training seeds; per-seed folders, then the across-seed tables."""
-    from ual.cli import run_stage
-    from ual.evaluation.compare import run_comparisons
-    from ual.runfolder import RunFolder
-
-    root = cfg.run_path
-    prepare(cfg, need_scores=any(map(uses_smoothing_map, modes)))
-    if any(map(uses_smoothing_map, modes)):
-        run_stage("map", cfg)
-    if evaluate:
-        evaluate_models(cfg, ["base"], force)
-    seeds = [cfg.seed + k for k in range(n_seeds)]
-    subs = []
-    for seed in seeds:
-        sub = copy.deepcopy(cfg)
-        sub.run_dir, sub.seed = str(seed_run_dir(root, seed)), seed
-        share_inputs(root, sub.run_path, SEED_SHARED_FILES)
-        log.info("ablate: seed %d (%d of %d): %s", seed, len(subs) + 1, n_seeds, ", ".join(modes))
-        train_modes(sub, modes, force)
-        if evaluate:
-            share_base_eval(root, sub.run_path)
-            evaluate_models(sub, modes, force)
-        subs.append(sub)
-    result = {"seeds": seeds, "folders": [str(s.run_path) for s in subs]}
-    if evaluate:
-        pooled = run_comparisons(cfg, runs=[RunFolder(s.run_path) for s in subs])
-        table = across_seed_table(cfg, modes, subs, pooled)
-        write_json(root / "seeds.json", table)
-        write_text(root / "seeds.md", render_seeds(table))
-        from ual.report.stage import run_report
-
-        run_report(cfg)
-        result.update(table=str(root / "seeds.md"), json=str(root / "seeds.json"))
-    return result
 
 
 def share_base_eval(root: Path, sub: Path) -> None:
@@ -277,25 +176,6 @@ def render_seeds(table: dict) -> str:
 
 
 
-
-
-def train_modes(cfg: ExperimentConfig, modes: list[str], force: bool) -> dict:
-    from ual.cli import run_stage
-
-    c = copy.deepcopy(cfg)
-    c.train.modes = list(modes)
-    return run_stage("train", c, force=force)
-
-
-def evaluate_models(cfg: ExperimentConfig, models: list[str], force: bool) -> dict:
-    from ual.cli import run_stage
-    from ual.config import split_pair
-
-    c = copy.deepcopy(cfg)
-    c.eval.models = list(models)
-    # Pairwise comparisons need both models in this run folder (with a sweep, sft and base live in RUN).
-    c.eval.pairwise = [p for p in c.eval.pairwise if all(m in models for m in split_pair(p))]
-    return run_stage("eval", c, force=force)
 
 
 # --------------------------------------------------------------------------- the table

@@ -36,6 +36,8 @@ from __future__ import annotations
 import logging
 import math
 
+from ual.training.plan import accumulation_steps, sharding_from_env, world_size
+
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -121,7 +123,8 @@ def model_shape(config, lora_targets: list[str] | None = None, lora_r: int = 8,
 
 def estimate(shape: dict, *, batch_size: int, seq_len: int, lora: bool, lora_targets_per_layer: int = 2,
              weight_bytes: int = 4, gradient_checkpointing: bool = False, loss: str = "naive",
-             processes: int = 1, sharding: str = "none", chunk_rows: int | None = None) -> dict:
+             processes: int = 1, sharding: str = "none", chunk_rows: int | None = None,
+             device: str = "cuda") -> dict:
     """Bytes per process at the peak of one optimiser step; see the module docstring for each term."""
     N = shape["parameters"]
     h, I, kv, L, V = shape["hidden"], shape["intermediate"], shape["kv_dim"], shape["layers"], shape["vocab"]
@@ -150,7 +153,9 @@ def estimate(shape: dict, *, batch_size: int, seq_len: int, lora: bool, lora_tar
 
         loss = resolve_loss(loss, sharding)
     if loss == "chunked":
-        c = chunk_rows or max(64, (128 << 20) // (4 * V))
+        from ual.loss import default_chunk_size  # the buffer the loss really allocates (32 MiB CPU, 1 GiB CUDA)
+
+        c = chunk_rows or default_chunk_size(tokens, V, device)
         loss_bytes = min(c, tokens) * V * 4 + 2 * tokens * h * 4
     else:
         loss_bytes = tokens * V * (4 * 4 + act_bytes)
@@ -208,21 +213,7 @@ def format_estimate(est: dict, t: dict | None = None) -> str:
 
 # --------------------------------------------------------------------------- from a config
 
-def sharding_from_env() -> str:
-    """ZeRO stage / FSDP version as `accelerate launch` announces it to the processes:
-    none | zero2 | zero3 | fsdp (FSDP1) | fsdp2."""
-    import os
-
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return "fsdp2" if os.environ.get("FSDP_VERSION", "1") == "2" else "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-        return "zero3" if stage == "3" else "zero2"
-    return "none"
-
-
 def estimate_for_config(cfg, n_samples: int | None = None, shape: dict | None = None, device: str | None = None) -> dict:
-    from ual.training.stage import accumulation_steps, world_size
 
     tc = cfg.train
     if shape is None:
@@ -238,7 +229,7 @@ def estimate_for_config(cfg, n_samples: int | None = None, shape: dict | None = 
     est = estimate(shape, batch_size=tc.batch_size, seq_len=cfg.data.max_length, lora=tc.lora,
                    lora_targets_per_layer=max(1, shape["lora_modules"] // max(1, shape["layers"])) if tc.lora else 0,
                    weight_bytes=2 if (tc.bf16 and gpu) else 4, gradient_checkpointing=tc.gradient_checkpointing,
-                   loss=tc.loss, processes=procs, sharding=sharding_from_env())
+                   loss=tc.loss, processes=procs, sharding=sharding_from_env(), device="cuda" if gpu else "cpu")
     acc = accumulation_steps(tc, procs)
     per_step = tc.batch_size * acc * procs
     if tc.max_steps > 0:
@@ -258,7 +249,7 @@ def estimate_for_config(cfg, n_samples: int | None = None, shape: dict | None = 
 
 def validate(cfg) -> list[str]:
     """Problems in a config that loading alone does not catch (types are checked by load_config)."""
-    from ual.training.stage import MODES, accumulation_steps
+    from ual.training.plan import MODES
 
     tc, problems = cfg.train, []
     bad = [m for m in tc.modes if m not in MODES]

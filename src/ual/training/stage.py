@@ -21,23 +21,9 @@ import time
 from ual.config import ExperimentConfig, TrainConfig
 from ual.io import read_json, read_jsonl, write_json
 from ual.runfolder import RunFolder
+from ual.training.plan import MODES, accumulation_steps, mode_parts, sharding_from_env, uses_smoothing_map, world_size
 
 log = logging.getLogger(__name__)
-
-MODES = ("sft", "ls", "ual", "ppl", "dft", "eaft", "ual+dft", "ual+eaft")
-# Token-scaled modes: (the mode that gives eps, the token scale).
-_SCALED = {"dft": ("sft", "dft"), "eaft": ("sft", "eaft"), "ual+dft": ("ual", "dft"), "ual+eaft": ("ual", "eaft")}
-
-
-def mode_parts(mode: str) -> tuple[str, str]:
-    """(eps mode, token scale) of a training mode: "ual+dft" -> ("ual", "dft"), "ls" -> ("ls", "none")."""
-    return _SCALED.get(mode, (mode, "none"))
-
-
-def uses_smoothing_map(mode: str) -> bool:
-    """Whether the mode reads smoothing.jsonl (ual's per-sample eps), so needs scores and the map."""
-    return mode_parts(mode)[0] == "ual"
-
 
 def smoothing_for_mode(mode: str, samples, cfg: ExperimentConfig, run: RunFolder) -> list[float]:
     if mode not in MODES:
@@ -90,7 +76,6 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
     from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
 
     tc = cfg.train
-    from ual.training.estimate import sharding_from_env
     from ual.training.trainer import CHUNKED_REFUSED, resolve_loss
 
     sharding = sharding_from_env()
@@ -177,7 +162,7 @@ def estimate_and_measure_start(cfg: ExperimentConfig, n_samples: int, device) ->
 
     memory: dict = {}
     try:
-        if E.sharding_from_env() == "zero3":  # a meta-device model under zero.Init: skip, do not risk it
+        if sharding_from_env() == "zero3":  # a meta-device model under zero.Init: skip, do not risk it
             raise RuntimeError("not estimated under DeepSpeed ZeRO-3")
         est = E.estimate_for_config(cfg, n_samples, device=E.detect_device() if device.type == "cuda" else "cpu")
         log.info("estimate before training:\n%s", est["text"])
@@ -222,12 +207,6 @@ def local_device(device: str = "auto"):
     return dev
 
 
-def world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def latest_checkpoint(folder, also: str | None = None):
     """The newest complete Trainer checkpoint in `folder` (None if there is none).
 
@@ -250,18 +229,6 @@ def resolve_report_to(report_to: str) -> str:
         return report_to
     has_tb = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
     return "tensorboard" if has_tb else "none"
-
-
-def accumulation_steps(tc: TrainConfig, processes: int | None = None) -> int:
-    """gradient_accumulation_steps, derived from train.global_batch_size when that is set."""
-    processes = processes or world_size()
-    if tc.global_batch_size is None:
-        return tc.gradient_accumulation_steps
-    per_step = tc.batch_size * processes
-    if tc.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size {tc.global_batch_size} is not a multiple of batch_size "
-                         f"{tc.batch_size} x {processes} process(es)")
-    return tc.global_batch_size // per_step
 
 
 def add_lora(model, tc: TrainConfig):

@@ -1,0 +1,81 @@
+"""The package's shape: no import cycles between modules or between packages (imports inside
+functions and modules named in strings, as dispatch tables do, included), and no library module
+imports the recipes (ual.pipeline) or the command line (ual.cli)."""
+
+import ast
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "src" / "ual"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        name = ".".join(("ual",) + path.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def _owner(name: str, mods) -> str | None:
+    while name and name not in mods:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in mods:
+                names = [node.value]
+            for name in names:
+                target = _owner(name, mods)
+                if target and target != mod and not mod.startswith(target + "."):
+                    graph[mod].add(target)
+    return graph
+
+
+def _package(mod: str) -> str:
+    parts = mod.split(".")
+    return ".".join(parts[:2])  # ual.data.build -> ual.data; ual.cli -> ual.cli
+
+
+@pytest.mark.parametrize("level", ["module", "package"])
+def test_no_import_cycles(level):
+    graph = import_graph()
+    if level == "package":
+        packages: dict[str, set[str]] = {}
+        for mod, targets in graph.items():
+            packages.setdefault(_package(mod), set()).update(_package(t) for t in targets if _package(t) != _package(mod))
+        graph = packages
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as exc:
+        pytest.fail(f"{level} import cycle: {' -> '.join(exc.args[1])}")
+
+
+def test_the_graph_sees_imports_inside_functions():
+    """The check would be empty if it missed lazy imports: the CLI reaches the stages only through them."""
+    graph = import_graph()
+    assert "ual.pipeline" in graph["ual.cli"]
+    assert "ual.training.stage" in graph["ual.pipeline"]  # imported inside run_stage
+
+
+def test_no_library_module_imports_the_recipes_or_the_cli():
+    graph = import_graph()
+    offenders = sorted(m for m, targets in graph.items() if {"ual.pipeline", "ual.cli"} & targets
+                       and m not in ("ual.cli", "ual.pipeline"))
+    assert not offenders, offenders
