@@ -70,7 +70,7 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=192)
     args = p.parse_args()
 
-    from ual.evaluation.nll import response_token_stats
+    from ual.token_stats import response_token_stats
     from ual.models import load_model, load_tokenizer
     from ual.scoring.analysis import separation
     from ual.scoring.perplexity import without_instructions
