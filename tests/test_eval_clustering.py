@@ -165,3 +165,39 @@ def test_clustering_report_two_models_with_plot(tiny, tmp_path):
     assert "ratio" in rep["selection"]["rule"] and set(rep["selection"]["mean"]) == {"base", "other"}
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert rep["plot"] == str(path)
+
+
+def test_analyze_clustering_renders_with_the_configured_chat_template(tmp_path, tiny_model_dir):
+    """A base model's tokenizer ships no chat template; `ual analyze clustering` on its own (a fresh
+    process, after `ual data` ran in another) must render with the config's `chat_template`, as every
+    stage does (it used to depend on a module-level template set only by the other stages)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = None
+    tok.save_pretrained(base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    assert not getattr(AutoTokenizer.from_pretrained(base), "chat_template", None)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i} twice."},
+                                                     {"role": "assistant", "content": f"{i} and {i} again, {i}."}]}) + "\n"
+                            for i in range(12)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nmodel: {base}\nchat_template: chatml\n"
+                   f"data: {{max_length: 64, sources: [{{name: {data}, label: mix, train: 6, heldout: 6}}]}}\n"
+                   "eval: {models: [base], clustering_texts: 6, clustering_top_k: 4}\n")
+
+    def ual(*args):
+        return subprocess.run([sys.executable, "-m", "ual.cli", *args], capture_output=True, text=True)
+
+    assert ual("data", str(cfg)).returncode == 0
+    done = ual("analyze", "clustering", str(cfg))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "base" in json.loads((tmp_path / "run" / "clustering.json").read_text())["models"]

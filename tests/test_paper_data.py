@@ -8,6 +8,7 @@ from ual.config import SourceConfig
 from ual.data import paper
 from ual.data.formats import DataError
 from ual.data.sources import input_path, load_source, source_label
+from ual.models import resolve_chat_template
 
 
 # ---- small files in the published layouts (also used by test_paper_configs.py)
@@ -117,11 +118,11 @@ def test_vicuna_template_masks_replies_only(tokenizer):
     from ual.data.tokenize import encode_sample
 
     tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tok.chat_template = paper.resolve_chat_template("vicuna")
+    tok.chat_template = resolve_chat_template("vicuna")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
     enc = encode_sample(tok, msgs, None)
     supervised = tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100])
     assert supervised.replace(tok.eos_token, "|").split() == ["hello|", "4|"]
     with pytest.raises(ValueError, match="not a built-in template"):
-        paper.resolve_chat_template("nope")
+        resolve_chat_template("nope")

@@ -84,23 +84,52 @@ def pick_device(device: str = "auto"):
     return torch.device("cpu")
 
 
-# model name -> chat template for tokenizers that ship none (base models); filled from the
-# config's `chat_template` by `ual.pipeline.run_stage` (see set_chat_template).
-_CHAT_TEMPLATES: dict[str, str] = {}
+# The paper fine-tuned base models (Llama-2-7B, Mistral-7B), whose tokenizers ship no chat
+# template. `chat_template: vicuna` in a config gives them the Vicuna v1.1 format (FastChat's,
+# used by most Llama-2 SFT recipes of the time), with BOS at the start and EOS closing each
+# reply, so the model learns to stop. Both templates are prefix-consistent, as ual's
+# assistant-token masking requires (data/tokenize.py).
+CHAT_TEMPLATES = {
+    "vicuna": (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+        "{% else %}A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.{% endif %}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}{{ ' USER: ' + m['content'] }}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ASSISTANT: ' + m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
 
 
-def set_chat_template(name: str, template: str | None) -> None:
-    """Give `name`'s tokenizer this chat template when it has none of its own."""
-    if template:
-        _CHAT_TEMPLATES[name] = template
+def resolve_chat_template(value: str) -> str:
+    """A built-in template name, a .jinja file, or Jinja text."""
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{%" in value or "{{" in value:
+        return value
+    p = Path(value)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    raise ValueError(f"chat_template: '{value}' is not a built-in template ({', '.join(CHAT_TEMPLATES)}), "
+                     "a file, or Jinja text")
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer of `name`; chat_template (a config's `chat_template`: a built-in name, a file or
+    Jinja text) is given to a tokenizer that ships none, as base models do. Passed explicitly by every
+    caller that renders the run's conversations, so no stage depends on another having run first."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
-    if not getattr(tok, "chat_template", None) and name in _CHAT_TEMPLATES:
-        tok.chat_template = _CHAT_TEMPLATES[name]
+    if chat_template and not getattr(tok, "chat_template", None):
+        tok.chat_template = resolve_chat_template(chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -45,11 +45,6 @@ STAGES = {
 
 def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
     check_extras(stage, cfg)
-    if cfg.chat_template:  # base models ship no chat template: the config gives one
-        from ual.data.paper import resolve_chat_template
-        from ual.models import set_chat_template
-
-        set_chat_template(cfg.model, resolve_chat_template(cfg.chat_template))
     try:
         cfg.run_path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_path / "config.yaml")
@@ -61,7 +56,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
         from ual.models import load_tokenizer
 
         discard_outputs(cfg)  # before the tokenizer loads: a failed rerun keeps no samples of another config
-        return build_dataset(cfg, tokenizer=load_tokenizer(cfg.model, cfg.trust_remote_code))
+        return build_dataset(cfg, tokenizer=load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template))
     if stage == "score":
         from ual.scoring.stage import run_score
 

@@ -76,7 +76,7 @@ def analyze_clustering(cfg, force: bool = False) -> dict:
 
     run = RunFolder(cfg.run_path)
     ec = cfg.eval
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     texts = clustering_texts(run.load_samples("heldout"), tokenizer, ec.clustering_texts)
     if not texts:
         raise ValueError(f"{run.heldout}: no held-out samples to cluster")

@@ -75,7 +75,7 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
     ec = cfg.eval
     heldout = run.load_samples("heldout") if needs_heldout(ec) else []
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     for a, b in map(split_pair, ec.pairwise):
         if a not in ec.models or b not in ec.models:
             raise ValueError(f"eval.pairwise compares {a} and {b}; both must be in eval.models {ec.models}")
@@ -310,7 +310,8 @@ def run_pairwise(cfg: ExperimentConfig, run: RunFolder, force: bool) -> dict:
         from ual.models import load_model, load_tokenizer
 
         judge = pw.LocalPairwiseJudge(load_model(judge_name, cfg.device, trust_remote_code=cfg.trust_remote_code),
-                                      load_tokenizer(judge_name, cfg.trust_remote_code), name=judge_name)
+                                      load_tokenizer(judge_name, cfg.trust_remote_code,
+                                                     cfg.chat_template if judge_name == cfg.model else None), name=judge_name)
     results = {"judge": judge_name, "source": ec.pairwise_source, "comparisons": {}}
     for a, b in map(split_pair, ec.pairwise):
         rows_a = read_json(run.root / "eval" / "answers" / f"{a}.json")

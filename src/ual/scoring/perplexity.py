@@ -42,7 +42,7 @@ MEASURES = {"perplexity": ("mean_nll", None), "entropy": ("mean_entropy", None),
 
 class ModelUncertaintyScorer:
     def __init__(self, measure: str, model_name: str, max_length: int, batch_size: int = 8, device: str = "auto",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, chat_template: str | None = None):
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {sorted(MEASURES)}, got {measure!r}")
         self.measure = measure
@@ -51,6 +51,7 @@ class ModelUncertaintyScorer:
         self.batch_size = batch_size
         self.device = device
         self.trust_remote_code = trust_remote_code
+        self.chat_template = chat_template  # the run's, for a reference model that ships none
         self.name = scorer_name(measure, model_name)
         self.needs_alone = MEASURES[measure][1] is not None
         # Scorers whose rows carry everything this one needs (computed in the same passes).
@@ -61,7 +62,7 @@ class ModelUncertaintyScorer:
         from ual.token_stats import response_token_stats
         from ual.models import load_model, load_tokenizer
 
-        tokenizer = load_tokenizer(self.model_name, self.trust_remote_code)
+        tokenizer = load_tokenizer(self.model_name, self.trust_remote_code, self.chat_template)
         model = load_model(self.model_name, self.device, trust_remote_code=self.trust_remote_code)
         stats = response_token_stats(model, tokenizer, samples, self.max_length, self.batch_size, desc=self.measure)
         details = [{"mean_nll": st.mean_nll, "mean_entropy": st.mean_entropy, "tokens": st.tokens}

@@ -25,8 +25,9 @@ def build_scorer(cfg: ExperimentConfig):
     if sc.scorer in ("perplexity", "entropy", "entropy_ratio", "nll_ratio"):
         from ual.scoring.perplexity import ModelUncertaintyScorer
 
-        return ModelUncertaintyScorer(sc.scorer, sc.model or cfg.model, max_length, sc.batch_size, cfg.device,
-                                      cfg.trust_remote_code)
+        reference = sc.model or cfg.model
+        return ModelUncertaintyScorer(sc.scorer, reference, max_length, sc.batch_size, cfg.device,
+                                      cfg.trust_remote_code, cfg.chat_template if reference == cfg.model else None)
     if sc.scorer == "prior":
         from ual.scoring.prior import PriorScorer
 

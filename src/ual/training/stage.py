@@ -54,7 +54,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
         # Samples dropped at the map stage are dropped for every mode, so the modes stay comparable.
         have = {r["id"] for r in read_jsonl(run.smoothing)}
         samples = [s for s in samples if s.id in have]
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     encoded = [encode_sample(tokenizer, s.messages, cfg.data.max_length, cfg.data.train_on_prompt) for s in samples]
     results = {}
     for mode in cfg.train.modes:
