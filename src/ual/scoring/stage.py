@@ -45,6 +45,11 @@ def build_scorer(cfg: ExperimentConfig):
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
+    if not cfg.score.dry_run:
+        # config.yaml now describes this scorer: the last one's current scores (and the smoothing mapped
+        # from them) must not outlive a failure. Rows kept per scorer in scores/ are a cache and stay, so a
+        # rerun of the same scorer restores them without a model call (runfolder.py).
+        run.discard("score")
     splits = {"train": run.load_samples("train")}
     if cfg.score.heldout and run.heldout.exists():
         splits["heldout"] = run.load_samples("heldout")
