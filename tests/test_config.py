@@ -36,3 +36,23 @@ def test_every_demo_config_field_is_valid():
     cfg = load_config("configs/demo.yaml")
     assert cfg.train.modes == ["sft", "ls", "ual"]
     assert {s.name for s in cfg.data.sources} == {"sharegpt", "gsm8k"}
+
+
+def test_each_stage_help_lists_its_own_sections_and_accepts_every_flag(capsys):
+    """`ual eval --help` lists the shared and the eval/data fields, not train's or score's; a flag of
+    another section is still accepted (and checked) by every stage."""
+    from ual.cli import build_parser
+
+    parser = build_parser()
+    helps = {}
+    for stage in ("data", "map", "train", "eval", "demo"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([stage, "--help"])
+        helps[stage] = capsys.readouterr().out
+    assert "--eval.mc_shuffle" in helps["eval"] and "--data.max_length" in helps["eval"]
+    assert "--train.learning_rate" not in helps["eval"] and "--score.scorer" not in helps["eval"]
+    assert "--smoothing.normalize" in helps["map"] and "--train.max_steps" not in helps["map"]
+    assert "--model" in helps["map"] and "--model" in helps["data"]
+    assert all(f"--{s}." in helps["demo"] for s in ("data", "score", "smoothing", "train", "eval"))
+    args = parser.parse_args(["map", "--train.max_steps", "3"])
+    assert getattr(args, "cfg:train.max_steps") == "3"

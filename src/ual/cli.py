@@ -11,6 +11,7 @@
     ual ablate  CONFIG [--sweep 0.1,0.2] [--eval]  sft, ls, ual and ppl side by side, one comparison table
     ual select  --source ... --n 6000 --out F   DEITA-style selection (complexity x quality, then diversity)
     ual export  CONFIG --mode ual --out DIR     merge a LoRA adapter into a standalone model folder
+    ual export-data RUN --format parquet --out F  samples with score, u, eps, weight as dataset columns
     ual analyze clustering CONFIG_OR_RUN         feature clustering of base, sft, ls, ual (clustering.json)
     ual analyze scores CONFIG_OR_RUN             scores report; Spearman between scorers run on the same data
 
@@ -43,10 +44,19 @@ COMMANDS = {
                                       "table (and evaluation with --eval); --sweep for the target mean"),
     "select": ("ual.data.deita", "DEITA-style selection: complexity x quality from a judge, then an embedding diversity filter"),
     "export": ("ual.training.export", "merge a trained LoRA adapter into a standalone model folder"),
+    "export-data": ("ual.training.export_data", "the run's training samples with their score, u, eps and loss "
+                                                "weight as dataset columns (jsonl, parquet or a datasets folder), "
+                                                "for TRL, axolotl or LLaMA-Factory"),
     "analyze": ("ual.evaluation.analyze", "analyses on their own: `ual analyze clustering RUN` (feature-clustering "
                                           "silhouette over all token pairs, base and each mode); `ual analyze scores "
                                           "RUN` (scores report, rank correlation between scorers)"),
 }
+
+
+# Config sections whose flags each stage's --help lists (beside the shared top-level ones); every
+# flag is accepted by every stage. The demo runs them all.
+STAGE_SECTIONS = {"data": ("data",), "score": ("data", "score"), "map": ("smoothing",),
+                  "train": ("data", "smoothing", "train"), "eval": ("data", "eval"), "report": ("eval",)}
 
 
 def default_demo_config() -> Path:
@@ -74,7 +84,7 @@ def unknown_flags_error(parser: argparse.ArgumentParser, extras: list[str]):
             name = item.split("=", 1)[0]
             close = close_matches(name, flags)
             parser.error(f"unknown flag {name}" + (f"; did you mean {' or '.join(close)}?" if close else "")
-                         + f" (`{parser.prog} --help` lists every flag)")
+                         + f" (`{parser.prog} --help` lists its flags)")
     parser.error(f"unexpected argument(s): {' '.join(extras)}")
 
 
@@ -85,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in STAGES.items():
         p = parser.stage_parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config (same as --config) or a run folder")
-        add_config_flags(p)
+        add_config_flags(p, STAGE_SECTIONS.get(name))
         p.add_argument("--force", action="store_true", help="redo work whose outputs already exist (train, eval)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name == "train":

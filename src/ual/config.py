@@ -23,10 +23,12 @@ from typing import Any, Literal
 import yaml
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, minimum=None, **kw):
+    """A field with its help text; `minimum`: the smallest value a config may give it (checked at load)."""
+    meta = {"help": help} if minimum is None else {"help": help, "minimum": minimum}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -117,6 +119,10 @@ class TrainConfig:
     bf16: bool = _f(False, "train in bfloat16 mixed precision (GPU)")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
     report_to: Literal["auto", "none", "tensorboard", "wandb", "trackio", "all"] = _f("auto", "transformers report_to: auto (tensorboard when installed, else none) | none | tensorboard | wandb | trackio")
+    eaft_topk: int = _f(20, "k of the eaft modes' token scale: the entropy of the top-k logits over log k", minimum=2)
+    weight_column: str | None = _f(None, "per-sample loss weights: a numeric field of each training sample's meta "
+                                         "(`ual data` carries a source's numeric columns there), a finite number >= 0; "
+                                         "null: all 1. Applies to every mode (docs/training.md)")
 
 
 @dataclass
@@ -288,7 +294,12 @@ def _build(cls, raw, field: str, origin):
         hint = (f"; did you mean {', '.join(repr(_join(field, m)) for m in close)}?" if close
                 else f"; known: {', '.join(names)}")
         raise ConfigError(f"{origin(field)}: unknown field(s) {unknown}{hint}")
-    return cls(**{k: _coerce(hints[k], v, _join(field, k), origin) for k, v in raw.items()})
+    values = {k: _coerce(hints[k], v, _join(field, k), origin) for k, v in raw.items()}
+    for f in dataclasses.fields(cls):
+        low = f.metadata.get("minimum")
+        if low is not None and values.get(f.name) is not None and values[f.name] < low:
+            raise ConfigError(f"{origin(_join(field, f.name))}: expected at least {low}, got {values[f.name]!r}")
+    return cls(**values)
 
 
 def close_matches(name: str, options, n: int = 3) -> list[str]:
@@ -377,13 +388,20 @@ def split_pair(pair: str) -> tuple[str, str]:
     return a, b
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add `--config` and one dotted flag per (non-list-of-dataclass) config field."""
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """Add `--config` and one dotted flag per (non-list-of-dataclass) config field.
+
+    sections: the config sections whose flags this command's --help lists, beside the shared
+    top-level ones (None: all). Every flag is accepted whatever the command (a stage may read
+    another section, e.g. eval reads data.max_length); only the help is focused.
+    """
     parser.add_argument("--config", help="YAML experiment config (flags below override it)")
     for dotted, f, _ in _leaf_fields(ExperimentConfig):
+        section = dotted.split(".")[0] if "." in dotted else None
+        shown = sections is None or section is None or section in sections
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         parser.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", default=argparse.SUPPRESS,
-                            metavar="VALUE", help=help_text)
+                            metavar="VALUE", help=help_text if shown else argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
