@@ -79,3 +79,14 @@ def test_no_library_module_imports_the_recipes_or_the_cli():
     offenders = sorted(m for m, targets in graph.items() if {"ual.pipeline", "ual.cli"} & targets
                        and m not in ("ual.cli", "ual.pipeline"))
     assert not offenders, offenders
+
+
+def test_public_api_resolves_every_name_it_lists():
+    import ual
+
+    for name in ual.__all__:
+        assert getattr(ual, name) is not None, name
+    import pytest as _pytest
+
+    with _pytest.raises(AttributeError):
+        ual.not_a_thing  # noqa: B018
