@@ -137,6 +137,13 @@ def test_map_refuses_missing_scores_unless_told(tmp_path, tiny_model_dir):
     write_jsonl(run / "scores.jsonl", [{"id": i, "source": "x", "score": 0.5, "scorer": "t", "details": {}} for i in ids[:-3]])
     assert main(["map", "--config", str(cfg)]) == 2
     assert main(["map", "--config", str(cfg), "--smoothing.missing", "drop"]) == 0
-    assert len(read_jsonl(run / "smoothing.jsonl")) == len(ids) - 3
+    dropped = read_jsonl(run / "smoothing.jsonl")
+    assert [r["id"] for r in dropped] == ids[:-3]  # exactly the unscored ones are gone
+    assert sum(r["eps"] for r in dropped) / len(dropped) == pytest.approx(0.2)
     assert main(["map", "--config", str(cfg), "--smoothing.missing", "mean"]) == 0
-    assert len(read_jsonl(run / "smoothing.jsonl")) == len(ids)
+    rows = {r["id"]: r for r in read_jsonl(run / "smoothing.jsonl")}
+    assert set(rows) == set(ids)
+    # The unscored samples get the target mean, so the whole set keeps it; the scored ones are mapped as with drop.
+    assert all(rows[i]["score"] is None and rows[i]["eps"] == pytest.approx(0.2) for i in ids[-3:])
+    assert [rows[i]["eps"] for i in ids[:-3]] == pytest.approx([r["eps"] for r in dropped])
+    assert sum(r["eps"] for r in rows.values()) / len(rows) == pytest.approx(0.2)
