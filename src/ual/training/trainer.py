@@ -109,34 +109,35 @@ class NllLogging:
         return super().train(*args, **kwargs)
 
 
-class UALTrainer(NllLogging, Trainer):
-    """A Trainer whose loss is per-sample label-smoothed cross-entropy.
+class UALLoss(NllLogging):
+    """Mixin giving a transformers Trainer (UALTrainer) or TRL's SFTTrainer (UALSFTTrainer, trl.py)
+    ual's loss: per-sample label-smoothed cross-entropy, optionally token-scaled and sample-weighted.
 
-    `loss_impl`: "naive" (full logits) or "chunked" (from hidden states and the
-    output-projection weight, never materialising all logits). `token_scale`:
-    "none", "dft" or "eaft" (top `eaft_topk` logits), applied to every token
-    (ual.loss). A batch's "weight" (B,) weights its samples' losses. Logs "nll"
-    beside "loss" (`NllLogging`): the plain NLL, unscaled and unweighted.
+    `loss_impl`: "naive" (full logits) or "chunked" (from hidden states and the output-projection
+    weight, never materialising all logits). `token_scale`: "none", "dft" or "eaft" (top `eaft_topk`
+    logits), applied to every token (ual.loss). A batch's "eps" (B,) smooths its samples and its
+    "weight" (B,), if any, weights their losses. `eps_fn` (the ppl mode, training/ppl.py) computes
+    each batch's eps from its own forward pass instead. Logs "nll" beside "loss" (`NllLogging`): the
+    plain NLL, unscaled and unweighted, comparable across modes.
     """
 
     # Our loss is divided by num_items_in_batch (the whole accumulated batch's
     # token count), so the Trainer must not divide it again by the accumulation steps.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, token_scale: str = "none", eaft_topk: int = 20,
-                 **kwargs):
+    @staticmethod
+    def check_loss_options(loss_impl: str, token_scale: str) -> None:
         from ual.loss import TOKEN_SCALES
 
-        if token_scale not in TOKEN_SCALES:
-            raise ValueError(f"token_scale must be one of {TOKEN_SCALES}, got {token_scale!r}")
-        super().__init__(*args, **kwargs)
-        self.token_scale, self.eaft_topk = token_scale, eaft_topk
-        # eps_fn (the ppl mode, training/ppl.py): per-sample eps computed from this
-        # very forward pass, replacing the collator's eps; None: the collator's eps.
-        self.eps_fn = eps_fn
         if loss_impl not in ("naive", "chunked"):
             raise ValueError(f"train.loss must be naive or chunked, got {loss_impl!r}")
-        self.loss_impl = loss_impl
+        if token_scale not in TOKEN_SCALES:
+            raise ValueError(f"token_scale must be one of {TOKEN_SCALES}, got {token_scale!r}")
+
+    def init_loss(self, loss_impl: str, eps_fn, token_scale: str, eaft_topk: int) -> None:
+        """Called after the Trainer's own __init__."""
+        self.loss_impl, self.eps_fn = loss_impl, eps_fn
+        self.token_scale, self.eaft_topk = token_scale, eaft_topk
         # Make the Trainer count supervised tokens over the accumulated batch
         # (it only does so for models it believes take loss kwargs), over the
         # shifted labels, exactly as our loss counts them.
@@ -148,8 +149,7 @@ class UALTrainer(NllLogging, Trainer):
         eps = inputs.pop("eps")
         targets = shift_labels(inputs.pop("labels"))
         # The token scale and the per-sample weights (None: all 1) act beside eps (ual.loss).
-        modes = dict(token_scale=getattr(self, "token_scale", "none"), eaft_topk=getattr(self, "eaft_topk", 20),
-                     sample_weights=inputs.pop("weight", None))
+        modes = dict(token_scale=self.token_scale, eaft_topk=self.eaft_topk, sample_weights=inputs.pop("weight", None))
         if self.loss_impl == "chunked":
             from ual.loss import chunked_smoothed_cross_entropy
 
@@ -179,6 +179,17 @@ class UALTrainer(NllLogging, Trainer):
         if model.training and torch.is_grad_enabled():
             self._record_nll(nll)
         return (loss, outputs) if return_outputs else loss
+
+
+
+class UALTrainer(UALLoss, Trainer):
+    """A transformers Trainer whose loss is ual's (UALLoss): batches carry "eps" (and "weight")."""
+
+    def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, token_scale: str = "none", eaft_topk: int = 20,
+                 **kwargs):
+        self.check_loss_options(loss_impl, token_scale)
+        super().__init__(*args, **kwargs)
+        self.init_loss(loss_impl, eps_fn, token_scale, eaft_topk)
 
 
 # Shardings under which the chunked loss cannot read the output projection: FSDP1 and ZeRO-3

@@ -16,7 +16,7 @@ DeepSpeed/FSDP through accelerate) is kept; three things change:
    forward does not take (`remove_unused_columns`), and its collator builds only
    input_ids / attention_mask / labels. `eps` is added to the kept columns and the
    collator is wrapped so each batch carries `eps` (B,), exactly as ual's own collator.
-2. The loss is ual's per-sample label-smoothed cross-entropy (`UALTrainer.compute_loss`,
+2. The loss is ual's per-sample label-smoothed cross-entropy (`UALLoss.compute_loss`, shared with UALTrainer,
    the same function `ual train` runs: same normalisation by the supervised tokens of
    the whole accumulated batch, same data-parallel correction), not TRL's. TRL's default
    loss goes through its fused LM head, which returns only the gold token's
@@ -41,12 +41,10 @@ from typing import Any
 
 import torch
 
-try:
-    from trl import SFTTrainer
-except ImportError as exc:  # pragma: no cover - optional dependency
-    raise ImportError("ual.training.trl needs TRL: pip install trl") from exc
+from ual.optional import require
+from ual.training.trainer import UALLoss
 
-from ual.training.trainer import NllLogging, UALTrainer
+SFTTrainer = require("trl", "UALSFTTrainer (TRL's SFTTrainer with ual's loss)").SFTTrainer
 
 
 class EpsCollator:
@@ -74,12 +72,9 @@ class EpsCollator:
         return getattr(self.inner, name)
 
 
-class UALSFTTrainer(NllLogging, SFTTrainer):
+class UALSFTTrainer(UALLoss, SFTTrainer):
     """TRL's SFTTrainer with ual's per-sample label-smoothed loss; the dataset needs an `eps` column
     (and may have a `weight` column). token_scale: "none", "dft" or "eaft" (ual.loss)."""
-
-    # Our loss is already divided by the whole accumulated batch's token count.
-    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, token_scale: str = "none", eaft_topk: int = 20,
                  **kwargs):
@@ -96,29 +91,13 @@ class UALSFTTrainer(NllLogging, SFTTrainer):
             if getattr(cfg, "use_liger_kernel", False):
                 raise ValueError("UALSFTTrainer: Liger kernels fuse the cross-entropy and ignore eps; turn them off "
                                  "(loss_impl='chunked' is the memory-saving path)")
-        if loss_impl not in ("naive", "chunked"):
-            raise ValueError(f"loss_impl must be naive or chunked, got {loss_impl!r}")
-        from ual.loss import TOKEN_SCALES
-
-        if token_scale not in TOKEN_SCALES:
-            raise ValueError(f"token_scale must be one of {TOKEN_SCALES}, got {token_scale!r}")
+        self.check_loss_options(loss_impl, token_scale)
         super().__init__(*args, **kwargs)
-        self.loss_impl, self.eps_fn = loss_impl, eps_fn
-        self.token_scale, self.eaft_topk = token_scale, eaft_topk
+        self.init_loss(loss_impl, eps_fn, token_scale, eaft_topk)
         self.data_collator = EpsCollator(self.data_collator)
-        # Count supervised tokens over the accumulated batch (shifted labels), as UALTrainer does.
-        self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = True
-        self._hidden_checked = False
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [c for c in ("eps", "weight") if c not in self._signature_columns]
         if extra:
             self._signature_columns = [*self._signature_columns, *extra]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The very function `ual train` uses (it reads only loss_impl, eps_fn, token_scale, eaft_topk, args,
-        # accelerator, _hidden_checked, and records the NLL through NllLogging, a base of this class too).
-        return UALTrainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
