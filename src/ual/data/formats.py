@@ -182,12 +182,19 @@ def _validate(msgs: list[dict], where: str, field: str | None) -> tuple[list[dic
     return out[: last + 1], len(out) - last - 1
 
 
+def numeric_columns(row: dict) -> dict:
+    """A row's top-level numbers (not booleans), e.g. a per-sample loss weight: carried into the
+    sample's meta, where train.weight_column finds them (the keys ual sets itself win)."""
+    return {k: v for k, v in row.items() if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "raise",
                       limit: int | None = None, name: str | None = None) -> tuple[list[Sample], dict]:
     """Normalise (where, row) pairs into unique Samples; the shared loop of every loader.
 
     A row may be a DataError (a reader's verdict on a row it could not parse): under
     on_error "skip" it is skipped and counted like a row with a bad field.
+    Each sample's meta holds the row's numeric columns (`numeric_columns`) and "origin".
     stats: read, kept, skipped (by kind, with up to 5 example reasons), duplicates
     (identical content), trailing_turns_dropped (conversations whose turns after the last
     reply, e.g. an unanswered user turn or the odd last string of a LIMA list, were cut;
@@ -220,7 +227,7 @@ def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "rai
             stats["trailing_turns_dropped"] += 1
             if len(stats["trailing_turns_examples"]) < 5:
                 stats["trailing_turns_examples"].append(f"{where}: {cut} turn{'s' * (cut > 1)} after the last reply")
-        sample = Sample.create(source, messages, {"origin": where})
+        sample = Sample.create(source, messages, {**numeric_columns(row), "origin": where})
         if sample.id in seen:
             stats["duplicates"] += 1
             continue

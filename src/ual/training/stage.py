@@ -6,8 +6,10 @@ The modes differ only in each sample's eps and each token's scale (ual.loss):
   ual  eps from smoothing.jsonl (per-sample, from the uncertainty scores)
   ppl  eps from each sample's current NLL relative to the running mean (training/ppl.py)
   dft  eps = 0, each token's loss times sg(p_y) (DFT, TRL's loss_type="dft")
-  eaft eps = 0, each token's loss times sg(top-20 entropy / log 20) (EAFT)
+  eaft eps = 0, each token's loss times sg(top-k entropy / log k), k = train.eaft_topk (EAFT)
   ual+dft, ual+eaft  ual's eps, and the token scale: the smoothed loss of each token scaled
+With train.weight_column, every mode also weights each sample's loss by that field of its meta
+(training/columns.py); modes trained on the same run then share the weights.
 The data order is fixed by the seed, so every mode sees the same batches.
 A finished mode (train/MODE/result.json) is skipped on rerun.
 """
@@ -19,8 +21,9 @@ import math
 import time
 
 from ual.config import ExperimentConfig, TrainConfig
-from ual.io import read_json, read_jsonl, write_json
+from ual.io import read_json, write_json
 from ual.runfolder import RunFolder
+from ual.training.columns import mapped_samples, sample_weights, smoothing_rows
 from ual.training.plan import MODES, accumulation_steps, mode_parts, sharding_from_env, uses_smoothing_map, world_size
 
 log = logging.getLogger(__name__)
@@ -34,11 +37,7 @@ def smoothing_for_mode(mode: str, samples, cfg: ExperimentConfig, run: RunFolder
     if mode == "ls":
         return [cfg.smoothing.target_mean] * len(samples)
     if mode == "ual":
-        eps = {r["id"]: r["eps"] for r in read_jsonl(run.require(run.smoothing, "map"))}
-        missing = [s.id for s in samples if s.id not in eps]
-        if missing:
-            raise ValueError(f"{len(missing)} training samples have no eps in {run.smoothing} (first: {missing[0]}); rerun `ual map`")
-        return [eps[s.id] for s in samples]
+        return [r["eps"] for r in smoothing_rows(run, samples)]
     if mode == "ppl":  # placeholders: the trainer's eps_fn sets each batch's eps from its own NLL
         return [cfg.smoothing.target_mean] * len(samples)
     raise ValueError(f"unknown training mode {mode!r}; choose from {MODES}")
@@ -50,10 +49,9 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
 
     run = RunFolder(cfg.run_path)
     samples = run.load_samples("train")
-    if cfg.smoothing.missing == "drop" and any(map(uses_smoothing_map, cfg.train.modes)) and run.smoothing.exists():
-        # Samples dropped at the map stage are dropped for every mode, so the modes stay comparable.
-        have = {r["id"] for r in read_jsonl(run.smoothing)}
-        samples = [s for s in samples if s.id in have]
+    if cfg.smoothing.missing == "drop" and any(map(uses_smoothing_map, cfg.train.modes)):
+        samples = mapped_samples(run, samples)
+    weights = sample_weights(run, samples, cfg.train.weight_column)  # checked before anything loads
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     encoded = [encode_sample(tokenizer, s.messages, cfg.data.max_length, cfg.data.train_on_prompt) for s in samples]
     results = {}
@@ -64,11 +62,12 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
             results[mode] = read_json(out / "result.json")
             continue
         eps = smoothing_for_mode(mode, samples, cfg, run)
-        results[mode] = train_one(cfg, mode, encoded, eps, tokenizer, out)
+        results[mode] = train_one(cfg, mode, encoded, eps, tokenizer, out, weights)
     return results
 
 
-def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) -> dict:
+def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out, weights=None) -> dict:
+    """Train one mode; `weights`: each sample's loss weight (None: all 1; training/columns.py)."""
     import torch
     from transformers import set_seed
 
@@ -85,7 +84,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
     set_seed(cfg.seed)  # same LoRA init for every mode
     device = local_device(cfg.device)
     dtype = torch.bfloat16 if tc.bf16 and device.type == "cuda" else torch.float32
-    dataset = SmoothedDataset(encoded, eps)
+    dataset = SmoothedDataset(encoded, eps, weights)
     # The arguments come before the model: under `accelerate launch` with DeepSpeed ZeRO-3
     # they make from_pretrained load each weight already partitioned.
     args = training_arguments(cfg, out, len(dataset), device.type)
@@ -111,6 +110,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         eps_fn=eps_fn,
         callbacks=callbacks,
         token_scale=mode_parts(mode)[1],
+        eaft_topk=tc.eaft_topk,
     )
     resume = latest_checkpoint(out / "checkpoints", "ual_ppl_state.json" if eps_fn else None) if tc.resume else None
     if resume is not None:
@@ -142,6 +142,9 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out) ->
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "loss": loss_impl,
         "token_scale": mode_parts(mode)[1],
+        "eaft_topk": tc.eaft_topk if mode_parts(mode)[1] == "eaft" else None,
+        "weight_column": tc.weight_column,
+        "mean_weight": float(sum(weights) / len(weights)) if weights else 1.0,
         "sharding": sharding,
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1]["loss"] if losses else None,

@@ -1,0 +1,140 @@
+"""`ual export-data`: a run's training samples with their uncertainty columns, as a dataset for any trainer.
+
+    ual export-data runs/demo --format parquet --out demo.parquet
+    ual export-data runs/demo --format hf --out demo_hf          # datasets.load_from_disk
+    ual export-data runs/demo --format jsonl --out demo.jsonl --weight-column quality
+
+One row per training sample, in samples.jsonl order, with the columns
+  messages  [{role, content}, ...]   the conversation, as `ual data` normalised it
+  source, id                         the data source's label and the sample's content id
+  score, u, eps                      from smoothing.jsonl (`ual score`, then `ual map`): the raw
+                                     uncertainty, its normalised u in [0, 1], the label smoothing
+  weight                             the loss weight (train.weight_column of the run's config, or
+                                     --weight-column; 1.0 without one), checked as `ual train` checks it
+so people who train with TRL (`ual.training.trl.UALSFTTrainer` reads the eps and weight columns),
+axolotl or LLaMA-Factory can use ual's scoring with their own trainer. Samples that `ual map`
+dropped (smoothing.missing: drop) are left out, as `ual train` leaves them out; score and u are
+null for samples given the mean eps (smoothing.missing: mean).
+
+The output is written under a temporary name and renamed into place, so a crash never leaves a
+half-written dataset, and an existing output is never replaced unless --force.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ual.io import write_jsonl
+from ual.runfolder import RunFolder
+from ual.training.columns import mapped_samples, sample_weights, smoothing_rows
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("jsonl", "parquet", "hf")
+COLUMNS = ("messages", "source", "id", "score", "u", "eps", "weight")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config_file", metavar="RUN", help="run folder (or its experiment config) with samples.jsonl "
+                   "and smoothing.jsonl")
+    p.add_argument("--format", default="jsonl", choices=FORMATS,
+                   help="jsonl (one JSON object a line), parquet, or hf (a datasets folder: load_from_disk)")
+    p.add_argument("--out", required=True, help="output file (jsonl, parquet) or folder (hf)")
+    p.add_argument("--weight-column", help="meta field giving each sample's loss weight (default: the run's "
+                   "train.weight_column; none: weight 1.0)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+
+
+def run(args) -> dict:
+    from ual.config import load_config
+
+    # The CLI resolves a run folder given as RUN to its config.yaml (args.config) and records the
+    # folder itself (cfg:run_dir), which wins over the run_dir inside (the folder may have moved).
+    run_dir = getattr(args, "cfg:run_dir", None)
+    cfg = load_config(args.config or args.config_file, {"run_dir": run_dir} if run_dir else None)
+    return export_data(RunFolder(cfg.run_path), args.format, args.out, weight_column=args.weight_column or
+                       cfg.train.weight_column, missing=cfg.smoothing.missing, force=args.force)
+
+
+def training_rows(run: RunFolder, weight_column: str | None = None, missing: str = "error") -> list[dict]:
+    """The exported rows (COLUMNS), in samples.jsonl order. missing: the run's smoothing.missing
+    ("drop": the samples `ual map` left out are left out here too)."""
+    samples = run.load_samples("train")
+    if missing == "drop":
+        samples = mapped_samples(run, samples)
+    smoothing = smoothing_rows(run, samples)
+    weights = sample_weights(run, samples, weight_column) or [1.0] * len(samples)
+    return [{"messages": s.messages, "source": s.source, "id": s.id, "score": r.get("score"), "u": r.get("u"),
+             "eps": float(r["eps"]), "weight": float(w)} for s, r, w in zip(samples, smoothing, weights)]
+
+
+def export_data(run: RunFolder, fmt: str, out, weight_column: str | None = None, missing: str = "error",
+                force: bool = False) -> dict:
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise ValueError(f"{out} exists; pass --force to replace it")
+    rows = training_rows(run, weight_column, missing)
+    if not rows:
+        raise ValueError(f"{run.samples}: no training samples to export")
+    if fmt == "jsonl":
+        _write_file(out, lambda tmp: write_jsonl(tmp, rows))
+    else:
+        from datasets import Dataset
+
+        dataset = Dataset.from_list(rows)
+        if fmt == "parquet":
+            _write_file(out, dataset.to_parquet)
+        else:
+            _write_folder(out, dataset.save_to_disk)
+    log.info("export-data: %d samples -> %s (%s)", len(rows), out, fmt)
+    return {"out": str(out), "format": fmt, "samples": len(rows), "columns": list(COLUMNS),
+            "weight_column": weight_column, "mean_eps": sum(r["eps"] for r in rows) / len(rows),
+            "mean_weight": sum(r["weight"] for r in rows) / len(rows)}
+
+
+def _write_file(out: Path, write) -> None:
+    """write(tmp) to a temporary sibling of `out`, then rename it over `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        _replace(Path(tmp), out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_folder(out: Path, write) -> None:
+    """write(tmp) into a temporary sibling folder of `out`, then rename it to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(str(tmp))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` (file or folder, --force) is moved aside first and
+    removed only once the new one is in place."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent)) / out.name
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous output back
+        raise
+    finally:
+        shutil.rmtree(old.parent, ignore_errors=True)
