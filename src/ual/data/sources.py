@@ -196,3 +196,60 @@ def load_source(spec: SourceConfig, need: int | None = None, on_error: str = "ra
         return samples, stats
     raise DataError(f"unknown source '{spec.name}': not a packaged source ({', '.join(PACKAGED)}), "
                     "not a .jsonl/.json/.parquet file, not hub:ORG/NAME")
+
+
+def describe_sources(cfg) -> list[dict]:
+    """Where each source's data comes from, checked without downloading or reading it whole."""
+    from ual.data.formats import normalize_record, read_records
+    from ual.data.paper import PAPER_SOURCES
+
+    out = []
+    for spec in cfg.data.sources:
+        r = {"name": spec.name, "label": source_label(spec), "train": spec.train, "heldout": spec.heldout}
+        path = None
+        if spec.name in PAPER_SOURCES:
+            info = PAPER_SOURCES[spec.name]
+            if spec.path:
+                path = spec.path
+                r["kind"] = "paper source, local file"
+            elif info.repo is None:
+                raise DataError(f"source '{spec.name}' needs `path:` (a DEITA selection: {info.note} --out FILE)")
+            else:
+                r["kind"] = f"paper source, hub {info.repo}/{info.filename} (fetched by `ual data`)"
+                r["rows"] = info.rows
+                try:
+                    from huggingface_hub import try_to_load_from_cache
+
+                    cached = try_to_load_from_cache(info.repo, info.filename, repo_type="dataset")
+                    r["cached"] = isinstance(cached, str)
+                except Exception:
+                    r["cached"] = False
+        elif spec.name in PACKAGED:
+            r["kind"] = "packaged"
+            r["path"] = str(sharegpt_path() if spec.name == "sharegpt" else gsm8k_path())
+        elif spec.name.startswith("hub:"):
+            r["kind"] = "hub data set (fetched by `ual data`)"
+        else:
+            path = spec.name
+            r["kind"] = "local file"
+        if path is not None:
+            import os
+
+            if not os.path.isfile(path):
+                hint = ""
+                if spec.name in PAPER_SOURCES and PAPER_SOURCES[spec.name].repo is None:
+                    hint = f"; build it with `{PAPER_SOURCES[spec.name].note} --out {path}`"
+                raise DataError(f"source '{spec.name}': {path}: no such file{hint}")
+            if path.endswith(".jsonl"):
+                with open(path, "rb") as fh:
+                    r["rows"] = sum(1 for line in fh if line.strip())
+            r["path"], r["bytes"] = path, os.path.getsize(path)
+            if not (spec.name in PAPER_SOURCES and PAPER_SOURCES[spec.name].layout in ("metamath", "sharegpt_pool")):
+                fmt = spec.format if spec.format != "auto" else (
+                    PAPER_SOURCES[spec.name].layout if spec.name in PAPER_SOURCES
+                    and PAPER_SOURCES[spec.name].layout not in ("selection",) else "auto")
+                for where, row in read_records(path):
+                    normalize_record(row, fmt, where)  # the first row parses, or a clear error
+                    break
+        out.append(r)
+    return out
