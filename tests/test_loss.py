@@ -1,4 +1,4 @@
-"""Exactness of the per-sample label-smoothed losses (METHOD.md §3).
+"""Exactness of the per-sample label-smoothed losses (docs/method.md §3).
 
 Everything is checked against a dense reference written out by hand here: the
 full (T, V) target distribution (1 - eps) * onehot(y) + eps / V, and

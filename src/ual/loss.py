@@ -1,4 +1,4 @@
-"""Per-sample label-smoothed cross-entropy (METHOD.md §3), optionally scaled per
+"""Per-sample label-smoothed cross-entropy (docs/method.md §3), optionally scaled per
 token (DFT, EAFT) and weighted per sample. Pure torch, no I/O, no state.
 
 For a supervised token t of sample i, with gold y, logits z over a vocabulary

@@ -1,6 +1,6 @@
 """Map per-sample uncertainty scores to per-sample label-smoothing values.
 
-The paper's (lost) equations 1-2, recovered in METHOD.md §2:
+The paper's (lost) equations 1-2, recovered in docs/method.md §2:
 
     eps_i = min(eps_max, k * u_i),   k > 0 chosen so that mean_i(eps_i) = target_mean.
 

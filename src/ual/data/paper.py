@@ -1,4 +1,4 @@
-"""The paper's data sets (METHOD.md §4), by name, from the hub or from a local copy in the published layout.
+"""The paper's data sets (docs/method.md §5), by name, from the hub or from a local copy in the published layout.
 
 Use them in `data.sources` by name, with an optional `path:` to a local file:
 

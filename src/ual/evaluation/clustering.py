@@ -1,4 +1,4 @@
-"""Feature clustering (paper §4, Table 5; METHOD.md §6): do same-next-token features cluster?
+"""Feature clustering (paper §4, Table 5; docs/method.md §7): do same-next-token features cluster?
 
 1. `collect_features`: run held-out texts through the model; at every position
    take the final hidden state, i.e. the input of the output projection

@@ -1,6 +1,6 @@
 """The report's opening: for each claim of the paper, the difference, its interval, and what it says.
 
-Claims (METHOD.md, paper §3-4), each read from comparisons.json (and seeds.json):
+Claims (docs/method.md §6, paper §3-4), each read from comparisons.json (and seeds.json):
   UAL vs SFT, UAL vs LS     held-out NLL over all sources
   precise vs open data      the same per data source (UAL should help where answers are many
                             without hurting where there is one)

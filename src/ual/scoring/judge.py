@@ -1,4 +1,4 @@
-"""Uncertainty from a judge LLM behind any OpenAI-compatible endpoint (METHOD.md §1).
+"""Uncertainty from a judge LLM behind any OpenAI-compatible endpoint (docs/method.md §1).
 
 OpenAI, vLLM, llama.cpp or Ollama: the official `openai` client talks to all
 of them. Judging thousands of samples costs money and time, so:

@@ -1,4 +1,4 @@
-"""The perplexity variant of UAL (paper §3.2, METHOD.md §1): eps from the model's own loss, during training.
+"""The perplexity variant of UAL (paper §3.2, docs/method.md §4): eps from the model's own loss, during training.
 
 For each training sample i in a batch, from the same forward pass that trains on it:
 
