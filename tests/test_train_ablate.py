@@ -116,3 +116,26 @@ def test_ablation_seeds_writes_per_seed_runs_and_an_across_seed_table(tmp_path, 
     before = (run / "seeds" / "seed-1" / "train" / "ls" / "result.json").stat().st_mtime_ns
     assert main(["ablate", str(cfg), "--modes", "sft,ls,ual", "--seeds", "2", "--eval"] + cheap) == 0
     assert (run / "seeds" / "seed-1" / "train" / "ls" / "result.json").stat().st_mtime_ns == before
+
+
+def test_ablation_five_modes_with_paired_intervals(tmp_path, tiny_model_dir):
+    """sft, ls, ual and the token-level rivals dft and eaft in one command, with the same steps, and
+    UAL compared with each of them on every metric with a paired interval."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    cheap = ["--eval.clustering", "false", "--eval.gsm8k", "false", "--eval.pairwise", "[]", "--eval.mc_samples", "0",
+             "--eval.bootstrap", "200", "--eval.compare", "[ual:sft, ual:ls, ual:dft, ual:eaft]"]
+    assert main(["ablate", str(cfg), "--modes", "sft,ls,ual,dft,eaft", "--eval"] + cheap) == 0
+    run = tmp_path / "run"
+    table = read_json(run / "ablation.json")
+    rows = {r["mode"]: r for r in table["rows"]}
+    assert set(rows) == {"base", "sft", "ls", "ual", "dft", "eaft"} and table["same_steps"]
+    assert rows["dft"]["mean_eps"] == 0 and rows["eaft"]["mean_eps"] == 0
+    assert read_json(run / "train" / "dft" / "result.json")["token_scale"] == "dft"
+    assert read_json(run / "train" / "eaft" / "result.json")["token_scale"] == "eaft"
+    pairs = read_json(run / "comparisons.json")["pairs"]
+    assert set(pairs) == {"ual:sft", "ual:ls", "ual:dft", "ual:eaft"}
+    for pair in pairs.values():
+        nll = pair["nll/all"]
+        assert nll["low"] <= nll["estimate"] <= nll["high"] and isinstance(nll["excludes_zero"], bool)
+    report = (run / "report.md").read_text()
+    assert "ual − dft" in report and "ual − eaft" in report
