@@ -146,10 +146,22 @@ def exact_rows(dev, b, t, hid, vocab, dtype, small_chunk):
     for k in (None, small_chunk):
         cands[f"chunked, chunk {k or 'default'}"] = functools.partial(
             chunked_smoothed_cross_entropy, targets=targets, eps=eps, chunk_size=k)
+    # The token-level modes (DFT, EAFT, per-sample weights: issue 16), at the default chunk, each
+    # against the naive loss with the same options in fp32.
+    weights = torch.rand(b, device=dev) * 2
+    token_modes = {"dft": dict(token_scale="dft"), "eaft": dict(token_scale="eaft"),
+                   "weighted": dict(sample_weights=weights)}
+    refs = {name: ref for name in cands}
+    for mode, kw in token_modes.items():
+        cands[f"chunked {mode}, chunk default"] = functools.partial(
+            chunked_smoothed_cross_entropy, targets=targets, eps=eps, **kw)
+        refs[f"chunked {mode}, chunk default"] = grads(
+            lambda a, c, kw=kw: smoothed_cross_entropy(F.linear(a, c), targets, eps, **kw), h.float(), w.float())
     rows = []
     for name, fn in cands.items():
         loss, gh, gw = grads(fn, h, w)
-        e = {"loss_err": abs(loss - ref[0]) / abs(ref[0]), "dh_err": err(gh, ref[1]), "dw_err": err(gw, ref[2])}
+        r = refs[name]
+        e = {"loss_err": abs(loss - r[0]) / abs(r[0]), "dh_err": err(gh, r[1]), "dw_err": err(gw, r[2])}
         tol = TOL[dname]
         ok = None if name.startswith("naive") else (e["loss_err"] <= tol["loss"]
                                                     and max(e["dh_err"], e["dw_err"]) <= tol["grad"])
@@ -203,6 +215,9 @@ def speed_variants(dev, dtype):
         out["liger"] = (None, "-", f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     out["ual_chunked"] = (lambda h, w, t, e: chunked_smoothed_cross_entropy(h, w, t, e), "per-sample U(0, 0.3)",
                           "ual.loss.chunked_smoothed_cross_entropy")
+    for scale in ("dft", "eaft"):  # the token-level rivals in the same pass (issue 16): target 1.1x ual_chunked
+        out[f"ual_{scale}"] = (lambda h, w, t, e, scale=scale: chunked_smoothed_cross_entropy(h, w, t, e, token_scale=scale),
+                               "per-sample U(0, 0.3)", f"chunked, token_scale={scale}")
     return out
 
 
@@ -278,7 +293,7 @@ def speed_rows(dev, plan, head, hid, vocab, deadline):
         h.grad = w.grad = None
         cleanup(dev)
     for row in res.values():  # ratios < 1: faster / smaller than the baseline
-        for base in ("ce", "liger"):
+        for base in ("ce", "liger", "ual_chunked"):
             for key, out in (("ms", "time"), ("peak_mib", "mem")):
                 ok = row.get(key) is not None and res[base].get(key)
                 row[f"{out}_vs_{base}"] = row[key] / res[base][key] if ok else None
@@ -494,6 +509,7 @@ def markdown(result, plan):
         ("ms", "ms", ".1f"), ("tokens/s", "tokens_per_s", ",.0f"), ("peak MiB", "peak_mib", ",.0f"),
         ("time vs CE", "time_vs_ce", ".2f"), ("time vs Liger", "time_vs_liger", ".2f"),
         ("mem vs CE", "mem_vs_ce", ".2f"), ("mem vs Liger", "mem_vs_liger", ".2f"),
+        ("time vs ual", "time_vs_ual_chunked", ".2f"), ("mem vs ual", "mem_vs_ual_chunked", ".2f"),
         ("status", "status", ""), ("note", "note", ""), ("error", "error", "")]))
     out += head(3, f"Training step, {'tiny Llama' if plan['tiny'] else 'random Llama-2-7B shape'}, UALTrainer, "
                    "chunked loss", s["train_step"])

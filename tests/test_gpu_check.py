@@ -26,7 +26,10 @@ def test_gpu_check_cpu_rehearsal(tmp_path, tokenizer):  # tokenizer: converts th
     chunked = [r for r in exact["rows"] if r["variant"].startswith("chunked")]
     assert {(r["head"], r["dtype"]) for r in chunked} == {(h, d) for h in ("llama2", "llama3", "gemma3")
                                                          for d in ("float32", "bfloat16")}
-    assert len(chunked) == 12 and all(r["pass"] for r in chunked)  # default chunk and a small one (several chunks)
+    # default chunk, a small one (several chunks), and the token-level modes (dft, eaft, weighted) at the default
+    assert len(chunked) == 30 and all(r["pass"] for r in chunked)
+    assert {r["variant"] for r in chunked} >= {"chunked dft, chunk default", "chunked eaft, chunk default",
+                                               "chunked weighted, chunk default"}
 
     rows = {(r["head"], r["variant"]): r for r in s["speed"]["rows"]}
     for head in ("llama2", "llama3", "gemma3"):
@@ -35,6 +38,9 @@ def test_gpu_check_cpu_rehearsal(tmp_path, tokenizer):  # tokenizer: converts th
         assert ce["time_vs_ce"] == 1 and math.isfinite(ours["time_vs_ce"]) and ours["time_vs_ce"] > 0
         liger = rows[(head, "liger")]  # no Liger on CPU: skipped, with the reason
         assert liger["status"] == "skipped" and liger["note"].startswith("skipped: ")
+        for scale in ("dft", "eaft"):  # the token-level rivals, against ual's own chunked loss in the same run
+            row = rows[(head, f"ual_{scale}")]
+            assert row["status"] == "ok" and math.isfinite(row["time_vs_ual_chunked"])
         lce = rows[(head, "torch_lce")]
         assert lce["status"] == "ok" or lce["note"].startswith("skipped: ")
 
