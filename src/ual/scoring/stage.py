@@ -45,16 +45,16 @@ def build_scorer(cfg: ExperimentConfig):
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
-    if not cfg.score.dry_run:
-        # config.yaml now describes this scorer: the last one's current scores (and the smoothing mapped
-        # from them) must not outlive a failure. Rows kept per scorer in scores/ are a cache and stay, so a
-        # rerun of the same scorer restores them without a model call (runfolder.py).
-        run.discard("score")
-    splits = {"train": run.load_samples("train")}
-    if cfg.score.heldout and run.heldout.exists():
-        splits["heldout"] = run.load_samples("heldout")
+    try:
+        splits = {"train": run.load_samples("train")}
+        if cfg.score.heldout and run.heldout.exists():
+            splits["heldout"] = run.load_samples("heldout")
+        scorer = build_scorer(cfg)
+    except Exception:
+        if not cfg.score.dry_run:
+            run.discard("score")  # see below: a failed rerun keeps no scores of another config
+        raise
     everything = [s for samples in splits.values() for s in samples]
-    scorer = build_scorer(cfg)
     if cfg.score.dry_run:
         # Plan only: nothing is sent and scores.jsonl is left as it is.
         if not hasattr(scorer, "plan"):
@@ -62,15 +62,21 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
         return {"dry_run": scorer.plan(everything)}
     if "heldout" not in splits and run.heldout_scores.exists():
         run.heldout_scores.unlink()  # another scorer's: evaluation must not bucket by it
+    reused = {"scorer": scorer.name, "scored": len(everything), "failed": 0, "reused": True}
+    if not force and all(_complete_scores(run.scores if split == "train" else run.heldout_scores, samples, scorer.name)
+                         for split, samples in splits.items()):
+        log.info("%s already scored every sample; reused (use --force to rescore)", scorer.name)
+        return reused  # the current scores are this scorer's: they, and the smoothing mapped from them, stay
+    # The current scores are about to be replaced, and config.yaml already describes this scorer: the
+    # last scorer's scores (and the smoothing mapped from them) must not outlive a failure. The rows kept
+    # per scorer in scores/ are a cache and stay, so the same scorer again costs no model call.
+    run.discard("score")
     if not force:
         stored = _stored_rows(run, scorer.name, splits)
-        if stored is not None:
-            current = {split: _complete_scores(run.scores if split == "train" else run.heldout_scores, samples,
-                                               scorer.name) for split, samples in splits.items()}
-            if any(rows is None for rows in current.values()):  # scored before another scorer replaced them
-                _write_rows(run, scorer.name, stored)
-            log.info("%s already scored every sample; reused (use --force to rescore)", scorer.name)
-            return {"scorer": scorer.name, "scored": len(everything), "failed": 0, "reused": True}
+        if stored is not None:  # scored before another scorer replaced them
+            _write_rows(run, scorer.name, stored)
+            log.info("%s already scored every sample; restored from scores/ (use --force to rescore)", scorer.name)
+            return reused
     results, derived = None, None
     for sibling in [] if force else getattr(scorer, "siblings", []):
         stored = _stored_rows(run, sibling, splits)
