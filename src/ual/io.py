@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,43 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `path` (a file, or with folder=True a folder) for writers that take a
+    path (save_pretrained, to_parquet, save_to_disk); on success it takes `path`'s place. Whatever was
+    at `path` (file or folder) is moved aside first and removed only once the new one is in place,
+    so a failure at any point leaves the previous output, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def _replace(new: Path, out: Path) -> None:
+    if not (out.exists() or out.is_symlink()):
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent)) / out.name
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous output back
+        raise
+    finally:
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

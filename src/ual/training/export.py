@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -66,7 +64,7 @@ def merge_adapter(base: str, adapter: str | os.PathLike, out: str | os.PathLike,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ual.io import write_json
+    from ual.io import atomic_path, write_json
     from ual.models import load_tokenizer, resolve_model
 
     adapter, out = Path(adapter), Path(out)
@@ -85,18 +83,10 @@ def merge_adapter(base: str, adapter: str | os.PathLike, out: str | os.PathLike,
     tok_src = str(adapter) if (adapter / "tokenizer_config.json").exists() else base
     tokenizer = load_tokenizer(tok_src, trust_remote_code)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_path(out, folder=True) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {"base": base, "adapter": str(adapter), "dtype": str(next(merged.parameters()).dtype),
                 "parameters": sum(p.numel() for p in merged.parameters())}
         write_json(tmp / "ual_export.json", info)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), **info}

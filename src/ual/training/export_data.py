@@ -23,12 +23,9 @@ half-written dataset, and an existing output is never replaced unless --force.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ual.io import write_jsonl
+from ual.io import atomic_path, write_jsonl
 from ual.runfolder import RunFolder
 from ual.training.columns import mapped_samples, sample_weights, smoothing_rows
 
@@ -82,59 +79,15 @@ def export_data(run: RunFolder, fmt: str, out, weight_column: str | None = None,
     rows = training_rows(run, weight_column, missing)
     if not rows:
         raise ValueError(f"{run.samples}: no training samples to export")
-    if fmt == "jsonl":
-        _write_file(out, lambda tmp: write_jsonl(tmp, rows))
-    else:
-        from datasets import Dataset
-
-        dataset = Dataset.from_list(rows)
-        if fmt == "parquet":
-            _write_file(out, dataset.to_parquet)
+    with atomic_path(out, folder=fmt == "hf") as tmp:
+        if fmt == "jsonl":
+            write_jsonl(tmp, rows)
         else:
-            _write_folder(out, dataset.save_to_disk)
+            from datasets import Dataset
+
+            dataset = Dataset.from_list(rows)
+            dataset.to_parquet(str(tmp)) if fmt == "parquet" else dataset.save_to_disk(str(tmp))
     log.info("export-data: %d samples -> %s (%s)", len(rows), out, fmt)
     return {"out": str(out), "format": fmt, "samples": len(rows), "columns": list(COLUMNS),
             "weight_column": weight_column, "mean_eps": sum(r["eps"] for r in rows) / len(rows),
             "mean_weight": sum(r["weight"] for r in rows) / len(rows)}
-
-
-def _write_file(out: Path, write) -> None:
-    """write(tmp) to a temporary sibling of `out`, then rename it over `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        _replace(Path(tmp), out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_folder(out: Path, write) -> None:
-    """write(tmp) into a temporary sibling folder of `out`, then rename it to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(str(tmp))
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Rename `new` to `out`; an existing `out` (file or folder, --force) is moved aside first and
-    removed only once the new one is in place."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(new, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent)) / out.name
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous output back
-        raise
-    finally:
-        shutil.rmtree(old.parent, ignore_errors=True)
