@@ -28,6 +28,7 @@ from ual.training.plan import MODES, accumulation_steps, mode_parts, sharding_fr
 
 log = logging.getLogger(__name__)
 
+
 def smoothing_for_mode(mode: str, samples, cfg: ExperimentConfig, run: RunFolder) -> list[float]:
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; choose from {MODES}")
