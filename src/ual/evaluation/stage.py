@@ -161,12 +161,10 @@ class EvalInputs:
             maths = maths[: ec.gsm8k_limit]
         mc = []
         if ec.multiple_choice:
-            from ual.evaluation.multiple_choice import MC_SHUFFLE_SEED, load_mc_file, load_packaged_mc, shuffle_choices
+            from ual.evaluation.multiple_choice import load_questions
 
-            mc = load_mc_file(ec.mc_file) if ec.mc_file else load_packaged_mc()
-            mc = mc[: ec.mc_limit] if ec.mc_limit is not None else mc
-            if ec.mc_shuffle:  # one order per question (by its id), the same for every model and training seed
-                mc = shuffle_choices(mc, seed=MC_SHUFFLE_SEED)
+            # choices in one order per question (by its id), the same for every model and training seed
+            mc = load_questions(ec.mc_file or "packaged", shuffle=ec.mc_shuffle)[: ec.mc_limit]
         cluster_texts = clustering_texts(heldout, tokenizer, ec.clustering_texts) if ec.clustering else []
         pair_samples = [s for s in heldout if s.source == ec.pairwise_source][: ec.pairwise_limit] if ec.pairwise else []
         if ec.pairwise and not pair_samples:
