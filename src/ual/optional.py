@@ -16,6 +16,7 @@ INSTALL = {
     "trl": "pip install 'ual[trl]'",
     "tensorboard": "pip install 'ual[trl]'",
     "llama_cpp": "pip install 'ual[judge-server]'",
+    "deepspeed": "pip install 'ual[deepspeed]'",
     "wandb": "pip install wandb",
     "trackio": "pip install trackio",
 }

@@ -28,7 +28,7 @@ from ual.io import write_json, write_text
 from ual.optional import require
 from ual.training.ablate import (SEED_SHARED_FILES, across_seed_table, comparison, render, render_seeds,
                                  seed_run_dir, share_base_eval, share_inputs, sub_run_dir)
-from ual.training.plan import mode_parts, uses_smoothing_map
+from ual.training.plan import mode_parts, sharding_from_env, uses_smoothing_map
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def check_extras(stage: str, cfg: ExperimentConfig) -> None:
         require_lm_eval()
     if stage in ("train", "demo") and cfg.train.report_to in ("tensorboard", "wandb", "trackio"):
         require(cfg.train.report_to, f"train.report_to: {cfg.train.report_to}")
+    if stage in ("train", "demo") and sharding_from_env() in ("zero2", "zero3"):
+        require("deepspeed", "training under `accelerate launch` with a DeepSpeed config")
 
 
 # --------------------------------------------------------------------------- recipes

@@ -220,6 +220,19 @@ def test_missing_lm_eval_names_the_extra(workspace, how):
     assert snapshot(tmp) == before
 
 
+def test_deepspeed_launch_without_deepspeed_names_the_extra(workspace):
+    """Under `accelerate launch` with a DeepSpeed config (the environment it sets), training without
+    DeepSpeed installed stops before anything is written, naming the extra."""
+    tmp, base = workspace
+    cfg = write_config(tmp, base)
+    before = snapshot(tmp)
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, "deepspeed", "train", str(cfg)], cwd=tmp,
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert_one_line_error(proc, "deepspeed", "pip install 'ual[deepspeed]'")
+    assert snapshot(tmp) == before
+
+
 # --------------------------------------------------------------------------- multiple choice and position bias
 
 def write_quiz(path: Path, n: int) -> Path:
