@@ -2,11 +2,14 @@
 
 Everything is checked against a dense reference written out by hand here: the
 full (T, V) target distribution (1 - eps) * onehot(y) + eps / V, and
--sum(target * log_softmax(logits)), in float64.
+-sum(target * log_softmax(logits)), in float64; with a token scale and sample
+weights (`dense_reference`'s other arguments) it is the reference of
+tests/test_loss_token_modes.py too.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -21,21 +24,40 @@ from ual.loss import IGNORE_INDEX, chunked_smoothed_cross_entropy, shift_labels,
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
-def dense_reference(logits, targets, eps, num_items_in_batch=None, ignore_index=IGNORE_INDEX):
-    """-sum(target * log_softmax) with the dense target built explicitly (float64)."""
-    logits = logits.double()
-    vocab = logits.shape[-1]
-    eps = torch.as_tensor(eps, dtype=torch.float64)
-    if eps.dim() == 1:
-        eps = eps.view(-1, *([1] * (targets.dim() - 1)))
-    eps = eps.expand(targets.shape).unsqueeze(-1)
-    mask = targets != ignore_index
+def _per_sample(values, targets):
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if t.dim() == 1:
+        t = t.view(-1, *([1] * (targets.dim() - 1)))
+    return t.expand(targets.shape)
+
+
+def reference_scale(logits, targets, token_scale, k=20):
+    """s per token (float64, NOT detached): p_y, or the top-k entropy over log k."""
+    z = logits.double()
+    if token_scale == "dft":
+        return torch.log_softmax(z, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1).exp()
+    if token_scale == "eaft":
+        k = min(k, z.shape[-1])
+        logq = torch.log_softmax(torch.topk(z, k, dim=-1).values, -1)
+        return -(logq.exp() * logq).sum(-1) / math.log(k)
+    return torch.ones(targets.shape, dtype=torch.float64)
+
+
+def dense_reference(logits, targets, eps, num_items=None, token_scale="none", k=20, weights=None, detach=True):
+    """sum_t w_i * s_t * (-sum_v target_v log p_v) / count, dense, float64."""
+    z = logits.double()
+    vocab = z.shape[-1]
+    eps = _per_sample(eps, targets).unsqueeze(-1)
+    mask = targets != IGNORE_INDEX
     onehot = F.one_hot(targets.clamp_min(0), vocab).double()
-    target_dist = (1 - eps) * onehot + eps / vocab
-    per_token = -(target_dist * torch.log_softmax(logits, dim=-1)).sum(-1)
-    total = (per_token * mask).sum()
-    denom = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-    return total / denom.clamp_min(1).double()
+    per_token = -(((1 - eps) * onehot + eps / vocab) * torch.log_softmax(z, -1)).sum(-1)
+    s = reference_scale(z, targets, token_scale, k)
+    per_token = per_token * (s.detach() if detach else s)
+    if weights is not None:
+        per_token = per_token * _per_sample(weights, targets)
+    denom = mask.sum() if num_items is None else torch.as_tensor(num_items)
+    return (per_token * mask).sum() / denom.clamp_min(1).double()
+
 
 
 def _close(actual, expected, rtol, floor=0.0):
@@ -75,50 +97,47 @@ def problems(draw, max_b=3, max_t=6, max_h=8, max_v=24):
     return hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale
 
 
-def _grads_chunked(hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale, dtype):
-    h = hidden.to(dtype).requires_grad_()
-    w = weight.to(dtype).requires_grad_()
-    b = None if bias is None else bias.to(dtype).requires_grad_()
-    loss = chunked_smoothed_cross_entropy(
-        h, w, targets, eps, num_items, chunk_size=chunk, bias=b, lse_from_softmax=lse_from_softmax
-    )
-    (loss * grad_scale).backward()
-    return loss, h.grad, w.grad, None if b is None else b.grad, (h, w, b)
-
-
-def _grads_dense(h, w, b, targets, eps, num_items, grad_scale):
-    h = h.detach().double().requires_grad_()
-    w = w.detach().double().requires_grad_()
-    b = None if b is None else b.detach().double().requires_grad_()
-    logits = h @ w.T + (0 if b is None else b)
-    loss = dense_reference(logits, targets, eps, num_items)
-    (loss * grad_scale).backward()
-    return loss, h.grad, w.grad, None if b is None else b.grad
-
-
-def _check_chunked(problem, dtype, rtol, term_scale=False):
+def _chunked_grads(problem, token_scale, k, weights, dtype):
+    """The chunked loss and its gradients on `problem` (see problems()), inputs cast to `dtype`."""
     hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale = problem
-    loss, gh, gw, gb, leaves = _grads_chunked(
-        hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale, dtype
-    )
-    ref, rh, rw, rb = _grads_dense(*leaves, targets, eps, num_items, grad_scale)
+    h, w, b = (None if x is None else x.detach().to(dtype).clone().requires_grad_() for x in (hidden, weight, bias))
+    loss = chunked_smoothed_cross_entropy(h, w, targets, eps, num_items, chunk_size=chunk, bias=b,
+                                          lse_from_softmax=lse_from_softmax, token_scale=token_scale, eaft_topk=k,
+                                          sample_weights=weights)
+    (loss * grad_scale).backward()
+    return loss, [h.grad, w.grad, None if b is None else b.grad], (h, w, b)
+
+
+def _reference_grads(leaves, problem, token_scale, k, weights, detach=True):
+    targets, eps, num_items, grad_scale = problem[3], problem[4], problem[5], problem[8]
+    h, w, b = (None if x is None else x.detach().double().requires_grad_() for x in leaves)
+    logits = h @ w.T + (0 if b is None else b)
+    loss = dense_reference(logits, targets, eps, num_items, token_scale, k, weights, detach)
+    (loss * grad_scale).backward()
+    return loss, [h.grad, w.grad, None if b is None else b.grad]
+
+
+def _check(case, dtype, rtol, term_scale=False):
+    """case: (problem, token_scale, eaft k, weights): the chunked loss and gradients against the dense reference."""
+    problem, token_scale, k, weights = case
+    loss, grads, leaves = _chunked_grads(problem, token_scale, k, weights, dtype)
+    ref, ref_grads = _reference_grads(leaves, problem, token_scale, k, weights)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert gh.dtype == dtype and gw.dtype == dtype
-    # With low-precision GEMMs the softmax is rounded before it meets W (or h):
-    # the error is relative to |p @ W| <= max|W| (and to max|h|), not to the
-    # (possibly much smaller) difference p - target.
-    g = grad_scale
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
     _close(loss, ref, rtol)
-    _close(gh, rh, rtol, g * leaves[1].detach().abs().max().item() if term_scale else 0.0)
-    _close(gw, rw, rtol, g * leaves[0].detach().abs().max().item() if term_scale else 0.0)
-    if bias is not None:
-        _close(gb, rb, rtol, g if term_scale else 0.0)
+    g = problem[8]
+    # Low-precision GEMMs: the error is relative to the terms that cancel (see test_loss).
+    floors = [g * leaves[1].detach().abs().max().item(), g * leaves[0].detach().abs().max().item(), g]
+    for actual, expected, floor in zip(grads, ref_grads, floors):
+        if expected is not None:
+            _close(actual, expected, rtol, floor if term_scale else 0.0)
+
 
 
 @settings(max_examples=100, **SETTINGS)
 @given(problems())
 def test_chunked_matches_dense_reference_fp32(problem):
-    _check_chunked(problem, torch.float32, 1e-5)
+    _check((problem, "none", 20, None), torch.float32, 1e-5)
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -126,7 +145,7 @@ def test_chunked_matches_dense_reference_fp32(problem):
 def test_chunked_matches_dense_reference_bf16(problem):
     # Inputs are bf16; the reference uses the same bf16 values in float64, so the
     # only loss of precision is rounding the returned gradients to bf16.
-    _check_chunked(problem, torch.bfloat16, 1e-2)
+    _check((problem, "none", 20, None), torch.bfloat16, 1e-2)
 
 
 @settings(max_examples=25, **SETTINGS)
@@ -135,7 +154,7 @@ def test_chunked_bf16_native_matmul_path(problem):
     # The CUDA code path (bf16 GEMMs with fp32 results), exercised on CPU.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(L, "_LOWP_MM_DEVICES", ("cuda", "cpu"))
-        _check_chunked(problem, torch.bfloat16, 2e-2, term_scale=True)
+        _check((problem, "none", 20, None), torch.bfloat16, 2e-2, term_scale=True)
 
 
 @settings(max_examples=100, **SETTINGS)
@@ -238,7 +257,8 @@ def test_chunked_underflowing_gold_probability_is_exact():
         w = weight.clone().requires_grad_()
         loss = chunked_smoothed_cross_entropy(h, w, targets, eps, chunk_size=4, lse_from_softmax=lse_from_softmax)
         loss.backward()
-        ref, rh, rw, _ = _grads_dense(h, w, None, targets, eps, None, 1.0)
+        ref, (rh, rw, _) = _reference_grads((h, w, None), (None, None, None, targets, eps, None, None, None, 1.0),
+                                            "none", 20, None)
         assert ref.item() > 100
         _close(loss, ref, 1e-5)
         _close(h.grad, rh, 1e-5)
@@ -300,20 +320,9 @@ def test_chunked_tied_embeddings_accumulate():
 
 
 def _tiny_llama(tie=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(5)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(64, seed=5, tie_word_embeddings=tie)
 
 
 def _model_losses(model, head_arg):

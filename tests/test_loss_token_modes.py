@@ -1,11 +1,12 @@
 """Exactness of the token scales (DFT, EAFT) and per-sample weights (ual.loss docstring).
 
-The reference is written out by hand, dense and in float64: the full (T, V)
-smoothed target (1 - eps) * onehot(y) + eps / V against log_softmax(z), times
-the token scale s (sg(p_y) or sg(H_topk / log k)) and the sample weight w,
-summed over supervised tokens and divided by the supervised-token count. The
-stop-gradient is checked both ways: our gradients equal the reference's with
-s.detach(), and differ from the reference's without it.
+The reference is tests/test_loss.py's dense float64 one: the full (T, V) smoothed
+target (1 - eps) * onehot(y) + eps / V against log_softmax(z), times the token
+scale s (sg(p_y) or sg(H_topk / log k)) and the sample weight w, summed over
+supervised tokens and divided by the supervised-token count. Here every mode and
+weighting is drawn; test_loss.py draws the plain loss (mode none, unweighted) more
+often. The stop-gradient is checked both ways: our gradients equal the reference's
+with s.detach(), and differ from the reference's without it.
 """
 
 from __future__ import annotations
@@ -17,45 +18,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_loss import SETTINGS, _close, _LoraLikeHead, problems
+from test_loss import (SETTINGS, _check, _chunked_grads, _close, _LoraLikeHead, _reference_grads,
+                       dense_reference, problems)
 
 import ual.loss as L
 from ual.loss import IGNORE_INDEX, TOKEN_SCALES, chunked_smoothed_cross_entropy, smoothed_cross_entropy
-
-
-def _per_sample(values, targets):
-    t = torch.as_tensor(values, dtype=torch.float64)
-    if t.dim() == 1:
-        t = t.view(-1, *([1] * (targets.dim() - 1)))
-    return t.expand(targets.shape)
-
-
-def reference_scale(logits, targets, token_scale, k=20):
-    """s per token (float64, NOT detached): p_y, or the top-k entropy over log k."""
-    z = logits.double()
-    if token_scale == "dft":
-        return torch.log_softmax(z, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1).exp()
-    if token_scale == "eaft":
-        k = min(k, z.shape[-1])
-        logq = torch.log_softmax(torch.topk(z, k, dim=-1).values, -1)
-        return -(logq.exp() * logq).sum(-1) / math.log(k)
-    return torch.ones(targets.shape, dtype=torch.float64)
-
-
-def dense_reference(logits, targets, eps, num_items=None, token_scale="none", k=20, weights=None, detach=True):
-    """sum_t w_i * s_t * (-sum_v target_v log p_v) / count, dense, float64."""
-    z = logits.double()
-    vocab = z.shape[-1]
-    eps = _per_sample(eps, targets).unsqueeze(-1)
-    mask = targets != IGNORE_INDEX
-    onehot = F.one_hot(targets.clamp_min(0), vocab).double()
-    per_token = -(((1 - eps) * onehot + eps / vocab) * torch.log_softmax(z, -1)).sum(-1)
-    s = reference_scale(z, targets, token_scale, k)
-    per_token = per_token * (s.detach() if detach else s)
-    if weights is not None:
-        per_token = per_token * _per_sample(weights, targets)
-    denom = mask.sum() if num_items is None else torch.as_tensor(num_items)
-    return (per_token * mask).sum() / denom.clamp_min(1).double()
 
 
 @st.composite
@@ -68,40 +35,6 @@ def mode_problems(draw):
     if draw(st.booleans()):
         weights = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=b, max_size=b)))
     return problem, token_scale, k, weights
-
-
-def _chunked_grads(problem, token_scale, k, weights, dtype):
-    hidden, weight, bias, targets, eps, num_items, chunk, lse_from_softmax, grad_scale = problem
-    h, w, b = (None if x is None else x.detach().to(dtype).clone().requires_grad_() for x in (hidden, weight, bias))
-    loss = chunked_smoothed_cross_entropy(h, w, targets, eps, num_items, chunk_size=chunk, bias=b,
-                                          lse_from_softmax=lse_from_softmax, token_scale=token_scale, eaft_topk=k,
-                                          sample_weights=weights)
-    (loss * grad_scale).backward()
-    return loss, [h.grad, w.grad, None if b is None else b.grad], (h, w, b)
-
-
-def _reference_grads(leaves, problem, token_scale, k, weights, detach=True):
-    targets, eps, num_items, grad_scale = problem[3], problem[4], problem[5], problem[8]
-    h, w, b = (None if x is None else x.detach().double().requires_grad_() for x in leaves)
-    logits = h @ w.T + (0 if b is None else b)
-    loss = dense_reference(logits, targets, eps, num_items, token_scale, k, weights, detach)
-    (loss * grad_scale).backward()
-    return loss, [h.grad, w.grad, None if b is None else b.grad]
-
-
-def _check(case, dtype, rtol, term_scale=False):
-    problem, token_scale, k, weights = case
-    loss, grads, leaves = _chunked_grads(problem, token_scale, k, weights, dtype)
-    ref, ref_grads = _reference_grads(leaves, problem, token_scale, k, weights)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert grads[0].dtype == dtype and grads[1].dtype == dtype
-    _close(loss, ref, rtol)
-    g = problem[8]
-    # Low-precision GEMMs: the error is relative to the terms that cancel (see test_loss).
-    floors = [g * leaves[1].detach().abs().max().item(), g * leaves[0].detach().abs().max().item(), g]
-    for actual, expected, floor in zip(grads, ref_grads, floors):
-        if expected is not None:
-            _close(actual, expected, rtol, floor if term_scale else 0.0)
 
 
 @settings(max_examples=120, **SETTINGS)
@@ -519,7 +452,7 @@ def test_training_modes():
 
     from ual.training.ablate import ALL_MODES, DEFAULT_MODES, parse_modes
     from ual.training.plan import MODES, mode_parts, uses_smoothing_map
-    from ual.training.stage import smoothing_for_mode
+    from ual.training.stage import eps_for_mode
 
     assert ALL_MODES == MODES and set(DEFAULT_MODES) <= set(MODES)
     assert parse_modes("sft,ls,ual,dft,eaft,ual+dft") == ["sft", "ls", "ual", "dft", "eaft", "ual+dft"]
@@ -528,10 +461,10 @@ def test_training_modes():
     assert [uses_smoothing_map(m) for m in ("sft", "dft", "ual", "ual+dft")] == [False, False, True, True]
     samples = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
     cfg = SimpleNamespace(smoothing=SimpleNamespace(target_mean=0.3))
-    assert smoothing_for_mode("dft", samples, cfg, None) == [0.0, 0.0]
-    assert smoothing_for_mode("eaft", samples, cfg, None) == [0.0, 0.0]
+    assert eps_for_mode("dft", samples, cfg, None) == [0.0, 0.0]
+    assert eps_for_mode("eaft", samples, cfg, None) == [0.0, 0.0]
     with pytest.raises(ValueError, match="unknown training mode"):
-        smoothing_for_mode("focal", samples, cfg, None)
+        eps_for_mode("focal", samples, cfg, None)
 
 
 def test_ablate_trains_the_token_modes(tmp_path, tiny_model_dir):

@@ -1,5 +1,5 @@
 """The map stage and the eps join, directly: run_map on a run folder built by hand, and
-smoothing_for_mode giving each training sample its own eps whatever the file order."""
+eps_for_mode giving each training sample its own eps whatever the file order."""
 
 import random
 
@@ -12,7 +12,8 @@ from ual.mapping import run_map
 from ual.runfolder import RunFolder
 from ual.sample import Sample
 from ual.smoothing import map_to_smoothing, normalize_scores
-from ual.training.stage import smoothing_for_mode
+from ual.training.columns import read_smoothing
+from ual.training.stage import eps_for_mode
 
 
 def _run(tmp_path, normalize="rank", target=0.2):
@@ -49,14 +50,18 @@ def test_eps_join_per_mode(tmp_path):
     cfg, run, samples, scores = _run(tmp_path)
     run_map(cfg)
     by_id = {r["id"]: r["eps"] for r in read_jsonl(run.smoothing)}
+    table = read_smoothing(run)
     order = list(reversed(samples))  # training order differs from the file's
-    assert smoothing_for_mode("sft", order, cfg, run) == [0.0] * 10
-    assert smoothing_for_mode("ls", order, cfg, run) == [0.2] * 10
-    assert smoothing_for_mode("ual", order, cfg, run) == [by_id[s.id] for s in order]
-    assert smoothing_for_mode("ual+dft", order, cfg, run) == [by_id[s.id] for s in order]
-    assert smoothing_for_mode("dft", order, cfg, run) == [0.0] * 10
+    assert eps_for_mode("sft", order, cfg, table, run) == [0.0] * 10
+    assert eps_for_mode("ls", order, cfg, table, run) == [0.2] * 10
+    assert eps_for_mode("ual", order, cfg, table, run) == [by_id[s.id] for s in order]
+    assert eps_for_mode("ual+dft", order, cfg, table, run) == [by_id[s.id] for s in order]
+    assert eps_for_mode("dft", order, cfg, table, run) == [0.0] * 10
     stranger = Sample.create("chat", [{"role": "user", "content": "new"}, {"role": "assistant", "content": "x"}])
     with pytest.raises(ValueError, match="no eps"):
-        smoothing_for_mode("ual", order + [stranger], cfg, run)
+        eps_for_mode("ual", order + [stranger], cfg, table, run)
     with pytest.raises(ValueError, match="unknown training mode"):
-        smoothing_for_mode("nope", order, cfg, run)
+        eps_for_mode("nope", order, cfg, table, run)
+    assert eps_for_mode("ppl", order, cfg, None) is None  # the trainer's eps_fn computes each batch's
+    with pytest.raises(ValueError, match="needs the smoothing map"):
+        eps_for_mode("ual", order, cfg, None)

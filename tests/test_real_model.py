@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 def test_real_smollm2_scores_and_trains_one_step(tmp_path):
     from ual.scoring.perplexity import ModelUncertaintyScorer
     from ual.training.stage import train_one
+    from ual.training.trainer import SmoothedDataset
     from ual.data.tokenize import encode_sample
     from ual.models import load_tokenizer
 
@@ -25,7 +26,7 @@ def test_real_smollm2_scores_and_trains_one_step(tmp_path):
     cfg = load_config(None, {"run_dir": str(tmp_path), "train.max_steps": 1, "train.batch_size": 4})
     tok = load_tokenizer("smollm2-135m")
     encoded = [encode_sample(tok, s.messages, 128) for s in samples]
-    result = train_one(cfg, "ual", encoded, [0.0, 0.1, 0.2, 0.3], tok, tmp_path / "train" / "ual")
+    result = train_one(cfg, "ual", SmoothedDataset(encoded, [0.0, 0.1, 0.2, 0.3]), tok, tmp_path / "train" / "ual")
     assert result["steps"] == 1
     assert 0.1 < result["train_loss"] < 8
     assert (tmp_path / "train" / "ual" / "adapter" / "adapter_model.safetensors").exists()

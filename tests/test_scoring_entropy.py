@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_models import tiny_llama_config
 from ual.cli import main
 from ual.sample import Sample
 from ual.data.tokenize import encode_sample
@@ -201,8 +202,7 @@ def test_separation_on_a_constructed_case():
 
 def _tiny_config(**extra):
     torch.manual_seed(0)
-    return dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, **extra)
+    return tiny_llama_config(512, max_position_embeddings=256, pad_token_id=0, **extra)
 
 
 @pytest.mark.parametrize("kind", ["gemma3-softcap", "llama-scaled-logits"])

@@ -3,7 +3,7 @@
 import pytest
 
 from ual.cli import main
-from ual.io import read_json
+from ual.io import read_json, read_jsonl
 
 
 def _config(tmp_path, model_dir):
@@ -35,7 +35,12 @@ def test_ablation_four_modes_with_eval(tmp_path, tiny_model_dir):
     assert set(rows) == {"base", "sft", "ls", "ual", "ppl"} and table["same_steps"]
     assert all(rows[m]["steps"] == 2 for m in ("sft", "ls", "ual", "ppl"))
     assert rows["sft"]["mean_eps"] == 0 and rows["ls"]["mean_eps"] == pytest.approx(0.2)
-    assert rows["ual"]["mean_eps"] == pytest.approx(0.2, abs=0.05)  # the mean over the batches seen
+    # ual's mean eps is the mean of its training samples' eps, which the map sets to the target exactly
+    train_ids = {r["id"] for r in read_jsonl(run / "samples.jsonl")}
+    mapped = [r["eps"] for r in read_jsonl(run / "smoothing.jsonl") if r["id"] in train_ids]
+    assert len(mapped) == len(train_ids) == 16
+    assert rows["ual"]["mean_eps"] == pytest.approx(sum(mapped) / len(mapped), rel=1e-12)
+    assert rows["ual"]["mean_eps"] == pytest.approx(0.2, rel=1e-9)
     assert 0 < rows["ppl"]["mean_eps"] < 0.99
     for m in rows:
         assert "all" in rows[m]["nll"] and "gsm8k_accuracy" in rows[m] and "mc_accuracy" in rows[m]
@@ -43,10 +48,14 @@ def test_ablation_four_modes_with_eval(tmp_path, tiny_model_dir):
     md = (run / "ablation.md").read_text()
     for m in ("| sft |", "| ls |", "| ual |", "| ppl |", "| base |"):
         assert m in md
-    # Same data order: the first logged loss of sft and ls differ only by the smoothing term,
-    # and every mode's first step saw the same batch (same number of tokens).
-    logs = {m: read_json(run / "train" / m / "log.json") for m in ("sft", "ls", "ual", "ppl")}
-    assert len({len([h for h in log if "loss" in h]) for log in logs.values()}) == 1
+    # Same data order and initial weights: every mode's first step saw the same batch, so the plain
+    # NLL logged at step 1 (before any update) is the same number for all (sft's loss is that NLL);
+    # and every mode logged the same steps.
+    logs = {m: [h for h in read_json(run / "train" / m / "log.json") if "loss" in h] for m in ("sft", "ls", "ual", "ppl")}
+    assert {tuple(h["step"] for h in log) for log in logs.values()} == {(1, 2)}
+    first_nll = [log[0]["nll"] for log in logs.values()]
+    assert max(first_nll) - min(first_nll) < 1e-5 * max(first_nll), first_nll
+    assert logs["sft"][0]["loss"] == pytest.approx(logs["sft"][0]["nll"], rel=1e-5)
     assert (run / "report.md").exists()
 
 

@@ -18,16 +18,18 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# The script imports tests/tiny_models.py, so the tests folder goes on its path.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
 
 SCRIPT = textwrap.dedent('''
     import torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+    from tiny_models import tiny_llama
+    from transformers import TrainingArguments
     from ual.loss import shift_labels, smoothed_cross_entropy
     from ual.training.trainer import UALTrainer
 
@@ -36,9 +38,7 @@ SCRIPT = textwrap.dedent('''
     mesh = init_device_mesh("cpu", (world,))
 
     def make(lora):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+        model = tiny_llama(256, tie_word_embeddings=False)
         if lora:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights="gaussian",

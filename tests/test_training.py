@@ -55,6 +55,24 @@ def test_collator_pads_and_carries_eps(tokenizer):
     n0 = len(encoded[0]["input_ids"])
     assert batch["attention_mask"][0].sum() == n0
     assert (batch["labels"][0, n0:] == -100).all()
+    assert batch["input_ids"][0, n0:].eq(tokenizer.pad_token_id).all() and "weight" not in batch
+
+
+def test_rows_without_eps_need_an_eps_fn(tiny_model_dir, tokenizer, tmp_path):
+    """The ppl mode's dataset carries no eps (its eps_fn computes each batch's): the collator sends
+    none, and a trainer without an eps_fn refuses such a batch instead of training on made-up eps."""
+    encoded = [encode_sample(tokenizer, s.messages, 64) for s in _samples()]
+    dataset = SmoothedDataset(encoded, None, [1.0, 2.0, 0.0, 1.0])
+    assert dataset.mean_eps is None and dataset.mean_weight == 1.0
+    batch = SmoothingCollator(tokenizer.pad_token_id)(list(dataset))
+    assert "eps" not in batch and batch["weight"].tolist() == [1.0, 2.0, 0.0, 1.0]
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, remove_unused_columns=False)
+    trainer = UALTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=dataset,
+                         data_collator=SmoothingCollator(tokenizer.pad_token_id))
+    with pytest.raises(ValueError, match="the batch has no 'eps' and the trainer no eps_fn"):
+        trainer.compute_loss(trainer.model, batch)
+    with pytest.raises(ValueError, match="4 samples but 3 smoothing values"):
+        SmoothedDataset(encoded, [0.1] * 3)
 
 
 @pytest.mark.parametrize("loss_impl", ["naive", "chunked"])

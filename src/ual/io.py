@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ual.jsonl import jsonl_rows
+
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
@@ -102,26 +104,15 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, row) for each non-blank line of a JSON Lines file.
 
-    A bad line is a ValueError naming the file and line: not UTF-8 (the byte and column),
-    not valid JSON, or not a JSON object. Lines are decoded one by one, so a bad byte is
-    reported where it is, not as a bare UnicodeDecodeError.
+    A bad line is a ValueError naming the file and line (ual/jsonl.py): bytes that are not UTF-8
+    (with the field that holds them), not valid JSON, or not a JSON object.
     """
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
-                                 f"at column {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+    for lineno, row in jsonl_rows(path):
+        if isinstance(row, Exception):
+            raise row
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -52,11 +52,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
         raise ConfigError(f"{run_dir_origin(cfg)}: cannot write the run folder {cfg.run_path} "
                           f"({exc.strerror or exc})") from None
     if stage == "data":
-        from ual.data.build import build_dataset, discard_outputs
-        from ual.models import load_tokenizer
+        from ual.data.build import build_dataset
 
-        discard_outputs(cfg)  # before the tokenizer loads: a failed rerun keeps no samples of another config
-        return build_dataset(cfg, tokenizer=load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template))
+        return build_dataset(cfg, model_tokenizer=True)
     if stage == "score":
         from ual.scoring.stage import run_score
 

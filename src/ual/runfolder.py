@@ -172,11 +172,13 @@ class RunFolder:
 
 @dataclass
 class Scores:
-    """A checked score file: id -> score (None: the scorer could not score it) and the line of each id."""
+    """A checked score file: id -> score (None: the scorer could not score it), the line of each id and
+    its whole row (scorer, source, details: what a scorer wrote beside the score)."""
 
     path: Path
     score: dict[str, float | None] = field(default_factory=dict)
     line: dict[str, int] = field(default_factory=dict)
+    row: dict[str, dict] = field(default_factory=dict)
     repeated: int = 0  # rows given twice, identically
 
     def require_known(self, ids, what: str = "training sample") -> None:
@@ -226,7 +228,7 @@ def read_scores(path: Path) -> Scores:
                                  f"{out.score[sid]} at line {out.line[sid]} and {value} at line {lineno}")
             out.repeated += 1
             continue
-        out.score[sid], out.line[sid] = value, lineno
+        out.score[sid], out.line[sid], out.row[sid] = value, lineno, row
     if not out.line:
         raise ValueError(f"{path}: no score rows (empty file); rerun `ual score`")
     return out

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ual.batching import pad_batch, pad_id, pad_sequences
 from ual.loss import IGNORE_INDEX, shift_labels
 
 # Supervised rows turned into fp32 log-probabilities at a time: bounds the extra memory to
@@ -60,15 +61,8 @@ def response_token_stats(model, tokenizer, samples, max_length: int, batch_size:
     head = _SupervisedHead(model)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]["input_ids"]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(encoded[i]["input_ids"])
-            ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
-            labels[row, :n] = torch.tensor(encoded[i]["labels"])
-            mask[row, :n] = 1
+        ids, mask = pad_batch([encoded[i]["input_ids"] for i in idx], pad_id(tokenizer))
+        labels = pad_sequences([encoded[i]["labels"] for i in idx], IGNORE_INDEX)
         targets = shift_labels(labels).to(device)
         supervised = targets != IGNORE_INDEX
         row_of = supervised.nonzero()[:, 0].cpu()  # which batch row each supervised token belongs to

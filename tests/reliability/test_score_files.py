@@ -93,7 +93,7 @@ CASES = [
     ("not-json", lambda r: lines([r[0], b'{"id": "x", "score": 0.', *r[2:]]), [], ["{f}:2: not valid JSON"]),
     ("not-an-object", lambda r: lines([r[0], b"[0.5]", *r[2:]]), [], ["{f}:2: expected a JSON object, got list"]),
     ("not-utf8", lambda r: lines([r[0], json.dumps(r[1]).encode()[:-1] + b', "note": "\xff"}', *r[2:]]), [],
-     ["{f}:2: not UTF-8 text (byte 0xff"]),
+     ["{f}:2: field 'note': invalid UTF-8 byte 0xff"]),
     ("empty-file", lambda r: b"", [], ["{f}: no score rows"]),
     ("blank-lines-only", lambda r: b"\n\n  \n", [], ["{f}: no score rows"]),
     ("all-scores-equal-under-minmax", lambda r: lines([dict(x, score=0.5) for x in r]), ["--smoothing.normalize", "minmax"],

@@ -103,9 +103,15 @@ def discard_outputs(cfg: ExperimentConfig) -> None:
                             "it would be overwritten: use another run folder or move the file")
 
 
-def build_dataset(cfg: ExperimentConfig, tokenizer=None) -> dict:
-    """Run the data stage for `cfg`; returns (and writes) the data statistics."""
+def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: bool = False) -> dict:
+    """Run the data stage for `cfg`; returns (and writes) the data statistics. With a tokenizer (or
+    `model_tokenizer`: cfg.model's, loaded once the last run's outputs are gone, so a failed load
+    leaves none of them), samples with no supervised token are dropped and lengths counted."""
     discard_outputs(cfg)
+    if model_tokenizer:
+        from ual.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     if not cfg.data.sources:
         raise DataError("no data sources configured (data.sources is empty)")
     labels = [source_label(s) for s in cfg.data.sources]

@@ -8,30 +8,21 @@ The layers every loader shares (`formats.py` adds the row's shape and fields on 
                     comes as a DataError *value*, so `on_error: skip` skips and counts it
                     like any other bad row; what ends the file (a JSON list broken mid-way,
                     no rows at all) is raised.
-Text is decoded with errors="surrogateescape": a stray non-UTF-8 byte does not stop the
-read, and the row that holds it is reported with its line and field.
+Text is decoded with errors="surrogateescape" (ual/jsonl.py, the JSON Lines decoder shared with
+ual.io): a stray non-UTF-8 byte does not stop the read, and the row that holds it is reported
+with its line and field.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import stat
 from pathlib import Path
 from typing import Iterator
 
+from ual.jsonl import DataError, checked_text, json_error, jsonl_rows, open_text  # noqa: F401 (DataError re-exported)
+
 SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class DataError(ValueError):
-    """A row (or file) that cannot be used, with where it is and what is wrong.
-
-    `kind` groups the rows `on_error: skip` skips ("invalid JSON", "missing field", ...).
-    """
-
-    def __init__(self, message: str, kind: str = "invalid row"):
-        super().__init__(message)
-        self.kind = kind
 
 
 def check_file(path: str | Path) -> Path:
@@ -58,62 +49,6 @@ def check_file(path: str | Path) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- text
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _find_surrogate(value, field: str) -> tuple[str, str] | None:
-    if isinstance(value, str):
-        m = _SURROGATE.search(value)
-        return (field, m.group()) if m else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            sub = f"{field}.{k}" if field else str(k)
-            found = _find_surrogate(k, sub) or _find_surrogate(v, sub)
-            if found:
-                return found
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _find_surrogate(v, f"{field}[{i}]")
-            if found:
-                return found
-    return None
-
-
-def _describe(ch: str, at: str = "") -> str:
-    code = ord(ch)
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that surrogateescape could not decode
-        return f"invalid UTF-8 byte 0x{code - 0xDC00:02x}{at} (the file is not UTF-8 text: re-save it as UTF-8)"
-    return f"lone surrogate \\u{code:04x}{at} (not a character; it cannot be written as UTF-8)"
-
-
-def checked_text(value, where: str, raw: str | None = None):
-    """`value`, or a DataError naming the field that holds text no UTF-8 file can hold.
-
-    `raw`, the JSON text `value` was parsed from, lets the common case (clean text) skip the walk.
-    """
-    if raw is not None and not _SURROGATE.search(raw) and "\\ud" not in raw and "\\uD" not in raw:
-        return value
-    found = _find_surrogate(value, "")
-    if found is None:
-        return value
-    field, ch = found
-    return DataError(f"{where}: field '{field}': {_describe(ch)}" if field else f"{where}: {_describe(ch)}",
-                     "invalid UTF-8")
-
-
-def _json_error(where: str, exc: json.JSONDecodeError, text: str) -> DataError:
-    bad = _SURROGATE.search(text)
-    if bad:  # a stray byte outside a string breaks the JSON: the byte is the news
-        return DataError(f"{where}: {_describe(bad.group(), f' at column {bad.start() + 1}')}", "invalid UTF-8")
-    return DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})", "invalid JSON")
-
-
-def _open_text(path: Path):
-    return open(path, encoding="utf-8-sig", errors="surrogateescape")
-
-
 # --------------------------------------------------------------------------- JSON lists
 
 def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1 << 20) -> Iterator[tuple[int, object]]:
@@ -125,7 +60,7 @@ def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1
     that are not UTF-8 comes as a DataError value naming its line and field.
     """
     dec = json.JSONDecoder()
-    with _open_text(Path(path)) as fh:
+    with open_text(Path(path)) as fh:
         buf, pos, eof = "", 0, False
         line, mark = 1, 0  # `line` is the line number at buf[mark]
 
@@ -175,7 +110,7 @@ def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1
                 if truncated_ok:
                     return
                 where = f"{path}:{line_at(exc.pos)}"
-                err = _json_error(where, exc, buf[pos:exc.pos + 1])
+                err = json_error(where, exc, buf[pos:exc.pos + 1])
                 raise DataError(f"{err} (a JSON list cannot be read past broken syntax, whatever on_error "
                                 "says: fix the file, or store one row per line as .jsonl)", err.kind) from None
             where = f"{path}:{line_at(pos)}"
@@ -186,30 +121,21 @@ def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1
 # --------------------------------------------------------------------------- files
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    with _open_text(path) as fh:
-        for lineno, text in enumerate(fh, 1):
-            if not text.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield where, _json_error(where, exc, text)
-                continue
-            yield where, checked_text(row, where, text)
+    for lineno, row in jsonl_rows(path):
+        yield f"{path}:{lineno}", row
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         first = fh.read(4096).lstrip()[:1]
     if first != "{":
         yield from ((f"{path}:{line}", row) for line, row in iter_json_array(path))
         return
-    with _open_text(path) as fh:  # {"data": [...]}: small enough to load whole
+    with open_text(path) as fh:  # {"data": [...]}: small enough to load whole
         try:
             obj = json.load(fh)
         except json.JSONDecodeError as exc:
-            raise _json_error(f"{path}:{exc.lineno}", exc, "") from None
+            raise json_error(f"{path}:{exc.lineno}", exc, "") from None
     if not isinstance(obj.get("data"), list):
         raise DataError(f"{path}: expected a JSON list of objects or {{\"data\": [...]}}, found keys {sorted(obj)}",
                         "file")

@@ -32,12 +32,14 @@ def collect_features(model, tokenizer, texts: list[str], max_length: int = 256, 
     import torch
     from tqdm.auto import tqdm
 
+    from ual.batching import pad_batch, pad_id
+
     encoded = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
                for t in texts]
     encoded = [e for e in encoded if len(e) >= 2]
     if not encoded:
         raise ValueError("no text has two or more tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     feats, labels = [], []
     was_training = model.training
@@ -46,12 +48,7 @@ def collect_features(model, tokenizer, texts: list[str], max_length: int = 256, 
         with torch.inference_mode():
             for start in tqdm(range(0, len(encoded), batch_size), desc="features", disable=not progress):
                 batch = encoded[start : start + batch_size]
-                width = max(len(e) for e in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, e in enumerate(batch):
-                    ids[r, : len(e)] = torch.tensor(e)
-                    mask[r, : len(e)] = 1
+                ids, mask = pad_batch(batch, pad)
                 kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
                 try:  # skip computing logits for every position when the model allows it
                     out = model(**kwargs, logits_to_keep=1)

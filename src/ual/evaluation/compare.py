@@ -25,7 +25,7 @@ import numpy as np
 
 from ual.evaluation import stats
 from ual.io import read_json, read_jsonl
-from ual.runfolder import RunFolder
+from ual.runfolder import RunFolder, read_scores
 
 LOWER_IS_BETTER = ("nll", "ece")
 
@@ -158,11 +158,11 @@ def heldout_u(run: RunFolder) -> tuple[dict[str, float] | None, str | None]:
     """(held-out id -> u, scorer) from heldout_scores.jsonl, when it comes from the scorer of scores.jsonl."""
     if not (run.heldout_scores.exists() and run.scores.exists()):
         return None, None
-    rows = read_jsonl(run.heldout_scores)
-    scorers = {r["scorer"] for r in read_jsonl(run.scores)} | {r["scorer"] for r in rows}
-    if len(scorers) != 1:
+    held = read_scores(run.heldout_scores)
+    scorers = {r.get("scorer") for scores in (held, read_scores(run.scores)) for r in scores.row.values()}
+    if len(scorers) != 1 or None in scorers:
         return None, None
-    return {r["id"]: r["score"] for r in rows if r.get("score") is not None}, scorers.pop()
+    return {i: x for i, x in held.score.items() if x is not None}, scorers.pop()
 
 
 def run_comparisons(cfg, runs: list[RunFolder] | None = None) -> dict:

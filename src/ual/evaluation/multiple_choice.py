@@ -201,6 +201,8 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     import torch
     from tqdm.auto import tqdm
 
+    from ual.batching import pad_batch, pad_id
+
     enc = []
     for ctx, cont in pairs:
         c = tokenizer(ctx, add_special_tokens=False)["input_ids"]
@@ -211,20 +213,15 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
     results: list = [None] * len(enc)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
             for batch in tqdm(batches, desc="loglik", unit="batch", disable=not progress):
-                seqs = [enc[i][0] + enc[i][1] for i in batch]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, s in enumerate(seqs):  # right padding: positions stay 0..len-1
-                    ids[r, : len(s)] = torch.tensor(s)
-                    mask[r, : len(s)] = 1
+                # right padding: positions stay 0..len-1
+                ids, mask = pad_batch([enc[i][0] + enc[i][1] for i in batch], pad)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 for r, i in enumerate(batch):
                     c, k = enc[i]
@@ -247,26 +244,23 @@ def next_token_logprobs(model, tokenizer, contexts: list[str], batch_size: int =
     import torch
     from tqdm.auto import tqdm
 
+    from ual.batching import pad_batch, pad_id, positions
+
     enc = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
     if any(not e for e in enc):
         raise ValueError("an empty context cannot be scored")
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     out: list = [None] * len(enc)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
             for batch in tqdm(batches, desc="next-token", unit="batch", disable=not progress):
-                width = max(len(enc[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, width - len(enc[i]) :] = torch.tensor(enc[i])
-                    mask[r, width - len(enc[i]) :] = 1
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                ids, mask = pad_batch([enc[i] for i in batch], pad, side="left")
+                pos = positions(mask)
                 kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
                 try:
                     logits = model(**kwargs, logits_to_keep=1).logits[:, -1]

@@ -21,11 +21,13 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ual.io import read_jsonl, write_json, write_jsonl
+from ual.io import write_json, write_jsonl
+from ual.runfolder import read_scores
 
 
 def load_scores(path: str | Path) -> list[dict]:
-    return read_jsonl(path)
+    """The rows of a score file, checked (runfolder.read_scores: one row per id)."""
+    return list(read_scores(Path(path)).row.values())
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -125,11 +125,13 @@ class LocalJudgeScorer:
         """One forward over prompt + trie per row; returns (P(score=k) renormalised, format mass)."""
         import torch
 
+        from ual.batching import pad_id
+
         cands, nodes, _ = self._trie
         K, dev = len(nodes), next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         T = max(len(p) for p in prompts) + K
-        pad = self.tokenizer.pad_token_id or 0
+        pad = pad_id(self.tokenizer)
         input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
         position_ids = torch.zeros((len(prompts), T), dtype=torch.long)
         allowed = torch.zeros((len(prompts), T, T), dtype=torch.bool)

@@ -13,8 +13,8 @@ import logging
 from collections import Counter
 
 from ual.config import ExperimentConfig
-from ual.io import read_jsonl, write_jsonl
-from ual.runfolder import RunFolder
+from ual.io import write_jsonl
+from ual.runfolder import RunFolder, read_scores
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def write_scores_report(run: RunFolder, compare_with=None, smoothing=None) -> di
     from ual.scoring.analysis import scores_report
 
     if compare_with is None:
-        own = {run.scorer_scores(r["scorer"]) for r in read_jsonl(run.scores)}
+        own = {run.scorer_scores(r["scorer"]) for r in read_scores(run.scores).row.values()}
         compare_with = [p for p in sorted(run.scores_dir.glob("*.jsonl")) if p not in own]
     return scores_report(run.scores, run.scores_report, compare_with=compare_with, smoothing=smoothing)
 
@@ -147,9 +147,13 @@ def _complete_scores(path, samples, scorer_name: str) -> list[dict] | None:
     """The rows of `path` for `samples`, in order, if that file scores every one with this scorer; else None."""
     if not path.exists():
         return None
-    done = {r["id"]: r for r in read_jsonl(path)}
+    try:
+        done = read_scores(path).row
+    except ValueError as exc:  # a damaged file is not reused: the samples are scored again
+        log.warning("not reused: %s", exc)
+        return None
     rows = [done.get(s.id) for s in samples]
-    if all(r is not None and r["scorer"] == scorer_name and r["score"] is not None for r in rows):
+    if all(r is not None and r.get("scorer") == scorer_name and r["score"] is not None for r in rows):
         return rows
     return None
 

@@ -17,27 +17,29 @@ from ual.runfolder import RunFolder
 from ual.sample import Sample
 
 
-def mapped_samples(run: RunFolder, samples: list[Sample]) -> list[Sample]:
-    """The samples smoothing.jsonl has a row for: under smoothing.missing "drop", `ual map` leaves the
-    unscored ones out, and every mode (and export) leaves them out too, so the modes stay comparable."""
-    if not run.smoothing.exists():
-        return samples
-    have = {r["id"] for r in read_jsonl(run.smoothing)}
-    return [s for s in samples if s.id in have]
-
-
-def smoothing_rows(run: RunFolder, samples: list[Sample]) -> list[dict]:
-    """Each sample's smoothing.jsonl row ({id, source, score, u, eps}), in the samples' order."""
+def read_smoothing(run: RunFolder) -> dict[str, dict]:
+    """smoothing.jsonl by sample id: {id: {id, source, score, u, eps}}."""
     if not run.smoothing.exists():
         stages = "`ual map`" if run.scores.exists() else "`ual score` then `ual map`"
         raise FileNotFoundError(f"{run.smoothing} not found: run {stages} on this run folder first "
                                 "(the per-sample eps come from the uncertainty scores)")
-    rows = {r["id"]: r for r in read_jsonl(run.smoothing)}
-    missing = [s.id for s in samples if s.id not in rows]
+    return {r["id"]: r for r in read_jsonl(run.smoothing)}
+
+
+def mapped_samples(samples: list[Sample], smoothing: dict[str, dict]) -> list[Sample]:
+    """The samples smoothing.jsonl has a row for: under smoothing.missing "drop", `ual map` leaves the
+    unscored ones out, and every mode (and export) leaves them out too, so the modes stay comparable."""
+    return [s for s in samples if s.id in smoothing]
+
+
+def smoothing_rows(run: RunFolder, samples: list[Sample], smoothing: dict[str, dict] | None = None) -> list[dict]:
+    """Each sample's smoothing.jsonl row, in the samples' order (`smoothing`: the file, read already)."""
+    smoothing = read_smoothing(run) if smoothing is None else smoothing
+    missing = [s.id for s in samples if s.id not in smoothing]
     if missing:
         raise ValueError(f"{len(missing)} training samples have no eps in {run.smoothing} "
                          f"(first: {missing[0]}); rerun `ual map`")
-    return [rows[s.id] for s in samples]
+    return [smoothing[s.id] for s in samples]
 
 
 def sample_weights(run: RunFolder, samples: list[Sample], column: str | None) -> list[float] | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ual.io import atomic_path, write_jsonl
 from ual.runfolder import RunFolder
-from ual.training.columns import mapped_samples, sample_weights, smoothing_rows
+from ual.training.columns import mapped_samples, read_smoothing, sample_weights, smoothing_rows
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ def run(args) -> dict:
 def training_rows(run: RunFolder, weight_column: str | None = None, missing: str = "error") -> list[dict]:
     """The exported rows (COLUMNS), in samples.jsonl order. missing: the run's smoothing.missing
     ("drop": the samples `ual map` left out are left out here too)."""
-    samples = run.load_samples("train")
+    samples, table = run.load_samples("train"), read_smoothing(run)
     if missing == "drop":
-        samples = mapped_samples(run, samples)
-    smoothing = smoothing_rows(run, samples)
+        samples = mapped_samples(samples, table)
+    smoothing = smoothing_rows(run, samples, table)
     weights = sample_weights(run, samples, weight_column) or [1.0] * len(samples)
     return [{"messages": s.messages, "source": s.source, "id": s.id, "score": r.get("score"), "u": r.get("u"),
              "eps": float(r["eps"]), "weight": float(w)} for s, r, w in zip(samples, smoothing, weights)]

@@ -23,35 +23,43 @@ import time
 from ual.config import ExperimentConfig, TrainConfig
 from ual.io import read_json, write_json
 from ual.runfolder import RunFolder
-from ual.training.columns import mapped_samples, sample_weights, smoothing_rows
+from ual.training.columns import mapped_samples, read_smoothing, sample_weights, smoothing_rows
 from ual.training.plan import MODES, accumulation_steps, mode_parts, sharding_from_env, uses_smoothing_map, world_size
 
 log = logging.getLogger(__name__)
 
 
-def smoothing_for_mode(mode: str, samples, cfg: ExperimentConfig, run: RunFolder) -> list[float]:
+def eps_for_mode(mode: str, samples, cfg: ExperimentConfig, smoothing: dict[str, dict] | None,
+                 run: RunFolder | None = None) -> list[float] | None:
+    """Each sample's eps under `mode` (None for ppl: the trainer's eps_fn computes each batch's own).
+    `smoothing`: smoothing.jsonl by id (columns.read_smoothing), needed by the ual modes."""
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; choose from {MODES}")
-    mode = mode_parts(mode)[0]
-    if mode == "sft":
+    base = mode_parts(mode)[0]
+    if base == "sft":
         return [0.0] * len(samples)
-    if mode == "ls":
+    if base == "ls":
         return [cfg.smoothing.target_mean] * len(samples)
-    if mode == "ual":
-        return [r["eps"] for r in smoothing_rows(run, samples)]
-    if mode == "ppl":  # placeholders: the trainer's eps_fn sets each batch's eps from its own NLL
-        return [cfg.smoothing.target_mean] * len(samples)
-    raise ValueError(f"unknown training mode {mode!r}; choose from {MODES}")
+    if base == "ual":
+        if smoothing is None:
+            raise ValueError(f"train mode {mode} needs the smoothing map (smoothing.jsonl); none was read")
+        return [r["eps"] for r in smoothing_rows(run, samples, smoothing)]
+    return None  # ppl
 
 
 def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
+    """The eps of every sample reaches the loss in four hops: smoothing.jsonl -> `eps_for_mode` ->
+    `SmoothedDataset` (one eps per row) -> `SmoothingCollator` (batch["eps"]) -> `UALLoss.compute_loss`
+    (ual.loss)."""
     from ual.data.tokenize import encode_sample
     from ual.models import load_tokenizer
+    from ual.training.trainer import SmoothedDataset
 
     run = RunFolder(cfg.run_path)
     samples = run.load_samples("train")
-    if cfg.smoothing.missing == "drop" and any(map(uses_smoothing_map, cfg.train.modes)):
-        samples = mapped_samples(run, samples)
+    smoothing = read_smoothing(run) if any(map(uses_smoothing_map, cfg.train.modes)) else None
+    if smoothing is not None and cfg.smoothing.missing == "drop":
+        samples = mapped_samples(samples, smoothing)
     weights = sample_weights(run, samples, cfg.train.weight_column)  # checked before anything loads
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     encoded = [encode_sample(tokenizer, s.messages, cfg.data.max_length, cfg.data.train_on_prompt) for s in samples]
@@ -62,30 +70,25 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
             log.info("train/%s already done; skipping (use --force to retrain)", mode)
             results[mode] = read_json(out / "result.json")
             continue
-        eps = smoothing_for_mode(mode, samples, cfg, run)
-        results[mode] = train_one(cfg, mode, encoded, eps, tokenizer, out, weights)
+        dataset = SmoothedDataset(encoded, eps_for_mode(mode, samples, cfg, smoothing, run), weights)
+        results[mode] = train_one(cfg, mode, dataset, tokenizer, out)
     return results
 
 
-def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out, weights=None) -> dict:
-    """Train one mode; `weights`: each sample's loss weight (None: all 1; training/columns.py)."""
+def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out) -> dict:
+    """Train one mode on a SmoothedDataset (its rows carry their eps and, if any, their loss weight)."""
     import torch
     from transformers import set_seed
 
     from ual.models import load_model
-    from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
+    from ual.training.trainer import SmoothingCollator, UALTrainer, resolve_loss
 
     tc = cfg.train
-    from ual.training.trainer import CHUNKED_REFUSED, resolve_loss
-
     sharding = sharding_from_env()
-    if tc.loss == "chunked" and sharding in CHUNKED_REFUSED:
-        raise ValueError(f"train.loss chunked reads the output-projection weight outside the model's forward, and "
-                         f"{CHUNKED_REFUSED[sharding]}: use train.loss naive (or auto) here (docs/training.md)")
+    resolve_loss(tc.loss, sharding)  # an impossible loss for this sharding stops here, before the model loads
     set_seed(cfg.seed)  # same LoRA init for every mode
     device = local_device(cfg.device)
     dtype = torch.bfloat16 if tc.bf16 and device.type == "cuda" else torch.float32
-    dataset = SmoothedDataset(encoded, eps, weights)
     # The arguments come before the model: under `accelerate launch` with DeepSpeed ZeRO-3
     # they make from_pretrained load each weight already partitioned.
     args = training_arguments(cfg, out, len(dataset), device.type)
@@ -94,7 +97,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out, we
         model.gradient_checkpointing_enable()
     if tc.lora:
         model = add_lora(model, tc)
-    loss_impl = resolve_loss(tc.loss, sharding, model.config)
+    loss_impl = resolve_loss(tc.loss, sharding, model.config)  # refuses chunked where it cannot run
     eps_fn, callbacks = None, []
     if mode == "ppl":
         from ual.training.ppl import PerplexitySmoothing, ppl_callback
@@ -136,8 +139,8 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out, we
         "mode": mode,
         "steps": trainer.state.global_step,
         "samples": len(dataset),
-        "mean_eps": float(sum(eps_fn.history) / len(eps_fn.history)) if eps_fn and eps_fn.history
-        else float(sum(eps) / len(eps)),
+        "mean_eps": dataset.mean_eps if eps_fn is None
+        else float(sum(eps_fn.history) / len(eps_fn.history)) if eps_fn.history else None,
         "resumed_from": str(resume) if resume else None,
         "processes": trainer.args.world_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
@@ -145,7 +148,7 @@ def train_one(cfg: ExperimentConfig, mode: str, encoded, eps, tokenizer, out, we
         "token_scale": mode_parts(mode)[1],
         "eaft_topk": tc.eaft_topk if mode_parts(mode)[1] == "eaft" else None,
         "weight_column": tc.weight_column,
-        "mean_weight": float(sum(weights) / len(weights)) if weights else 1.0,
+        "mean_weight": dataset.mean_weight,
         "sharding": sharding,
         "train_loss": train_output.training_loss,
         "final_loss": losses[-1]["loss"] if losses else None,

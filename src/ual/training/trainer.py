@@ -26,20 +26,26 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer
 
+from ual.batching import pad_batch, pad_sequences
 from ual.loss import IGNORE_INDEX, shift_labels, smoothed_cross_entropy
 
 log = logging.getLogger(__name__)
 
 
 class SmoothedDataset(Dataset):
-    def __init__(self, encoded: list[dict], eps: list[float], weights: list[float] | None = None):
-        if len(encoded) != len(eps):
-            raise ValueError(f"{len(encoded)} samples but {len(eps)} smoothing values")
-        if weights is not None and len(weights) != len(eps):
-            raise ValueError(f"{len(encoded)} samples but {len(weights)} loss weights")
-        self.rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": float(x)} for e, x in zip(encoded, eps)]
-        for row, w in zip(self.rows, weights or ()):
-            row["weight"] = float(w)
+    """Tokenised samples ({"input_ids", "labels"}), each with its eps and, if given, its loss weight.
+    eps None: the rows carry none, for a trainer whose eps_fn computes each batch's (the ppl mode)."""
+
+    def __init__(self, encoded: list[dict], eps: list[float] | None, weights: list[float] | None = None):
+        for name, column in (("smoothing values", eps), ("loss weights", weights)):
+            if column is not None and len(column) != len(encoded):
+                raise ValueError(f"{len(encoded)} samples but {len(column)} {name}")
+        self.rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded]
+        for key, column in (("eps", eps), ("weight", weights)):
+            for row, value in zip(self.rows, column or ()):
+                row[key] = float(value)
+        self.mean_eps = sum(eps) / len(eps) if eps else None
+        self.mean_weight = sum(weights) / len(weights) if weights else 1.0
 
     def __len__(self):
         return len(self.rows)
@@ -53,19 +59,12 @@ class SmoothingCollator:
     pad_token_id: int
 
     def __call__(self, rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
-        eps = torch.tensor([r["eps"] for r in rows], dtype=torch.float32)
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "eps": eps}
-        if "weight" in rows[0]:
-            batch["weight"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
+        ids, mask = pad_batch([r["input_ids"] for r in rows], self.pad_token_id)
+        labels = pad_sequences([r["labels"] for r in rows], IGNORE_INDEX)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        for key in ("eps", "weight"):  # per-sample floats, when the rows carry them
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
         return batch
 
 
@@ -146,7 +145,10 @@ class UALLoss(NllLogging):
         self._hidden_checked = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        eps = inputs.pop("eps")
+        eps = inputs.pop("eps", None)
+        if eps is None and self.eps_fn is None:
+            raise ValueError("the batch has no 'eps' and the trainer no eps_fn: build the dataset with each "
+                             "sample's eps (SmoothedDataset) or give the trainer an eps_fn")
         targets = shift_labels(inputs.pop("labels"))
         # The token scale and the per-sample weights (None: all 1) act beside eps (ual.loss).
         modes = dict(token_scale=self.token_scale, eaft_topk=self.eaft_topk, sample_weights=inputs.pop("weight", None))
@@ -201,7 +203,11 @@ CHUNKED_REFUSED = {"fsdp": "FSDP1 shards the output projection (use FSDP2: fsdp_
 def resolve_loss(loss: str, sharding: str | None, model_config=None) -> str:
     """train.loss auto: the chunked loss (benchmarks/loss.py: faster and a fraction of the memory),
     except where it cannot run: an output projection sharded out of reach (FSDP1, ZeRO-3) or logits
-    that are not hidden @ lm_head (soft-capping, scaling; checked when model_config is given)."""
+    that are not hidden @ lm_head (soft-capping, scaling; checked when model_config is given).
+    An explicit chunked where the projection is sharded out of reach is an error."""
+    if loss == "chunked" and sharding in CHUNKED_REFUSED:
+        raise ValueError(f"train.loss chunked reads the output-projection weight outside the model's forward, and "
+                         f"{CHUNKED_REFUSED[sharding]}: use train.loss naive (or auto) here (docs/training.md)")
     if loss != "auto":
         return loss
     reason = (CHUNKED_REFUSED[sharding] if sharding in CHUNKED_REFUSED
