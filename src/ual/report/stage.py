@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ual.config import ExperimentConfig
 from ual.io import read_json, read_jsonl, write_json, write_text
+from ual.modes import MODES
 from ual.report.html import markdown_to_html
 from ual.report.plots import plot_distributions, plot_loss_curves
 from ual.runfolder import RunFolder
 
-MODEL_ORDER = ("base", "sft", "ls", "ual", "ppl", "dft", "eaft", "ual+dft", "ual+eaft")  # training/stage.py MODES
+MODEL_ORDER = ("base", *MODES)  # the base model, then the training modes in their declared order
 
 
 def collect(cfg: ExperimentConfig) -> dict:

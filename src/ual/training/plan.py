@@ -1,7 +1,7 @@
-"""The training plan: which modes exist and what each is made of, how many processes and
-micro-batches make a step, how the model is sharded. Read by the train stage, the memory
-estimate and the ablation recipe alike, so each is said once. No I/O beyond the environment
-that `accelerate launch` sets.
+"""The training plan: which modes exist and what each is made of (declared in ual.modes, which the
+config and the report read too; re-exported here), how many processes and micro-batches make a
+step, how the model is sharded. Read by the train stage, the memory estimate and the ablation
+recipe alike, so each is said once. No I/O beyond the environment that `accelerate launch` sets.
 """
 
 from __future__ import annotations
@@ -9,20 +9,9 @@ from __future__ import annotations
 import os
 
 from ual.config import TrainConfig
+from ual.modes import MODES, mode_parts, uses_smoothing_map  # re-exported: the modes are declared in ual.modes
 
-MODES = ("sft", "ls", "ual", "ppl", "dft", "eaft", "ual+dft", "ual+eaft")
-# Token-scaled modes: (the mode that gives eps, the token scale).
-_SCALED = {"dft": ("sft", "dft"), "eaft": ("sft", "eaft"), "ual+dft": ("ual", "dft"), "ual+eaft": ("ual", "eaft")}
-
-
-def mode_parts(mode: str) -> tuple[str, str]:
-    """(eps mode, token scale) of a training mode: "ual+dft" -> ("ual", "dft"), "ls" -> ("ls", "none")."""
-    return _SCALED.get(mode, (mode, "none"))
-
-
-def uses_smoothing_map(mode: str) -> bool:
-    """Whether the mode reads smoothing.jsonl (ual's per-sample eps), so needs scores and the map."""
-    return mode_parts(mode)[0] == "ual"
+__all__ = ["MODES", "mode_parts", "uses_smoothing_map", "world_size", "accumulation_steps", "sharding_from_env"]
 
 
 def world_size() -> int:

@@ -127,9 +127,10 @@ class UALLoss(NllLogging):
     @staticmethod
     def check_loss_options(loss_impl: str, token_scale: str) -> None:
         from ual.loss import TOKEN_SCALES
+        from ual.modes import LOSS_IMPLS
 
-        if loss_impl not in ("naive", "chunked"):
-            raise ValueError(f"train.loss must be naive or chunked, got {loss_impl!r}")
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"train.loss must be one of {', '.join(LOSS_IMPLS)}, got {loss_impl!r}")
         if token_scale not in TOKEN_SCALES:
             raise ValueError(f"token_scale must be one of {TOKEN_SCALES}, got {token_scale!r}")
 
