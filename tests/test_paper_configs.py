@@ -108,10 +108,16 @@ def test_paper_config_on_smollm2(path, tmp_path, monkeypatch):
 
 def test_bad_config_is_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: x\ntrain: {batch_size: 0, modes: [sft, nope]}\ndata: {sources: [{name: gsm8k}]}\n")
+    bad.write_text("model: x\ntrain: {batch_size: 0}\ndata: {sources: [{name: gsm8k}]}\n")
+    assert main(["train", str(bad), "--dry-run"]) == 2
+    assert f"{bad}:train.batch_size: expected at least 1, got 0" in capsys.readouterr().err
+    bad.write_text("model: x\ntrain: {modes: [sft, nope]}\ndata: {sources: [{name: gsm8k}]}\n")
+    assert main(["train", str(bad), "--dry-run"]) == 2
+    assert f"{bad}:train.modes[1]: expected one of sft, ls, ual" in capsys.readouterr().err
+    bad.write_text("model: x\ntrain: {modes: []}\ndata: {sources: []}\n")  # loads; --dry-run lists what is missing
     assert main(["train", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "train.batch_size must be positive" in err and "unknown mode(s) ['nope']" in err
+    assert "train.modes is empty" in err and "data.sources is empty" in err
     bad.write_text("train: {batch_sise: 4}\n")
     assert main(["train", str(bad), "--dry-run"]) == 2
     assert "unknown field(s) ['batch_sise']" in capsys.readouterr().err

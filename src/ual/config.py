@@ -6,13 +6,17 @@ overridden from the command line with a dotted flag, e.g.
 `--train.max_steps 20 --model HuggingFaceTB/SmolLM2-135M-Instruct`.
 Flag values are parsed as YAML scalars/lists, so `--train.modes [sft,ual]` works.
 Each field's `help` metadata is its documentation (shown by `ual STAGE --help`).
+
+Every config is checked where it is declared: choice fields are typed `Literal` (the training modes
+and losses come from ual.modes), numeric fields carry their range (`ge`, `gt`, `le`, `lt`), and each
+dataclass checks them, and the rules between its fields (`check`), when it is built
+(ual.config_checks.Checked): loaded from YAML and flags or constructed in Python alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -22,40 +26,52 @@ from typing import Any, Literal
 
 import yaml
 
+from ual.config_checks import Checked, ConfigError, FieldError, choice_problem, close_matches
+from ual.modes import Loss, Mode
 
-def _f(default, help: str, minimum=None, **kw):
-    """A field with its help text; `minimum`: the smallest value a config may give it (checked at load)."""
-    meta = {"help": help} if minimum is None else {"help": help, "minimum": minimum}
+
+def _f(default, help: str, ge=None, gt=None, le=None, lt=None, **kw):
+    """A field with its help text and, for a number, its range: ge/gt (at least / more than), le/lt
+    (at most / less than), checked whenever the config is built (ual.config_checks)."""
+    meta = {"help": help}
+    bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    if bounds:
+        meta["range"] = bounds
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Checked):
     """One data source of a training mix."""
 
     name: str = _f("", "'sharegpt' or 'gsm8k' (packaged, offline), a local .jsonl/.json/.parquet path, or 'hub:ORG/NAME'")
-    train: int | None = _f(None, "number of training samples to take (null: all that remain after held-out)")
-    heldout: int = _f(0, "number of disjoint held-out samples kept for evaluation")
+    train: int | None = _f(None, "number of training samples to take (null: all that remain after held-out)", ge=0)
+    heldout: int = _f(0, "number of disjoint held-out samples kept for evaluation", ge=0)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "lima"] = _f("auto", "auto | messages | sharegpt | alpaca | prompt_completion | lima")
     split: str = _f("train", "split to read for hub data sets")
     label: str | None = _f(None, "name of the source in reports (default: derived from name)")
-    max_turns: int | None = _f(None, "keep only the first N user/assistant exchanges of each conversation (null: all)")
+    max_turns: int | None = _f(None, "keep only the first N user/assistant exchanges of each conversation (null: all)",
+                                 ge=1)
     path: str | None = _f(None, "local file (published layout) for a named paper source (lima, deita-6k, metamathqa, sharegpt-v3, *-6k/*-3k selections); null: the hub")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     sources: list[SourceConfig] = _f([], "the data sources mixed into the training set")
-    max_length: int = _f(256, "tokens per sample after the chat template; longer samples are truncated and counted")
+    max_length: int = _f(256, "tokens per sample after the chat template; longer samples are truncated and counted", ge=1)
     train_on_prompt: bool = _f(False, "also supervise prompt (user/system) tokens; the paper's code did, the default does not")
     on_error: Literal["raise", "skip"] = _f("raise", "raise | skip: what a malformed row does (skip counts it in data_stats.json)")
 
 
+Scorer = Literal["entropy_ratio", "entropy", "nll_ratio", "perplexity", "judge", "local_judge", "prior"]
+SCORERS: tuple[str, ...] = typing.get_args(Scorer)  # score.scorer's choices, in the order of its help
+
+
 @dataclass
-class ScoreConfig:
-    scorer: Literal["entropy_ratio", "entropy", "nll_ratio", "perplexity", "judge", "local_judge", "prior"] = _f(
+class ScoreConfig(Checked):
+    scorer: Scorer = _f(
         "perplexity", "entropy (mean predictive entropy of the response tokens under a reference model) | perplexity "
                       "(their mean NLL; both from one pass, kept together) | entropy_ratio / nll_ratio (the same with the "
                       "instructions / with them blanked: how much of the response's uncertainty the instruction removes; "
@@ -63,111 +79,136 @@ class ScoreConfig:
                       "(score.prior per source); docs/scoring.md")
     model: str | None = _f(None, "reference model for the model-based scorers and the local judge (default: the run's model); "
                                  "judge model name for 'judge'")
-    prior: dict[str, float] = _f({}, "scorer prior: u in [0, 1] per data source, e.g. {gsm8k: 0.2, sharegpt: 0.8}")
+    prior: dict[str, float] = _f({}, "scorer prior: u in [0, 1] per data source, e.g. {gsm8k: 0.2, sharegpt: 0.8}",
+                                 ge=0, le=1)
     heldout: bool = _f(True, "also score the held-out samples (heldout_scores.jsonl), so evaluation can report "
                              "results per quartile of u; a judge is asked about them too")
-    batch_size: int = _f(8, "samples per forward pass for model-based scorers")
-    max_length: int | None = _f(None, "token budget per sample when scoring (default: data.max_length)")
+    batch_size: int = _f(8, "samples per forward pass for model-based scorers", ge=1)
+    max_length: int | None = _f(None, "token budget per sample when scoring (default: data.max_length)", ge=1)
     base_url: str | None = _f(None, "judge endpoint (OpenAI-compatible); the API key comes from $OPENAI_API_KEY, never from a file")
     prompt_file: str | None = _f(None, "file overriding the built-in judge prompt")
-    concurrency: int = _f(4, "judge requests in flight at once")
-    max_retries: int = _f(5, "judge retries per sample before it is listed as failed")
-    n_samples: int = _f(1, "judge answers averaged per sample")
-    requests_per_minute: float | None = _f(None, "judge request rate limit (null: none; set it to your provider's tier)")
-    tokens_per_minute: float | None = _f(None, "judge token rate limit, on estimated prompt + answer tokens (null: none)")
-    timeout_s: float = _f(120.0, "seconds before a judge request counts as timed out (and is retried)")
+    concurrency: int = _f(4, "judge requests in flight at once", ge=1)
+    max_retries: int = _f(5, "judge retries per sample before it is listed as failed", ge=0)
+    n_samples: int = _f(1, "judge answers averaged per sample", ge=1)
+    requests_per_minute: float | None = _f(None, "judge request rate limit (null: none; set it to your provider's tier)",
+                                              gt=0)
+    tokens_per_minute: float | None = _f(None, "judge token rate limit, on estimated prompt + answer tokens (null: none)",
+                                            gt=0)
+    timeout_s: float = _f(120.0, "seconds before a judge request counts as timed out (and is retried)", gt=0)
     dry_run: bool = _f(False, "print the request count and estimated tokens/cost, send nothing")
 
 
 @dataclass
-class SmoothingConfig:
-    target_mean: float = _f(0.1, "mean label smoothing over the training set (the paper swept 0.1-0.5)")
-    eps_max: float = _f(0.99, "cap on any sample's smoothing")
+class SmoothingConfig(Checked):
+    target_mean: float = _f(0.1, "mean label smoothing over the training set (the paper swept 0.1-0.5); "
+                                                 "below eps_max", ge=0, lt=1)
+    eps_max: float = _f(0.99, "cap on any sample's smoothing", gt=0, le=1)
     missing: Literal["error", "drop", "mean"] = _f("error", "error | drop | mean: what to do with samples that have no score")
     normalize: Literal["max", "minmax", "rank"] = _f("max", "how scores become u before the map: max (u = s / max s: eps proportional to the "
                                "score, the paper's PPL variant) | minmax ((s - min) / (max - min): the lowest score "
                                "gets eps 0) | rank (quantile of s, ties averaged: uniform over [0, 1]); docs/scoring.md")
 
+    def check(self) -> None:
+        if not self.target_mean < self.eps_max:  # the map cannot reach a mean at or above its cap
+            self.fail("target_mean", f"expected less than eps_max ({self.eps_max}), got {self.target_mean!r}")
+
 
 @dataclass
-class TrainConfig:
-    modes: list[str] = _f(["sft", "ls", "ual"], "modes trained side by side: sft (eps 0), ls (uniform eps = target mean), ual (per-sample eps), "
+class TrainConfig(Checked):
+    modes: list[Mode] = _f(["sft", "ls", "ual"], "modes trained side by side: sft (eps 0), ls (uniform eps = target mean), ual (per-sample eps), "
                                                 "ppl (eps from each sample's current NLL relative to its running mean), "
                                                 "dft / eaft (eps 0, each token's loss scaled by sg(p_y) / by its normalised "
                                                 "top-20 entropy), ual+dft / ual+eaft (ual's eps and the token scale); ual/loss.py")
     lora: bool = _f(True, "train LoRA adapters (false: full fine-tuning)")
-    lora_r: int = _f(8, "LoRA rank")
-    lora_alpha: int = _f(16, "LoRA alpha")
-    lora_dropout: float = _f(0.1, "LoRA dropout")
-    lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters")
-    learning_rate: float = _f(3e-4, "peak learning rate (AdamW)")
+    lora_r: int = _f(8, "LoRA rank", ge=1)
+    lora_alpha: int = _f(16, "LoRA alpha", ge=1)
+    lora_dropout: float = _f(0.1, "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA adapters (at least one when lora)")
+    learning_rate: float = _f(3e-4, "peak learning rate (AdamW)", gt=0)
     lr_scheduler: str = _f("cosine", "transformers scheduler name")
-    warmup_ratio: float = _f(0.03, "fraction of optimiser steps spent warming up (counted in optimiser steps)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    batch_size: int = _f(4, "samples per device per micro-batch")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
-    epochs: float = _f(1.0, "passes over the training set (ignored when max_steps > 0)")
-    max_steps: int = _f(-1, "optimiser steps (-1: use epochs)")
-    loss: Literal["auto", "chunked", "naive"] = _f("auto", "auto (chunked where it can run, else naive) | chunked (from hidden states and the "
+    warmup_ratio: float = _f(0.03, "fraction of optimiser steps spent warming up (counted in optimiser steps)",
+                              ge=0, le=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    batch_size: int = _f(4, "samples per device per micro-batch", ge=1)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step", ge=1)
+    epochs: float = _f(1.0, "passes over the training set (ignored when max_steps > 0; else above 0)", ge=0)
+    max_steps: int = _f(-1, "optimiser steps (-1: use epochs)", ge=-1)
+    loss: Loss = _f("auto", "auto (chunked where it can run, else naive) | chunked (from hidden states and the "
                            "output projection, never materialising all logits) | naive (full logits, for checking)")
-    logging_steps: int = _f(1, "log the loss every N optimiser steps")
-    save_steps: int = _f(0, "checkpoint every N optimiser steps (0: only at the end)")
-    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (null: all)")
+    logging_steps: int = _f(1, "log the loss every N optimiser steps", ge=1)
+    save_steps: int = _f(0, "checkpoint every N optimiser steps (0: only at the end)", ge=0)
+    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (null: all)", ge=1)
     resume: bool = _f(False, "resume each unfinished mode from its newest complete checkpoint (also: `ual train --resume`)")
     global_batch_size: int | None = _f(None, "effective batch (samples per optimiser step over all processes); when set, "
-                                             "gradient_accumulation_steps = global / (batch_size x processes)")
+                                             "gradient_accumulation_steps = global / (batch_size x processes)", ge=1)
     bf16: bool = _f(False, "train in bfloat16 mixed precision (GPU)")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
     report_to: Literal["auto", "none", "tensorboard", "wandb", "trackio", "all"] = _f("auto", "transformers report_to: auto (tensorboard when installed, else none) | none | tensorboard | wandb | trackio")
-    eaft_topk: int = _f(20, "k of the eaft modes' token scale: the entropy of the top-k logits over log k", minimum=2)
+    eaft_topk: int = _f(20, "k of the eaft modes' token scale: the entropy of the top-k logits over log k", ge=2)
     weight_column: str | None = _f(None, "per-sample loss weights: a numeric field of each training sample's meta "
                                          "(`ual data` carries a source's numeric columns there), a finite number >= 0; "
                                          "null: all 1. Applies to every mode (docs/training.md)")
 
+    def check(self) -> None:
+        if self.max_steps <= 0 and not self.epochs > 0:
+            self.fail("epochs", f"expected more than 0 when max_steps is not set (> 0), got {self.epochs!r}")
+        if self.lora and not self.lora_target_modules:
+            self.fail("lora_target_modules", "expected at least one module name when lora is true, got []")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     models: list[str] = _f(["base", "sft", "ls", "ual"], "models to evaluate: base and/or trained modes")
     nll: bool = _f(True, "held-out NLL of the response tokens, per data source")
     gsm8k: bool = _f(True, "GSM8K final-answer exact match on held-out maths samples (greedy)")
-    gsm8k_limit: int | None = _f(None, "evaluate at most this many held-out maths samples")
-    max_new_tokens: int = _f(256, "generation budget per maths answer")
-    batch_size: int = _f(8, "samples per batch for NLL and generation")
+    gsm8k_limit: int | None = _f(None, "evaluate at most this many held-out maths samples", ge=0)
+    max_new_tokens: int = _f(256, "generation budget per maths answer", ge=1)
+    batch_size: int = _f(8, "samples per batch for NLL and generation", ge=1)
     multiple_choice: bool = _f(True, "four-choice questions: letter accuracy, acc_norm, and pass@N from sampled letters")
     mc_file: str | None = _f(None, "local multiple-choice file (default: the 1,000 MMLU-style questions packaged in `evals`)")
-    mc_limit: int | None = _f(100, "evaluate at most this many multiple-choice questions")
-    mc_samples: int = _f(4, "N of pass@N (sampled answer letters; the paper's 'Best-of-N')")
+    mc_limit: int | None = _f(100, "evaluate at most this many multiple-choice questions", ge=0)
+    mc_samples: int = _f(4, "N of pass@N (sampled answer letters; the paper's 'Best-of-N')", ge=0)
     mc_acc_norm: bool = _f(True, "also score each choice's text (length-normalised), ~4x the cost of letters alone")
     mc_shuffle: bool = _f(True, "show each question's choices in a seeded order (by question id), so a model that "
                                 "always answers one letter cannot score above chance on a file whose gold answers "
                                 "sit at one position")
     compare: list[str] = _f(["ual:sft", "ual:ls"], "A:B model pairs whose differences A - B get 95% paired-bootstrap "
                                                   "intervals over held-out items, for every metric (comparisons.json)")
-    bootstrap: int = _f(2000, "bootstrap resamples per interval")
-    ece_bins: int = _f(15, "equal-mass bins of the expected calibration error (token level and multiple choice)")
-    u_buckets: int = _f(4, "held-out NLL and ECE per bucket of uncertainty u (quantiles of the held-out scores)")
+    bootstrap: int = _f(2000, "bootstrap resamples per interval", ge=1)
+    ece_bins: int = _f(15, "equal-mass bins of the expected calibration error (token level and multiple choice)",
+                      ge=1)
+    u_buckets: int = _f(4, "held-out NLL and ECE per bucket of uncertainty u (quantiles of the held-out scores)",
+                       ge=1)
     clustering: bool = _f(True, "feature-clustering silhouette (paper §4) on held-out texts")
-    clustering_texts: int = _f(32, "held-out samples whose final hidden states are clustered")
-    clustering_top_k: int = _f(20, "most frequent next tokens; all K(K-1)/2 pairs are scored")
+    clustering_texts: int = _f(32, "held-out samples whose final hidden states are clustered", ge=1)
+    clustering_top_k: int = _f(20, "most frequent next tokens; all K(K-1)/2 pairs are scored", ge=2)
     pairwise: list[str] = _f(["ual:sft"], "A:B model pairs compared by a judge on held-out chat prompts (both orders)")
     pairwise_source: str = _f("sharegpt", "held-out source whose prompts are answered for the pairwise comparison")
-    pairwise_limit: int = _f(16, "prompts in the pairwise comparison")
-    pairwise_max_new_tokens: int = _f(128, "answer length budget for the pairwise comparison")
+    pairwise_limit: int = _f(16, "prompts in the pairwise comparison", ge=0)
+    pairwise_max_new_tokens: int = _f(128, "answer length budget for the pairwise comparison", ge=1)
     pairwise_judge: str | None = _f(None, "local judge model (default: the run's model), or 'openai:MODEL' (uses score.base_url, key from $OPENAI_API_KEY)")
     tasks: list[str] = _f([], "benchmarks through lm-evaluation-harness, per model: hub names (arc_challenge, hellaswag, "
                               "mmlu, truthfulqa_mc2, gsm8k; openllm = all five) or offline mmlu_packaged, gsm8k_heldout, "
                               "gsm8k_packaged, mc:FILE, gsm8k:FILE")
-    tasks_limit: int | None = _f(None, "at most this many examples per benchmark task (lm-eval's limit)")
-    tasks_fewshot: int | None = _f(None, "few-shot examples per benchmark task (null: each task's default)")
+    tasks_limit: int | None = _f(None, "at most this many examples per benchmark task (lm-eval's limit)", ge=0)
+    tasks_fewshot: int | None = _f(None, "few-shot examples per benchmark task (null: each task's default)", ge=0)
     tasks_chat_template: bool = _f(False, "format benchmark prompts with the model's chat template")
+
+    def check(self) -> None:
+        for name in ("compare", "pairwise"):
+            for i, pair in enumerate(getattr(self, name)):
+                try:
+                    split_pair(pair)
+                except (ValueError, TypeError, AttributeError) as exc:
+                    self.fail(f"{name}[{i}]", str(exc))
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(Checked):
     name: str = _f("demo", "experiment name; the run folder defaults to runs/NAME")
     run_dir: str | None = _f(None, "run folder shared by all stages (default: runs/NAME)")
     model: str = _f("smollm2-135m", "Hugging Face model id, local folder, or built-in alias (smollm2-135m)")
-    seed: int = _f(0, "seed for data selection, LoRA init and data order (the same for every mode)")
+    seed: int = _f(0, "seed for data selection, LoRA init and data order (the same for every mode)", ge=0)
     device: str = _f("auto", "auto | cpu | cuda | mps")
     trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you ask)")
     chat_template: str | None = _f(None, "chat template for a tokenizer that ships none (base models): a built-in "
@@ -184,12 +225,10 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------- loading
-# One validation layer for config files and flags, whatever the stage: every value is checked against its
-# field's type at load (numbers, true/false, strings, lists, the choices of Literal fields), and an error is
-# one line naming the file and field (`exp.yaml:train.learning_rate: ...`) or the flag (`--train.lr...: ...`).
-
-class ConfigError(ValueError):
-    pass
+# One validation layer for config files and flags, whatever the stage: every value is read as its field's
+# type (numbers, true/false, strings, lists, the choices of Literal fields), then the dataclass checks itself
+# as it is built (choices, ranges, rules between fields: Checked), and an error is one line naming the file
+# and field (`exp.yaml:train.learning_rate: ...`) or the flag (`--train.lr...: ...`).
 
 
 def _origin(path, flags):
@@ -295,17 +334,10 @@ def _build(cls, raw, field: str, origin):
                 else f"; known: {', '.join(names)}")
         raise ConfigError(f"{origin(field)}: unknown field(s) {unknown}{hint}")
     values = {k: _coerce(hints[k], v, _join(field, k), origin) for k, v in raw.items()}
-    for f in dataclasses.fields(cls):
-        low = f.metadata.get("minimum")
-        if low is not None and values.get(f.name) is not None and values[f.name] < low:
-            raise ConfigError(f"{origin(_join(field, f.name))}: expected at least {low}, got {values[f.name]!r}")
-    return cls(**values)
-
-
-def close_matches(name: str, options, n: int = 3) -> list[str]:
-    """What `name` may have meant: options it is a prefix of, then similar ones (difflib)."""
-    found = [o for o in options if o.startswith(name)] + difflib.get_close_matches(name, options, n=n, cutoff=0.6)
-    return list(dict.fromkeys(found))[:n]
+    try:
+        return cls(**values)  # its __post_init__ checks choices, ranges and the rules between fields
+    except FieldError as exc:
+        raise ConfigError(f"{origin(_join(field, exc.field))}: {exc.problem}") from None
 
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -333,11 +365,10 @@ def _coerce(tp, value, field: str, origin):
     if dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, field, origin)
     if kind is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, str) and value in choices:
-            return value
-        close = close_matches(str(value), choices, n=1)
-        raise bad(f"one of {', '.join(choices)}", f"; did you mean {close[0]!r}?" if close else "")
+        problem = choice_problem(value, typing.get_args(tp))
+        if problem:
+            raise ConfigError(f"{origin(field)}: {problem}")
+        return value
     if kind is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str) and _is_text(item):  # a flag: --train.modes sft,ual

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from ual.config import ExperimentConfig
+from ual.config import SCORERS, ExperimentConfig
+from ual.config_checks import choice_problem
 from ual.io import write_jsonl
 from ual.runfolder import RunFolder, read_scores
 
@@ -40,7 +41,8 @@ def build_scorer(cfg: ExperimentConfig):
         from ual.scoring.local_judge import build_local_judge_scorer
 
         return build_local_judge_scorer(sc, sc.model or cfg.model, cfg.device)
-    raise ValueError(f"score.scorer must be entropy_ratio, entropy, nll_ratio, perplexity, judge, local_judge or prior, got {sc.scorer!r}")
+    # Unreachable for a config as built (ScoreConfig checks its choices); only one changed afterwards.
+    raise ValueError(f"score.scorer: {choice_problem(sc.scorer, SCORERS)}")
 
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
