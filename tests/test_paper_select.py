@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ual.cli import main
-from ual.data.deita import (ChatJudgeScorer, LocalDeitaScorer, MeanPoolEmbedder, diversity_filter, parse_scale,
-                            score_samples, select, turns)
 from ual.sample import Sample
+from ual.scoring.deita import (ChatJudgeScorer, LocalDeitaScorer, MeanPoolEmbedder, diversity_filter, parse_scale,
+                               score_samples, select, turns)
 
 from test_paper_data import write_sharegpt
 

@@ -42,7 +42,7 @@ from ual.runfolder import RunFolder
 COMMANDS = {
     "ablate": ("ual.training.ablate", "train sft, ls, ual and ppl with the same seed, order and steps; one comparison "
                                       "table (and evaluation with --eval); --sweep for the target mean"),
-    "select": ("ual.data.deita", "DEITA-style selection: complexity x quality from a judge, then an embedding diversity filter"),
+    "select": ("ual.scoring.deita", "DEITA-style selection: complexity x quality from a judge, then an embedding diversity filter"),
     "export": ("ual.training.export", "merge a trained LoRA adapter into a standalone model folder"),
     "export-data": ("ual.training.export_data", "the run's training samples with their score, u, eps and loss "
                                                 "weight as dataset columns (jsonl, parquet or a datasets folder), "

@@ -19,7 +19,7 @@ Use them in `data.sources` by name, with an optional `path:` to a local file:
 
 ShareGPT-6k, MetaMath-6k and the halves of Mixed-6k (3k + 3k) are DEITA selections
 from the ShareGPT and MetaMathQA pools (paper §4.1): build them with `ual select`
-(data/deita.py), then name them here. The labels are what reports and the maths
+(scoring/deita.py), then name them here. The labels are what reports and the maths
 evaluation go by: MetaMath samples are labelled `metamath` and carry their gold
 final answer (the text after "The answer is:") in meta["answer"].
 

@@ -8,10 +8,13 @@ run); this module makes the attempt and says what happened:
   raises MalformedResponse naming what is wrong ("empty choices");
 - `classify` turns any failure into a one-line reason and a verdict: retry,
   give up on this sample, retry without log-probabilities, or stop the run.
+- `redact` scrubs the API key (and anything shaped like one) from a message,
+  `fatal_message` is the one line for an error no retry can fix.
 Nothing here sees the API key except through the client. Text that comes from
 the server (an error message, a body that is not JSON) may echo it: classify
-passes it through judge.py's scrubber before cutting it short, so a key cut in
-half cannot slip past the scrubber.
+passes it through the caller's scrubber (`redact` with the key) before cutting
+it short, so a key cut in half cannot slip past the scrubber.
+Used by judge.py (`ual score`) and deita.py (`ual select --scorer judge`).
 """
 
 from __future__ import annotations
@@ -230,3 +233,27 @@ def retry_after(exc) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time()) if value else None
     except (TypeError, ValueError):
         return None
+
+
+def redact(text: str, key: str = "") -> str:
+    """`text` without the API key `key`, anything shaped like an OpenAI key, or a bearer token."""
+    if key and len(key) >= 6:
+        text = text.replace(key, "***")
+    text = re.sub(r"sk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
+    return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
+
+
+def fatal_message(reason: str, base_url: str | None, model: str, model_setting: str = "score.model",
+                  url_setting: str = "score.base_url") -> str:
+    """One line for a "fatal" verdict (401, 403, 404): what the endpoint said and which setting to check.
+
+    The endpoint is named with any credentials in its URL masked; scrub `reason` before passing it.
+    """
+    where = re.sub(r"//[^/@]*@", "//***@", base_url) if base_url else "the OpenAI API"
+    if reason.startswith("HTTP 401"):
+        hint = "the API key was refused; check $OPENAI_API_KEY"
+    elif reason.startswith("HTTP 403"):
+        hint = f"no access to model {model} with this key; check $OPENAI_API_KEY and {model_setting}"
+    else:
+        hint = f"check that {model_setting} ({model}) is served there and {url_setting} is right"
+    return f"judge endpoint {where} answered {reason} ({hint})"

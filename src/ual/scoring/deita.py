@@ -13,8 +13,11 @@
      scorer models: the next-token distribution over "1".."6" after the prompt, and its
      expectation (no sampling, no parsing);
    - `ChatJudgeScorer`: any callable messages -> text, e.g. an OpenAI-compatible
-     endpoint (`openai_complete`), answer parsed as one integer 1-6, retried when it is
-     not one; a sample the judge never scores is counted as failed, never given a default.
+     endpoint (`openai_complete`, an `EndpointJudge`: the package's judge client,
+     ual.scoring.judge_http, the one `ual score` uses: total deadline per request,
+     retry after Retry-After, 401/403/404 stop the run with one line, the key never
+     shown), answer parsed as one integer 1-6, retried when it is not one; a sample the
+     judge never scores is counted as failed, never given a default.
    Scores are appended to OUT.scores.jsonl as they come, so a killed run resumes.
 2. Diversity filter. Samples in decreasing score order; a sample is kept unless the
    cosine similarity of its embedding to one already kept is >= --threshold (0.95).
@@ -26,15 +29,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import random
 import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from ual.sample import Sample
+from ual.scoring.judge import NO_KEY_PLACEHOLDER, JudgeFatalError, RateLimiter
+from ual.scoring.judge_http import classify, fatal_message, post_chat, redact, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +81,42 @@ def parse_scale(text: str | None, lo: int = SCALE[0], hi: int = SCALE[1]) -> int
 
 
 class ChatJudgeScorer:
-    """DEITA scoring by a chat judge: `complete(messages) -> text` (an OpenAI-compatible endpoint, or any callable)."""
+    """DEITA scoring by a chat judge: `complete(messages) -> text` (an OpenAI-compatible endpoint, or any callable).
+
+    Each prompt gets up to `retries` attempts; a failed request and an answer that is not
+    one integer 1-6 both use one. A failed request is retried after an exponential
+    backoff (backoff_base_s * 2^attempt, jittered, at most backoff_max_s) or after the
+    server's Retry-After. With an `EndpointJudge` (`openai_complete`) the verdict is the
+    package judge client's (ual.scoring.judge_http.classify): a request that would fail the
+    same way again (a 4xx such as 400) is not retried, and a wrong key, no access or an
+    unknown model (401/403/404) stops the run with one line (JudgeFatalError).
+    At most `concurrency` requests are in flight.
+    """
 
     def __init__(self, complete: Callable[[list[dict]], str], name: str = "chat-judge", retries: int = 3,
-                 concurrency: int = 4):
+                 concurrency: int = 4, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0):
         self.complete, self.name, self.retries, self.concurrency = complete, name, retries, concurrency
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.failures: list[str] = []
 
-    def _ask(self, prompt: str) -> float | None:
+    async def _ask(self, ask, prompt: str) -> float | None:
         last = None
-        for _ in range(self.retries):
+        for attempt in range(self.retries):
             try:
-                last = self.complete([{"role": "user", "content": prompt + JUDGE_SUFFIX}])
-            except Exception as exc:  # network, rate limit...: retried, then counted
+                last = await ask([{"role": "user", "content": prompt + JUDGE_SUFFIX}])
+            except JudgeFatalError:
+                raise
+            except EndpointError as exc:  # the judge client's verdict: retry (after a wait) or not
+                last = exc.reason
+                if exc.verdict == "final":
+                    break
+                if attempt + 1 < self.retries:
+                    await asyncio.sleep(self._wait_s(exc.retry_after, attempt))
+                continue
+            except Exception as exc:  # any other callable's failure (network, rate limit...): retried, then counted
                 last = f"{type(exc).__name__}: {exc}"
+                if attempt + 1 < self.retries:
+                    await asyncio.sleep(self._wait_s(None, attempt))
                 continue
             v = parse_scale(last)
             if v is not None:
@@ -94,11 +124,38 @@ class ChatJudgeScorer:
         self.failures.append(str(last)[:200])
         return None
 
+    def _wait_s(self, retry_after: float | None, attempt: int) -> float:
+        if retry_after is not None:
+            return retry_after
+        return min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1)
+
     def _map(self, prompts: list[str]) -> list[float | None]:
-        if self.concurrency <= 1:
-            return [self._ask(p) for p in prompts]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self._ask, prompts))
+        return _run_async(self._amap(prompts)) if prompts else []
+
+    async def _amap(self, prompts: list[str]) -> list[float | None]:
+        stopped = []  # set when a fatal error stops the run: prompts still waiting send nothing
+
+        async with _session(self.complete, self.concurrency) as ask:
+            gate = asyncio.Semaphore(max(1, self.concurrency))
+
+            async def one(prompt):
+                async with gate:
+                    if stopped:
+                        return None
+                    try:
+                        return await self._ask(ask, prompt)
+                    except JudgeFatalError:
+                        stopped.append(True)
+                        raise
+
+            tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for t in tasks:  # a fatal error (bad key) stops every request, not just one
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
 
     def complexity(self, instructions):
         return self._map([COMPLEXITY_PROMPT.format(instruction=i) for i in instructions])
@@ -107,20 +164,107 @@ class ChatJudgeScorer:
         return self._map([QUALITY_PROMPT.format(instruction=i, response=r) for i, r in pairs])
 
 
-def openai_complete(model: str, base_url: str | None = None, max_tokens: int = 8) -> Callable[[list[dict]], str]:
-    """messages -> text through the official client (OpenAI, vLLM, llama.cpp, Ollama...), temperature 0.
+class EndpointError(RuntimeError):
+    """One failed request to the judge endpoint, as the judge client classified it (judge_http.classify).
 
-    The key comes from $OPENAI_API_KEY only (a local base_url needs none).
+    reason: one line, key scrubbed; verdict: "retry" or "final"; retry_after: the server's wait in seconds, if any.
     """
-    from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "sk-no-key-required", max_retries=2)
+    def __init__(self, reason: str, verdict: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.verdict, self.retry_after = reason, verdict, retry_after
 
-    def complete(messages: list[dict]) -> str:
-        resp = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens)
-        return resp.choices[0].message.content or ""
 
-    return complete
+class EndpointJudge:
+    """messages -> text from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama...), temperature 0.
+
+    Every request goes through the package's judge client, as `ual score`'s judge does
+    (ual.scoring.judge_http): a total deadline of timeout_s for connect, headers and body
+    together; a 200 whose body is not a usable chat completion fails with the reason
+    ("malformed response: empty choices"); a failure becomes an EndpointError with a
+    one-line reason and a verdict, or, for 401/403/404, a JudgeFatalError naming the
+    endpoint. Optional request and token rate limits (per minute) are shared by every
+    request, and a Retry-After pauses them all. The client's own retries are off: the
+    caller (ChatJudgeScorer) makes and counts every attempt. The key comes from
+    $OPENAI_API_KEY only (a local base_url needs none) and is scrubbed from every message.
+    """
+
+    def __init__(self, model: str, base_url: str | None = None, max_tokens: int = 8, timeout_s: float = 120.0,
+                 requests_per_minute: float | None = None, tokens_per_minute: float | None = None):
+        if timeout_s <= 0:
+            raise ValueError("the judge timeout must be positive")
+        self.model, self.base_url, self.max_tokens, self.timeout_s = model, base_url, max_tokens, timeout_s
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        self._key = os.environ.get("OPENAI_API_KEY") or ""
+
+    @asynccontextmanager
+    async def session(self):
+        """An async `ask(messages) -> text` on one client (one connection pool), closed on exit."""
+        from openai import AsyncOpenAI
+
+        key = self._key or (NO_KEY_PLACEHOLDER if self.base_url else "")
+        if not key:
+            raise JudgeFatalError("OPENAI_API_KEY is not set (it is read from the environment only)")
+        # post_chat's deadline is the one that counts; the client's per-read time-out only backs it up
+        client = AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s + 5)
+        try:
+            yield lambda messages: self._ask(client, messages)
+        finally:
+            await client.close()
+
+    async def _ask(self, client, messages: list[dict]) -> str:
+        await self.limiter.acquire(sum(len(m["content"]) / 4 + 4 for m in messages) + self.max_tokens)
+        kwargs = dict(model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens)
+        try:
+            return (await post_chat(client, kwargs, self.timeout_s)).text
+        except Exception as exc:  # time-outs, HTTP errors, dropped connections, malformed bodies
+            scrub = lambda text: redact(text, self._key)  # noqa: E731
+            reason, verdict = classify(exc, asked_logprobs=False, scrub=scrub)
+            reason = scrub(reason)[:300]
+            if verdict == "fatal":
+                raise JudgeFatalError(scrub(fatal_message(reason, self.base_url, self.model, "--judge-model",
+                                                          "--base-url"))) from None
+            wait = retry_after(exc)
+            if wait is not None:
+                wait = min(wait, 600.0)
+                self.limiter.pause(wait)  # everyone waits, not just this request
+            raise EndpointError(reason, verdict, wait) from None
+
+    def __call__(self, messages: list[dict]) -> str:
+        """One request (no retry): the answer's text, or EndpointError / JudgeFatalError."""
+        async def once():
+            async with self.session() as ask:
+                return await ask(messages)
+
+        return _run_async(once())
+
+
+def openai_complete(model: str, base_url: str | None = None, max_tokens: int = 8, timeout_s: float = 120.0,
+                    requests_per_minute: float | None = None, tokens_per_minute: float | None = None) -> EndpointJudge:
+    """messages -> text from an OpenAI-compatible endpoint through the judge client (see EndpointJudge)."""
+    return EndpointJudge(model, base_url, max_tokens, timeout_s, requests_per_minute, tokens_per_minute)
+
+
+@asynccontextmanager
+async def _session(complete, concurrency: int):
+    """An async ask(messages) for `complete`: the endpoint's own session, or a plain callable run in threads."""
+    if isinstance(complete, EndpointJudge):
+        async with complete.session() as ask:
+            yield ask
+        return
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        yield lambda messages: loop.run_in_executor(pool, complete, messages)
+
+
+def _run_async(coro):
+    """Run a coroutine to completion, also when called from inside an event loop (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 class LocalDeitaScorer:
@@ -154,6 +298,8 @@ class LocalDeitaScorer:
     def _expected(self, which: str, prompts: list[str]) -> list[float | None]:
         import torch
 
+        from ual.batching import pad_batch, pad_id, positions
+
         model, tok = self._get(which)
         ids = self.digit_ids(tok)
         scale = torch.arange(SCALE[0], SCALE[1] + 1, dtype=torch.float32)
@@ -161,11 +307,9 @@ class LocalDeitaScorer:
         out: list[float | None] = []
         for i in range(0, len(prompts), self.batch_size):
             enc = [tok(p, add_special_tokens=True)["input_ids"][-self.max_length:] for p in prompts[i:i + self.batch_size]]
-            width = max(len(e) for e in enc)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=dev)  # left padding
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=dev)
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)  # positions as if unpadded: batch-invariant
+            input_ids, mask = pad_batch(enc, pad_id(tok), "left")  # every prompt's last token in the last column
+            input_ids, mask = input_ids.to(dev), mask.to(dev)
+            pos = positions(mask)  # as if unpadded: batch-invariant
             with torch.no_grad():
                 logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits[:, -1]
             p = torch.softmax(logits[:, ids].float(), -1).cpu()
@@ -258,15 +402,15 @@ class MeanPoolEmbedder:
     def __call__(self, samples: Sequence[Sample]):
         import torch
 
+        from ual.batching import pad_batch, pad_id
+
         dev = next(self.model.parameters()).device
         outs = []
         for i in range(0, len(samples), self.batch_size):
             enc = [self.tokenizer(self.text(s), add_special_tokens=False)["input_ids"][:self.max_length]
                    for s in samples[i:i + self.batch_size]]
-            width = max(len(e) for e in enc)
-            pad = self.tokenizer.pad_token_id or 0
-            ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc], device=dev)  # right padding
-            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc], device=dev)
+            ids, mask = pad_batch(enc, pad_id(self.tokenizer), "right")
+            ids, mask = ids.to(dev), mask.to(dev)
             with torch.no_grad():
                 out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             h = out.hidden_states[-1].float()
@@ -342,6 +486,13 @@ def add_arguments(p) -> None:
     p.add_argument("--judge-model", default="gpt-4o", help="model name at the judge endpoint")
     p.add_argument("--base-url", default=None, help="judge endpoint (OpenAI-compatible); key from $OPENAI_API_KEY")
     p.add_argument("--concurrency", type=int, default=4, help="judge requests in flight")
+    p.add_argument("--attempts", type=int, default=3,
+                   help="judge attempts per prompt (a failed request and an answer that is not 1-6 each use one)")
+    p.add_argument("--timeout-s", type=float, default=120.0,
+                   help="seconds per judge request, connect, headers and body together; then it is retried")
+    p.add_argument("--requests-per-minute", type=float, default=None, help="judge request rate limit (default: none)")
+    p.add_argument("--tokens-per-minute", type=float, default=None,
+                   help="judge token rate limit, on estimated prompt + answer tokens (default: none)")
     p.add_argument("--embed-model", default="mistralai/Mistral-7B-v0.1", help="model whose mean-pooled hidden states are the embeddings")
     p.add_argument("--threshold", type=float, default=0.95, help="drop a sample whose cosine similarity to a kept one is >= this")
     p.add_argument("--turns", default="all", choices=("all", "first"), help="score every turn (sum of c*q) or the first only")
@@ -366,9 +517,14 @@ def run(args) -> dict:
         raise ValueError(f"{out} exists; pass --force to replace it")
     if not 0 < args.threshold <= 1 or args.n <= 0:
         raise ValueError("--n must be positive and --threshold in (0, 1]")
+    if args.attempts < 1 or args.concurrency < 1 or args.timeout_s <= 0:
+        raise ValueError("--attempts and --concurrency must be >= 1, --timeout-s positive")
     samples, load_stats = load_source(spec, None, args.on_error)
     if args.scorer == "judge":
-        scorer = ChatJudgeScorer(openai_complete(args.judge_model, args.base_url), name=f"judge:{args.judge_model}",
+        endpoint = openai_complete(args.judge_model, args.base_url, timeout_s=args.timeout_s,
+                                   requests_per_minute=args.requests_per_minute,
+                                   tokens_per_minute=args.tokens_per_minute)
+        scorer = ChatJudgeScorer(endpoint, name=f"judge:{args.judge_model}", retries=args.attempts,
                                  concurrency=args.concurrency)
     else:
         scorer = LocalDeitaScorer(args.complexity_model, args.quality_model, args.device, args.batch_size, args.max_length)
