@@ -87,7 +87,7 @@ def cleanup(dev):
 def peak_memory(dev, out: dict):
     """out["bytes"]: peak memory growth over the block (CUDA allocator statistics; on CPU peak RSS
     (VmHWM) growth, None where the kernel's peak counter cannot be reset)."""
-    from ual.training.estimate import reset_peak_rss, rss_bytes
+    from ual.training.memory import reset_peak_rss, rss_bytes
 
     sync(dev)
     if dev.type == "cuda":

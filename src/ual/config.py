@@ -28,6 +28,7 @@ import yaml
 
 from ual.config_checks import Checked, ConfigError, FieldError, choice_problem, close_matches
 from ual.modes import Loss, Mode
+from ual.smoothing import Normalization
 
 
 def _f(default, help: str, ge=None, gt=None, le=None, lt=None, **kw):
@@ -104,7 +105,7 @@ class SmoothingConfig(Checked):
                                                  "below eps_max", ge=0, lt=1)
     eps_max: float = _f(0.99, "cap on any sample's smoothing", gt=0, le=1)
     missing: Literal["error", "drop", "mean"] = _f("error", "error | drop | mean: what to do with samples that have no score")
-    normalize: Literal["max", "minmax", "rank"] = _f("max", "how scores become u before the map: max (u = s / max s: eps proportional to the "
+    normalize: Normalization = _f("max", "how scores become u before the map: max (u = s / max s: eps proportional to the "
                                "score, the paper's PPL variant) | minmax ((s - min) / (max - min): the lowest score "
                                "gets eps 0) | rank (quantile of s, ties averaged: uniform over [0, 1]); docs/scoring.md")
 

@@ -14,6 +14,8 @@ Pure numpy (and scipy's rankdata), no I/O.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
 
@@ -71,7 +73,8 @@ def map_to_smoothing(scores, target_mean: float, eps_max: float = 0.99) -> np.nd
     return np.minimum(eps_max, k * v)
 
 
-NORMALIZATIONS = ("max", "minmax", "rank")
+Normalization = Literal["max", "minmax", "rank"]
+NORMALIZATIONS = get_args(Normalization)
 
 
 def normalize_scores(scores, method: str = "max") -> np.ndarray:

@@ -288,26 +288,3 @@ def dry_run(cfg) -> dict:
             "estimate_bytes": result["estimate"]["bytes"], "parameters": result["estimate"]["parameters"],
             "trainable": result["estimate"]["trainable"], "seconds_per_step": result["time"]["seconds_per_step"],
             "steps": result["time"]["steps"]}
-
-
-# --------------------------------------------------------------------------- measuring
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_bytes(field: str = "VmRSS") -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None

@@ -24,6 +24,7 @@ from ual.config import ExperimentConfig, TrainConfig
 from ual.io import read_json, write_json
 from ual.runfolder import RunFolder
 from ual.training.columns import mapped_samples, read_smoothing, sample_weights, smoothing_rows
+from ual.training.memory import estimate_and_measure_end, estimate_and_measure_start
 from ual.training.plan import MODES, accumulation_steps, mode_parts, sharding_from_env, uses_smoothing_map, world_size
 
 log = logging.getLogger(__name__)
@@ -161,43 +162,6 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out) -> dict
     }
     write_json(out / "result.json", result)
     return result
-
-
-def estimate_and_measure_start(cfg: ExperimentConfig, n_samples: int, device) -> dict:
-    """Log the memory/time estimate (training/estimate.py) and start measuring the real peak."""
-    from ual.training import estimate as E
-
-    memory: dict = {}
-    try:
-        if sharding_from_env() == "zero3":  # a meta-device model under zero.Init: skip, do not risk it
-            raise RuntimeError("not estimated under DeepSpeed ZeRO-3")
-        est = E.estimate_for_config(cfg, n_samples, device=E.detect_device() if device.type == "cuda" else "cpu")
-        log.info("estimate before training:\n%s", est["text"])
-        memory["estimate_bytes"] = est["estimate"]["bytes"]
-    except Exception as exc:  # an estimate must never stop a run
-        log.warning("no memory estimate: %s", exc)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        E.reset_peak_rss()
-        memory["rss_before_bytes"] = E.rss_bytes()
-    return memory
-
-
-def estimate_and_measure_end(memory: dict, device) -> dict:
-    from ual.training import estimate as E
-
-    if device.type == "cuda":
-        import torch
-
-        memory["measured_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        memory["measured"] = "torch.cuda.max_memory_allocated (weights included)"
-    elif memory.get("rss_before_bytes") is not None and E.rss_bytes("VmHWM") is not None:
-        memory["measured_peak_bytes"] = E.rss_bytes("VmHWM") - memory["rss_before_bytes"]
-        memory["measured"] = "peak RSS minus RSS before training (weights excluded)"
-    return memory
 
 
 def local_device(device: str = "auto"):
