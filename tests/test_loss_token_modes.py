@@ -413,40 +413,6 @@ def test_trainer_step_with_token_scale_and_weights_chunked_equals_naive(tmp_path
     assert any(naive[n].abs().max() > 0 for n in naive)
 
 
-def test_trl_drop_in_carries_weight_and_token_scale(tiny_model_dir, tokenizer, tmp_path):
-    pytest.importorskip("trl")
-    from datasets import Dataset
-    from test_train_trl import EPS, _encoded, _sequential, _trl
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig
-
-    from ual.training.trl import UALSFTTrainer
-
-    reference = _trl(tiny_model_dir, tokenizer, tmp_path)  # no weight column, no token scale
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": x, "weight": w}
-            for e, x, w in zip(_encoded(tokenizer), EPS, WEIGHTS)]
-    args = SFTConfig(output_dir=str(tmp_path / "trl_w"), per_device_train_batch_size=4, max_steps=1, report_to="none",
-                     use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, max_length=None, bf16=False,
-                     gradient_checkpointing=False)
-    trainer = _sequential(UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                        processing_class=tokenizer, token_scale="dft"))
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert torch.equal(batch["weight"], torch.tensor(WEIGHTS))
-    plain = next(iter(reference.get_train_dataloader()))
-    assert "weight" not in plain and torch.equal(plain["labels"], batch["labels"])
-    with torch.no_grad():
-        ours = trainer.compute_loss(trainer.model, dict(batch))
-        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = smoothed_cross_entropy(logits, L.shift_labels(batch["labels"]), batch["eps"], token_scale="dft",
-                                      sample_weights=batch["weight"])
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="token_scale"):
-        UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      token_scale="focal")
-
-
 def test_training_modes():
     from types import SimpleNamespace
 
@@ -465,26 +431,3 @@ def test_training_modes():
     assert eps_for_mode("eaft", samples, cfg, None) == [0.0, 0.0]
     with pytest.raises(ValueError, match="unknown training mode"):
         eps_for_mode("focal", samples, cfg, None)
-
-
-def test_ablate_trains_the_token_modes(tmp_path, tiny_model_dir):
-    """`ual ablate --modes sft,dft,eaft,ual+dft`: same steps, the token scale recorded, eps 0 for dft / eaft."""
-    from test_train_ablate import _config
-
-    from ual.cli import main
-    from ual.io import read_json
-
-    cfg = _config(tmp_path, tiny_model_dir)
-    assert main(["ablate", str(cfg), "--modes", "sft,dft,eaft,ual+dft"]) == 0
-    run = tmp_path / "run"
-    rows = {r["mode"]: r for r in read_json(run / "ablation.json")["rows"]}
-    assert set(rows) == {"sft", "dft", "eaft", "ual+dft"} and all(r["steps"] == 2 for r in rows.values())
-    results = {m: read_json(run / "train" / m / "result.json") for m in rows}
-    assert {m: r["token_scale"] for m, r in results.items()} == {"sft": "none", "dft": "dft", "eaft": "eaft",
-                                                                 "ual+dft": "dft"}
-    assert results["dft"]["mean_eps"] == results["eaft"]["mean_eps"] == 0
-    assert results["ual+dft"]["mean_eps"] == pytest.approx(0.2, abs=0.05)
-    # Same batches: the logged plain NLL of the first step is the same model on the same data.
-    first = {m: next(h for h in read_json(run / "train" / m / "log.json") if "loss" in h) for m in rows}
-    assert first["dft"]["nll"] == pytest.approx(first["sft"]["nll"], rel=1e-4)
-    assert first["dft"]["loss"] < first["sft"]["loss"]  # scaled by p_y < 1

@@ -90,3 +90,14 @@ def test_public_api_resolves_every_name_it_lists():
 
     with _pytest.raises(AttributeError):
         ual.not_a_thing  # noqa: B018
+
+
+def test_tests_mirror_the_package():
+    """tests/PACKAGE/ for each sub-package of ual (the top-level modules' tests sit in tests/ itself);
+    tests/reliability/ drives the CLI across all of them with bad inputs."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert folders - {"reliability"} == packages
+    for package in packages:  # and each folder holds tests
+        assert list((tests / package).glob("test_*.py")), package

@@ -9,7 +9,7 @@ from ual.cli import main
 from ual.config import load_config
 from ual.io import read_json
 
-from test_paper_data import write_deita, write_lima, write_metamathqa, write_sharegpt, write_selection
+from paper_files import write_deita, write_lima, write_metamathqa, write_sharegpt, write_selection
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml"))
 EXPECTED = {"llama2-7b-lima", "llama2-7b-deita6k", "mistral-7b-deita6k", "mistral-7b-sharegpt6k",

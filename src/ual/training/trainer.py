@@ -272,7 +272,7 @@ def gather_output_projection(root, head) -> None:
     A head that is its own unit (or in another resharded one) holds a DTensor shard: its
     owning unit is gathered with `FSDPModule.unshard()`. Either way the loss's weight
     gradient lands on the gathered parameter, which FSDP reduce-scatters at the end of the
-    backward as usual (tests/test_train_fsdp.py checks the gradients against one process).
+    backward as usual (tests/training/test_train_fsdp.py checks the gradients against one process).
     """
     weight = getattr(head, "weight", None)
     if not _is_dtensor(weight):

@@ -148,3 +148,21 @@ def test_ablation_five_modes_with_paired_intervals(tmp_path, tiny_model_dir):
         assert nll["low"] <= nll["estimate"] <= nll["high"] and isinstance(nll["excludes_zero"], bool)
     report = (run / "report.md").read_text()
     assert "ual − dft" in report and "ual − eaft" in report
+
+
+def test_ablate_trains_the_token_modes(tmp_path, tiny_model_dir):
+    """`ual ablate --modes sft,dft,eaft,ual+dft`: same steps, the token scale recorded, eps 0 for dft / eaft."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    assert main(["ablate", str(cfg), "--modes", "sft,dft,eaft,ual+dft"]) == 0
+    run = tmp_path / "run"
+    rows = {r["mode"]: r for r in read_json(run / "ablation.json")["rows"]}
+    assert set(rows) == {"sft", "dft", "eaft", "ual+dft"} and all(r["steps"] == 2 for r in rows.values())
+    results = {m: read_json(run / "train" / m / "result.json") for m in rows}
+    assert {m: r["token_scale"] for m, r in results.items()} == {"sft": "none", "dft": "dft", "eaft": "eaft",
+                                                                 "ual+dft": "dft"}
+    assert results["dft"]["mean_eps"] == results["eaft"]["mean_eps"] == 0
+    assert results["ual+dft"]["mean_eps"] == pytest.approx(0.2, rel=1e-9)  # the map's target mean, exactly
+    # Same batches: the logged plain NLL of the first step is the same model on the same data.
+    first = {m: next(h for h in read_json(run / "train" / m / "log.json") if "loss" in h) for m in rows}
+    assert first["dft"]["nll"] == pytest.approx(first["sft"]["nll"], rel=1e-4)
+    assert first["dft"]["loss"] < first["sft"]["loss"]  # scaled by p_y < 1

@@ -61,7 +61,7 @@ STEP_SCRIPT = textwrap.dedent('''
 
 def _launch(args, cwd, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cpu2 = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu2.yaml"
+    cpu2 = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu2.yaml"
     proc = subprocess.run([ACCELERATE, "launch", "--config_file", str(cpu2), "--dynamo_backend", "no"] + args,
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -103,7 +103,7 @@ smoothing: {{target_mean: 0.2}}
 train: {{modes: [ls], max_steps: 3, batch_size: 2, global_batch_size: 8, logging_steps: 1, report_to: none}}
 """)
     assert main(["data", str(cfg)]) == 0
-    _launch(["-m", "ual.cli", "train", str(cfg)], cwd=Path(__file__).resolve().parents[1])
+    _launch(["-m", "ual.cli", "train", str(cfg)], cwd=Path(__file__).resolve().parents[2])
     res = read_json(tmp_path / "run" / "train" / "ls" / "result.json")
     assert res["processes"] == 2 and res["steps"] == 3
     assert res["gradient_accumulation_steps"] == 2  # 8 = 2 per process x 2 processes x 2 micro-batches
@@ -113,7 +113,7 @@ train: {{modes: [ls], max_steps: 3, batch_size: 2, global_batch_size: 8, logging
 def test_accelerate_configs_parse():
     import yaml
 
-    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    folder = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
     kinds = {}
     for p in folder.glob("*.yaml"):
         kinds[p.stem] = yaml.safe_load(p.read_text())["distributed_type"]

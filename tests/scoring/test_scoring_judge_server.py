@@ -112,7 +112,7 @@ def test_sigkill_midrun_then_rerun(server, tmp_path):
     samples = small_dataset(n)  # what `judge_server.py score --n 6` scores
     keys = keys_of(samples)
     cache_path = tmp_path / "c.sqlite"
-    script = Path(__file__).with_name("judge_server.py")
+    script = Path(__file__).resolve().parents[1] / "judge_server.py"
     with FaultProxy(server.base_url) as proxy:
         cmd = [sys.executable, str(script), "score", "--base-url", proxy.base_url, "--cache", str(cache_path),
                "--n", str(n), "--concurrency", str(conc), "--model", MODEL]

@@ -10,7 +10,7 @@ from ual.sample import Sample
 from ual.scoring.deita import (ChatJudgeScorer, LocalDeitaScorer, MeanPoolEmbedder, diversity_filter, parse_scale,
                                score_samples, select, turns)
 
-from test_paper_data import write_sharegpt
+from paper_files import write_sharegpt
 
 
 def _s(q, a, extra=()):

@@ -19,9 +19,9 @@ import sys
 import textwrap
 
 
-# The script imports tests/tiny_models.py, so the tests folder goes on its path.
+# The script imports tests/tiny_models.py, so the tests folder (this file's parent) goes on its path.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+       "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
 
 SCRIPT = textwrap.dedent('''
     import torch, torch.distributed as dist

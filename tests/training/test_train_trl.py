@@ -12,6 +12,7 @@ from trl import SFTConfig  # noqa: E402
 from ual.sample import Sample  # noqa: E402
 from ual.data.tokenize import encode_sample  # noqa: E402
 from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer  # noqa: E402
+from ual.loss import shift_labels, smoothed_cross_entropy  # noqa: E402
 from ual.training.trl import UALSFTTrainer  # noqa: E402
 
 EPS = [0.0, 0.5, 0.2, 0.9]
@@ -92,3 +93,29 @@ def test_refuses_what_would_break_per_sample_eps(tiny_model_dir, tokenizer, tmp_
     t = _trl(tiny_model_dir, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="no `eps`"):
         t.data_collator([{"input_ids": [1, 2], "labels": [1, 2]}])
+
+
+def test_trl_drop_in_carries_weight_and_token_scale(tiny_model_dir, tokenizer, tmp_path):
+    reference = _trl(tiny_model_dir, tokenizer, tmp_path)  # no weight column, no token scale
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": x, "weight": w}
+            for e, x, w in zip(_encoded(tokenizer), EPS, [1.0, 0.0, 2.0, 0.5])]
+    args = SFTConfig(output_dir=str(tmp_path / "trl_w"), per_device_train_batch_size=4, max_steps=1, report_to="none",
+                     use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True, max_length=None, bf16=False,
+                     gradient_checkpointing=False)
+    trainer = _sequential(UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                        processing_class=tokenizer, token_scale="dft"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert torch.equal(batch["weight"], torch.tensor([1.0, 0.0, 2.0, 0.5]))
+    plain = next(iter(reference.get_train_dataloader()))
+    assert "weight" not in plain and torch.equal(plain["labels"], batch["labels"])
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = smoothed_cross_entropy(logits, shift_labels(batch["labels"]), batch["eps"], token_scale="dft",
+                                      sample_weights=batch["weight"])
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="token_scale"):
+        UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      token_scale="focal")
