@@ -4,7 +4,8 @@ import pytest
 
 from ual.cli import build_parser
 from ual.config import (ConfigError, DataConfig, EvalConfig, ExperimentConfig, ScoreConfig, SmoothingConfig,
-                        SourceConfig, TrainConfig, config_from_args, load_config)
+                        SourceConfig, TrainConfig, load_config)
+from ual.config_flags import config_from_args
 from ual.modes import MODES
 
 

@@ -50,7 +50,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def _package(mod: str) -> str:
     parts = mod.split(".")
-    return ".".join(parts[:2])  # ual.data.build -> ual.data; ual.cli -> ual.cli
+    return ".".join(parts[:2])  # ual.data.stage -> ual.data; ual.cli -> ual.cli
 
 
 @pytest.mark.parametrize("level", ["module", "package"])

@@ -31,7 +31,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ual.config import ConfigError, add_config_flags, close_matches, config_from_args, split_commas
+from ual.config import ConfigError, close_matches, split_commas
+from ual.config_flags import add_config_flags, config_from_args
 from ual.optional import MissingExtra
 from ual.pipeline import STAGES, run_ablation, run_seeds, run_stage
 from ual.runfolder import RunFolder

@@ -15,7 +15,6 @@ dataclass checks them, and the rules between its fields (`check`), when it is bu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import types
@@ -344,10 +343,10 @@ def _build(cls, raw, field: str, origin):
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
-def _is_text(tp) -> bool:
+def is_text_type(tp) -> bool:
     """str, or a Literal of strings (optional or not): flags of these types are taken as written."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return all(_is_text(a) for a in typing.get_args(tp) if a is not type(None))
+        return all(is_text_type(a) for a in typing.get_args(tp) if a is not type(None))
     return tp is str or typing.get_origin(tp) is Literal
 
 
@@ -372,7 +371,7 @@ def _coerce(tp, value, field: str, origin):
         return value
     if kind is list:
         (item,) = typing.get_args(tp)
-        if isinstance(value, str) and _is_text(item):  # a flag: --train.modes sft,ual
+        if isinstance(value, str) and is_text_type(item):  # a flag: --train.modes sft,ual
             value = split_commas(value)
         if not isinstance(value, list):
             value = [value]
@@ -418,51 +417,3 @@ def split_pair(pair: str) -> tuple[str, str]:
     if not sep or not a or not b:
         raise ValueError(f"model pairs look like 'ual:sft', got {pair!r}")
     return a, b
-
-
-def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
-    """Add `--config` and one dotted flag per (non-list-of-dataclass) config field.
-
-    sections: the config sections whose flags this command's --help lists, beside the shared
-    top-level ones (None: all). Every flag is accepted whatever the command (a stage may read
-    another section, e.g. eval reads data.max_length); only the help is focused.
-    """
-    parser.add_argument("--config", help="YAML experiment config (flags below override it)")
-    for dotted, f, _ in _leaf_fields(ExperimentConfig):
-        section = dotted.split(".")[0] if "." in dotted else None
-        shown = sections is None or section is None or section in sections
-        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", default=argparse.SUPPRESS,
-                            metavar="VALUE", help=help_text if shown else argparse.SUPPRESS)
-
-
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    overrides = {}
-    for key, value in vars(args).items():
-        if key.startswith("cfg:"):
-            overrides[key[4:]] = flag_value(key[4:], value) if isinstance(value, str) else value
-    return load_config(getattr(args, "config", None), overrides)
-
-
-def flag_value(dotted: str, text: str):
-    """A flag's text as YAML (`[sft,ual]`, `3e-4`, `false`, `null`); a text field's flag as written
-    (`--name yes` is the name "yes"), `null` or `~` clearing an optional one."""
-    tp = {name: t for name, _, t in _leaf_fields(ExperimentConfig)}.get(dotted)
-    if tp is not None and _is_text(tp):
-        optional = type(None) in typing.get_args(tp)
-        return None if optional and text.strip() in ("null", "~") else text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--{dotted}: {text!r} is not a value ({getattr(exc, 'problem', None) or 'YAML error'})") from None
-
-
-def _leaf_fields(cls, prefix: str = ""):
-    """(dotted name, field, type) of every field that is not a section."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from _leaf_fields(tp, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", f, tp

@@ -1,7 +1,7 @@
 """The table of contents: ual's stages in data-path order, and the recipes that compose them.
 
     stage   reads                          writes                                 module
-    data    data sources                   samples.jsonl, heldout.jsonl           ual.data.build
+    data    data sources                   samples.jsonl, heldout.jsonl           ual.data.stage
     score   samples                        scores.jsonl, heldout_scores.jsonl     ual.scoring.stage
     map     scores.jsonl                   smoothing.jsonl                        ual.mapping
     train   samples, smoothing.jsonl       train/MODE/                            ual.training.stage
@@ -52,7 +52,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
         raise ConfigError(f"{run_dir_origin(cfg)}: cannot write the run folder {cfg.run_path} "
                           f"({exc.strerror or exc})") from None
     if stage == "data":
-        from ual.data.build import build_dataset
+        from ual.data.stage import build_dataset
 
         return build_dataset(cfg, model_tokenizer=True)
     if stage == "score":

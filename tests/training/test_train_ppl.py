@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from ual.sample import Sample
 from ual.data.tokenize import encode_sample
 from ual.loss import shift_labels
 from ual.training.ppl import PerplexitySmoothing, per_sample_nll_from_hidden, per_sample_nll_from_logits

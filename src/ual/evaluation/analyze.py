@@ -33,7 +33,7 @@ ANALYSES = ("clustering", "scores")
 
 
 def add_arguments(p) -> None:
-    from ual.config import add_config_flags
+    from ual.config_flags import add_config_flags
 
     p.add_argument("analysis", choices=ANALYSES, help="which analysis")
     p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config or run folder")
@@ -44,7 +44,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-    from ual.config import config_from_args, split_commas
+    from ual.config import split_commas
+    from ual.config_flags import config_from_args
 
     cfg = config_from_args(args)
     if args.analysis == "scores":

@@ -45,7 +45,7 @@ SEED_SHARED_FILES = SHARED_FILES + ("smoothing.jsonl", "smoothing_stats.json")
 
 
 def add_arguments(p) -> None:
-    from ual.config import add_config_flags
+    from ual.config_flags import add_config_flags
 
     p.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML experiment config (same as --config)")
     add_config_flags(p)

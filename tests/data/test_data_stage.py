@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ual.config import DataConfig, ExperimentConfig, SourceConfig
-from ual.data.build import build_dataset, read_samples
+from ual.data.stage import build_dataset, read_samples
 from ual.data.formats import DataError
 from ual.data.tokenize import encode_sample
 
