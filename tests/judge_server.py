@@ -2,7 +2,8 @@
 
 All three listen on 127.0.0.1 only. The stub can also misbehave at the HTTP level
 (a body trickled byte by byte, a stalled connection, headers then silence, a raw
-non-JSON body, a dropped connection): see StubJudge. The proxy sits between the client and an
+non-JSON body, a dropped connection): see StubJudge; per_attempt scripts its
+answers attempt by attempt (a 500, then a good answer). The proxy sits between the client and an
 upstream OpenAI-compatible server and, per sample (the request's messages,
 hashed) and per attempt, injects a fault from a plan: a delay, a dropped
 connection, a 429 with Retry-After, a 500, a garbage 200 body, a hang past the
@@ -137,8 +138,11 @@ class _Base:
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client went away (a request cancelled when a fatal error stopped the run)
+                    self.close_connection = True
 
             def drop(self):
                 self.close_connection = True
@@ -191,6 +195,24 @@ class Trickle:
 STALL = "stall"  # read the request, never answer (until the server stops)
 HEADERS_ONLY = "headers_only"  # a 200 status line and headers, then silence
 DROP = "drop"  # close the connection without a word
+
+
+def per_attempt(*replies):
+    """A StubJudge answer: the k-th request about a sample (its messages) gets replies[k], the last one repeating.
+
+    A reply is anything StubJudge sends, or a callable body -> such a reply (an answer that
+    depends on the request).
+    """
+    seen, lock = {}, threading.Lock()
+
+    def answer(body):
+        k = request_key(body)
+        with lock:
+            n = seen[k] = seen.get(k, -1) + 1
+        reply = replies[min(n, len(replies) - 1)]
+        return reply(body) if callable(reply) else reply
+
+    return answer
 
 
 class StubJudge(_Base):

@@ -1,14 +1,15 @@
-"""Pairwise win rate: both orders, ties, invalid verdicts, length control, the two judges, export."""
+"""Pairwise win rate: both orders, ties, invalid verdicts, length control, the two judges (the endpoint one
+over real HTTP: retries, Retry-After, failures, 401/404 in one line, the key never shown), export."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import re
 
 import pytest
 
+from judge_server import DROP, StubJudge, completion, per_attempt
 from ual.evaluation.pairwise import (
     LocalPairwiseJudge,
     OpenAIPairwiseJudge,
@@ -17,6 +18,7 @@ from ual.evaluation.pairwise import (
     pairwise_win_rate,
     parse_verdict,
 )
+from ual.scoring.judge_http import JudgeFatalError
 
 
 @pytest.mark.parametrize("text, verdict", [
@@ -116,47 +118,113 @@ def test_local_judge_reads_the_letter_probabilities(tiny):
     assert LocalPairwiseJudge(model, tok, tie_margin=1e9)("q", "a", "b") == "tie"
 
 
-class _Judge(BaseHTTPRequestHandler):
-    calls = 0
+# ---------------------------------------------------------------------- the endpoint judge, over real HTTP
+# OpenAIPairwiseJudge talks to judge_server.StubJudge, a loopback OpenAI-compatible server, through the
+# package's judge client (ual.scoring.judge_http): no mocks. The key (not shaped like "sk-...", so only exact
+# redaction catches it) is echoed back by the server in its 401.
 
-    def do_POST(self):  # noqa: N802 - http.server API
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).calls += 1
-        prompt = body["messages"][-1]["content"]
-        a = prompt.split("[Response A]")[1].split("[Response B]")[0]
-        text = "Response A" if "good" in a else "B"
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+KEY = "ual-pairwise-key-7d2e4a9c1b"
+MODEL = "gpt-4o-mini"
+ERROR_500 = (500, {"error": {"message": "upstream exploded", "type": "server_error"}})
+RATE_429 = (429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, {"Retry-After": "1"})
+BAD_REQUEST_400 = (400, {"error": {"message": "context length exceeded", "type": "invalid_request_error"}})
+AUTH_401 = (401, {"error": {"message": f"Incorrect API key provided: {KEY}.", "code": "invalid_api_key"}})
+NOT_FOUND_404 = (404, {"error": {"message": f"The model `{MODEL}` does not exist", "code": "model_not_found"}})
 
-    def log_message(self, *args):
-        pass
+
+def verdict_answer(body) -> dict:
+    """The judge: prefers the response that says 'good' (ties go to B)."""
+    a = body["messages"][-1]["content"].split("[Response A]")[1].split("[Response B]")[0]
+    return completion("Response A" if "good" in a else "B")
+
+
+OK = verdict_answer
+
+
+def pairwise_judge(stub, **kw):
+    return OpenAIPairwiseJudge(MODEL, base_url=stub.base_url, **{"backoff_base_s": 0.05, "timeout": 10.0, **kw})
+
+
+def per_prompt(log) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in log:
+        out.setdefault(r["key"], []).append(r["t"])
+    return out
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
 
 def test_openai_judge_against_a_local_server(tmp_path, monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        judge = OpenAIPairwiseJudge("judge-model", base_url=url, cache_path=tmp_path / "cache.sqlite")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a base_url endpoint needs no key
+    with StubJudge(verdict_answer) as stub:
+        judge = pairwise_judge(stub, cache_path=tmp_path / "cache.sqlite")
         out = pairwise_win_rate(["q1", "q2", "q3"], ["good", "bad", "good"], ["bad", "good", "good"], judge)
         assert (out["wins"], out["losses"], out["ties"]) == (1, 1, 1) and out["win_rate"] == 0.5
-        calls = _Judge.calls
+        calls = len(stub.log)
         assert calls == 5  # q3 shows the same two answers in both orders: one prompt, asked once
         again = pairwise_win_rate(["q1", "q2", "q3"], ["good", "bad", "good"], ["bad", "good", "good"], judge)
-        assert again["win_rate"] == 0.5 and _Judge.calls == calls  # every answer came from the cache
-    finally:
-        server.shutdown()
+        assert again["win_rate"] == 0.5 and len(stub.log) == calls  # every answer came from the cache
+        assert all(r["body"]["temperature"] == 0 and r["body"]["model"] == MODEL for r in stub.log)
     with pytest.raises(RuntimeError, match="OPENAI_API_KEY"):
-        OpenAIPairwiseJudge("gpt-4o")
+        OpenAIPairwiseJudge("gpt-4o")  # the OpenAI API itself: no key, said before any request
+
+
+@pytest.mark.parametrize("first", [ERROR_500, RATE_429, DROP], ids=["500", "429_retry_after", "dropped"])
+def test_transient_failure_is_retried_then_judged(first, key, caplog):
+    caplog.set_level("DEBUG")
+    with StubJudge(per_attempt(first, OK)) as stub:
+        judge = pairwise_judge(stub)
+        out = pairwise_win_rate(["q1", "q2"], ["good", "bad"], ["bad", "good"], judge)
+        log = list(stub.log)
+    assert out["n_valid"] == 2 and out["win_rate"] == 0.5 and out["position_consistency"] == 1.0
+    assert not judge.failures
+    tries = per_prompt(log)
+    assert len(tries) == 4 and all(len(t) == 2 for t in tries.values()), tries  # until the first good answer
+    assert all(r["auth"] == f"Bearer {KEY}" for r in log)  # the key from the environment was sent...
+    assert KEY[:12] not in caplog.text  # ...and logged nowhere, not even by the HTTP stack's debug logs
+    if first == RATE_429:
+        assert all(t[1] - t[0] >= 0.95 for t in tries.values()), tries  # Retry-After: 1 waited out
+
+
+@pytest.mark.parametrize("reply,reason,tries", [
+    (ERROR_500, r"^HTTP 500 Internal Server Error: upstream exploded$", 3),  # max_retries=2: 3 attempts
+    (BAD_REQUEST_400, r"^HTTP 400 Bad Request: context length exceeded$", 1),  # would fail again: not retried
+], ids=["persistent_500", "400_not_retried"])
+def test_failing_request_gives_no_verdict_with_the_reason(reply, reason, tries, key, tmp_path):
+    with StubJudge(lambda body: reply) as stub:
+        judge = pairwise_judge(stub, cache_path=tmp_path / "cache.sqlite")
+        out = pairwise_win_rate(["q1"], ["good"], ["bad"], judge)
+        log = list(stub.log)
+    assert out["n_valid"] == 0 and out["win_rate"] is None  # never a default verdict
+    assert len(judge.failures) == 2 and all(re.search(reason, f) for f in judge.failures), judge.failures
+    assert all(len(t) == tries for t in per_prompt(log).values())
+    assert judge.cache.count(ok=False) == 2 and judge.cache.count(ok=True) == 0  # a rerun asks again
+
+
+@pytest.mark.parametrize("reply,says", [
+    (AUTH_401, r"HTTP 401 Unauthorized: Incorrect API key provided: \*\*\*\. \(the API key was refused; "
+               r"check \$OPENAI_API_KEY\)$"),
+    (NOT_FOUND_404, rf"HTTP 404 Not Found: .*\(check that eval\.pairwise_judge \({MODEL}\) is served there and "
+                    r"score\.base_url is right\)$"),
+], ids=["401", "404"])
+def test_fatal_answer_stops_with_one_line(reply, says, key, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    with StubJudge(lambda body: reply) as stub:
+        judge = pairwise_judge(stub, cache_path=tmp_path / "cache.sqlite", concurrency=2)
+        with pytest.raises(JudgeFatalError) as e:
+            pairwise_win_rate([f"q{i}" for i in range(6)], ["good"] * 6, ["bad"] * 6, judge)
+        log = list(stub.log)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"judge endpoint {stub.base_url} answered ") and re.search(says, msg), msg
+    assert isinstance(e.value, ValueError)  # the CLI's one-line error, exit code 2
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no traceback chained to the raw error
+    assert 1 <= len(log) <= 2 and all(len(t) == 1 for t in per_prompt(log).values())  # stopped at once, no retry
+    assert all(r["auth"] == f"Bearer {KEY}" for r in log)  # the key was really sent...
+    assert KEY[:12] not in msg + caplog.text  # ...and is shown nowhere, not even in part
+    assert all(KEY[:12].encode() not in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
 
 
 def test_export_alpaca_eval(tmp_path):

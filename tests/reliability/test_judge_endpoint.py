@@ -24,14 +24,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from judge_server import DROP, HEADERS_ONLY, STALL, StubJudge, Trickle, completion, request_key
+from judge_server import DROP, HEADERS_ONLY, STALL, StubJudge, Trickle, completion, per_attempt
 from ual.scoring.cache import JudgeCache
 
 KEY = "ual-test-key-8f3a2c91d7e4b5"  # what OPENAI_API_KEY holds in every run here
@@ -116,19 +115,6 @@ def assert_key_nowhere(o: Outcome, root: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the server's script
-
-def per_attempt(*replies):
-    """answer(body) giving the k-th request about a sample replies[k] (the last one repeats)."""
-    seen, lock = {}, threading.Lock()
-
-    def answer(body):
-        k = request_key(body)
-        with lock:
-            n = seen[k] = seen.get(k, -1) + 1
-        return replies[min(n, len(replies) - 1)]
-
-    return answer
-
 
 OK = completion("42", [{"token": "4", "logprob": 0.0, "top_logprobs": [{"token": "4", "logprob": 0.0}]},
                        {"token": "2", "logprob": 0.0, "top_logprobs": [{"token": "2", "logprob": 0.0}]}])

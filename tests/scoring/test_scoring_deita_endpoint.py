@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import pytest
 
-from judge_server import DROP, STALL, StubJudge, completion, request_key
+from judge_server import DROP, STALL, StubJudge, completion, per_attempt
 from ual.cli import main
 from ual.sample import Sample
 from ual.scoring.deita import ChatJudgeScorer, EndpointError, openai_complete, score_samples
@@ -37,7 +36,6 @@ AUTH_401 = (401, {"error": {"message": f"Incorrect API key provided: {KEY}.", "c
 FORBIDDEN_403 = (403, {"error": {"message": f"Project does not have access to model {MODEL}", "type": "forbidden"}})
 NOT_FOUND_404 = (404, {"error": {"message": f"The model `{MODEL}` does not exist", "code": "model_not_found"}})
 EMPTY_CHOICES = {**completion("4"), "choices": []}
-OK = "ok"  # the judge's real answer: complexity 4, quality 5
 
 
 @pytest.fixture(autouse=True)
@@ -50,18 +48,7 @@ def judge_answer(body) -> dict:
     return completion("4" if "##Complexity" in text else "Quality: 5")
 
 
-def per_attempt(*replies):
-    """answer(body): the k-th request about a prompt gets replies[k] (the last repeats); OK: a real answer."""
-    seen, lock = {}, threading.Lock()
-
-    def answer(body):
-        k = request_key(body)
-        with lock:
-            n = seen[k] = seen.get(k, -1) + 1
-        reply = replies[min(n, len(replies) - 1)]
-        return judge_answer(body) if reply == OK else reply
-
-    return answer
+OK = judge_answer  # the judge's real answer (per_attempt calls it with the request): complexity 4, quality 5
 
 
 def samples(n=3):

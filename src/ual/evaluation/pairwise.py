@@ -6,8 +6,13 @@ A judge is any callable `judge(instruction, answer_a, answer_b) -> "A" | "B" |
   verdict is whichever of "A" / "B" it gives the higher next-token probability
   (no server, no sampling; "tie" within `tie_margin` nats);
 - `OpenAIPairwiseJudge`: any OpenAI-compatible endpoint (OpenAI, vLLM,
-  llama.cpp), key from $OPENAI_API_KEY only, answers cached in the scoring
-  stage's SQLite JudgeCache when a cache path is given.
+  llama.cpp) through the package's judge client (ual.scoring.judge_http, as
+  `ual score` and `ual select`): a total deadline per request, transient
+  failures (5xx, 429, time-outs, dropped connections, malformed bodies) retried
+  after a backoff or the server's Retry-After, a wrong key / no access / unknown
+  model (401/403/404) stopping the run with one line, the key from
+  $OPENAI_API_KEY only and never shown; answers cached in the scoring stage's
+  SQLite JudgeCache when a cache path is given.
 
 `pairwise_win_rate` asks each question in both orders (A,B) and (B,A), so a
 judge that always prefers the first position gives a tie, not a win. Per
@@ -28,11 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import os
 import re
 
 from ual.io import write_json
+from ual.scoring.judge_http import ChatEndpoint, complete_all
+
+log = logging.getLogger(__name__)
 
 PAIRWISE_PROMPT = """You are comparing two responses to the same instruction. Choose the response that \
 follows the instruction better: more helpful, correct and relevant. Neither the order of the responses nor \
@@ -112,45 +120,77 @@ class LocalPairwiseJudge:
 
 
 class OpenAIPairwiseJudge:
-    """Verdict from an OpenAI-compatible chat endpoint; the key comes from the environment only."""
+    """Verdicts from an OpenAI-compatible chat endpoint, through the package's judge client.
+
+    Each prompt gets up to max_retries + 1 attempts (judge_http.ask_with_retries): a
+    failed request is retried after a backoff or the server's Retry-After, unless it would
+    fail the same way again (a 4xx such as 400); a wrong key, no access or an unknown
+    model (401/403/404) raises JudgeFatalError at once, one line naming the endpoint and
+    the settings to check (eval.pairwise_judge, score.base_url). A prompt whose requests
+    all failed gets no verdict (None, counted invalid; its reasons in `failures`); an
+    answer that names no verdict is not asked again (temperature 0 would repeat it).
+    `timeout`: seconds per request, connect, headers and body together. At most
+    `concurrency` requests are in flight (judge_many). The key comes from
+    $OPENAI_API_KEY only (a base_url endpoint may need none).
+    """
 
     def __init__(self, model: str, base_url: str | None = None, template: str = PAIRWISE_PROMPT,
                  cache_path=None, max_tokens: int = 8, timeout: float = 120.0, max_retries: int = 2,
-                 api_key_env: str = "OPENAI_API_KEY"):
-        from openai import OpenAI
-
-        from ual.scoring.judge import NO_KEY_PLACEHOLDER
-
-        key = os.environ.get(api_key_env)
-        if not key and base_url is None:
-            raise RuntimeError(f"set ${api_key_env} to use the OpenAI API (or give a base_url for a local server)")
-        self.client = OpenAI(api_key=key or NO_KEY_PLACEHOLDER, base_url=base_url, timeout=timeout,
-                             max_retries=max_retries)
+                 concurrency: int = 4, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
+                 requests_per_minute: float | None = None, tokens_per_minute: float | None = None):
+        if max_retries < 0 or concurrency < 1:
+            raise ValueError("max_retries must be >= 0 and concurrency >= 1")
+        self.endpoint = ChatEndpoint(model, base_url, max_tokens, timeout, requests_per_minute, tokens_per_minute,
+                                     model_setting="eval.pairwise_judge", url_setting="score.base_url")
+        self.endpoint.check_key()  # no key for the OpenAI API: say so now, not at the first request
         self.model, self.template, self.max_tokens = model, template, max_tokens
+        self.attempts, self.concurrency = max_retries + 1, concurrency
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self.name = f"pairwise:{model}"
+        self.failures: list[str] = []  # the last reason of each prompt left without a verdict
         self.cache = None
         if cache_path is not None:
             from ual.scoring.cache import JudgeCache
 
             self.cache = JudgeCache(cache_path)
 
-    def __call__(self, instruction: str, answer_a: str, answer_b: str) -> str | None:
-        messages = [{"role": "user", "content": self.template.format(
+    def _messages(self, instruction: str, answer_a: str, answer_b: str) -> list[dict]:
+        return [{"role": "user", "content": self.template.format(
             instruction=instruction, answer_a=answer_a, answer_b=answer_b)}]
-        key = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()
+
+    def judge_many(self, triples: list[tuple[str, str, str]]) -> list[str | None]:
+        """The verdict for each (instruction, answer_a, answer_b); each distinct prompt asked once, cached."""
+        messages = [self._messages(*t) for t in triples]
+        keys = [hashlib.sha256(json.dumps(m, ensure_ascii=False).encode()).hexdigest() for m in messages]
+        verdicts: dict[str, str | None] = {}
         if self.cache is not None:
-            hit = self.cache.lookup(self.name, PROMPT_VERSION, [key]).get((key, 0))
-            if hit and hit["ok"]:
-                return hit["record"]["verdict"]
-        resp = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0.0,
-                                                   max_tokens=self.max_tokens)
-        text = resp.choices[0].message.content or ""
-        verdict = parse_verdict(text)
-        if self.cache is not None:
-            score = {"A": 1.0, "B": 0.0, "tie": 0.5}.get(verdict)
-            self.cache.put(self.name, PROMPT_VERSION, key, 0, verdict is not None, score,
-                           {"verdict": verdict, "text": text[:500]})
-        return verdict
+            for (key, _), hit in self.cache.lookup(self.name, PROMPT_VERSION, keys).items():
+                if hit["ok"]:
+                    verdicts[key] = hit["record"]["verdict"]
+        todo = {k: m for k, m in zip(keys, messages) if k not in verdicts}  # distinct prompts still to ask
+        asked = list(todo)
+
+        def on_answer(i: int, answer) -> None:  # as each arrives: a verdict is committed at once
+            key = asked[i]
+            if answer.value is None:  # every request failed: no verdict, never a default
+                verdicts[key] = None
+                self.failures.append(answer.error[:200])
+                log.warning("pairwise judge %s: no verdict after %d attempts: %s", self.model, answer.attempts,
+                            answer.error)
+                record = {"verdict": None, "error": answer.error, "reasons": answer.reasons}
+            else:
+                verdicts[key] = parse_verdict(answer.text)
+                record = {"verdict": verdicts[key], "text": answer.text[:500]}
+            if self.cache is not None:
+                score = {"A": 1.0, "B": 0.0, "tie": 0.5}.get(verdicts[key])
+                self.cache.put(self.name, PROMPT_VERSION, key, 0, verdicts[key] is not None, score, record)
+
+        complete_all(self.endpoint, list(todo.values()), self.attempts, concurrency=self.concurrency,
+                     backoff_base_s=self.backoff_base_s, backoff_max_s=self.backoff_max_s, on_answer=on_answer)
+        return [verdicts.get(k) for k in keys]
+
+    def __call__(self, instruction: str, answer_a: str, answer_b: str) -> str | None:
+        return self.judge_many([(instruction, answer_a, answer_b)])[0]
 
 
 def _judge_all(judge, triples):

@@ -13,11 +13,12 @@
      scorer models: the next-token distribution over "1".."6" after the prompt, and its
      expectation (no sampling, no parsing);
    - `ChatJudgeScorer`: any callable messages -> text, e.g. an OpenAI-compatible
-     endpoint (`openai_complete`, an `EndpointJudge`: the package's judge client,
+     endpoint (`openai_complete`, a ChatEndpoint of the package's judge client,
      ual.scoring.judge_http, the one `ual score` uses: total deadline per request,
      retry after Retry-After, 401/403/404 stop the run with one line, the key never
-     shown), answer parsed as one integer 1-6, retried when it is not one; a sample the
-     judge never scores is counted as failed, never given a default.
+     shown), answer parsed as one integer 1-6, retried when it is not one (the client's
+     retry loop, judge_http.ask_with_retries); a sample the judge never scores is
+     counted as failed, never given a default.
    Scores are appended to OUT.scores.jsonl as they come, so a killed run resumes.
 2. Diversity filter. Samples in decreasing score order; a sample is kept unless the
    cosine similarity of its embedding to one already kept is >= --threshold (0.95).
@@ -29,20 +30,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import random
 import re
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from ual.sample import Sample
-from ual.scoring.judge import NO_KEY_PLACEHOLDER, JudgeFatalError, RateLimiter
-from ual.scoring.judge_http import classify, fatal_message, post_chat, redact, retry_after
+from ual.scoring.judge_http import EndpointError  # noqa: F401 - what one failed openai_complete(...) call raises
+from ual.scoring.judge_http import ChatEndpoint, complete_all
 
 log = logging.getLogger(__name__)
 
@@ -86,76 +83,25 @@ class ChatJudgeScorer:
     Each prompt gets up to `retries` attempts; a failed request and an answer that is not
     one integer 1-6 both use one. A failed request is retried after an exponential
     backoff (backoff_base_s * 2^attempt, jittered, at most backoff_max_s) or after the
-    server's Retry-After. With an `EndpointJudge` (`openai_complete`) the verdict is the
+    server's Retry-After. With a ChatEndpoint (`openai_complete`) the verdict is the
     package judge client's (ual.scoring.judge_http.classify): a request that would fail the
     same way again (a 4xx such as 400) is not retried, and a wrong key, no access or an
     unknown model (401/403/404) stops the run with one line (JudgeFatalError).
-    At most `concurrency` requests are in flight.
+    At most `concurrency` requests are in flight. The loop is the judge client's
+    (judge_http.ask_all / ask_with_retries), shared with the pairwise judge.
     """
 
     def __init__(self, complete: Callable[[list[dict]], str], name: str = "chat-judge", retries: int = 3,
                  concurrency: int = 4, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0):
         self.complete, self.name, self.retries, self.concurrency = complete, name, retries, concurrency
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
-        self.failures: list[str] = []
-
-    async def _ask(self, ask, prompt: str) -> float | None:
-        last = None
-        for attempt in range(self.retries):
-            try:
-                last = await ask([{"role": "user", "content": prompt + JUDGE_SUFFIX}])
-            except JudgeFatalError:
-                raise
-            except EndpointError as exc:  # the judge client's verdict: retry (after a wait) or not
-                last = exc.reason
-                if exc.verdict == "final":
-                    break
-                if attempt + 1 < self.retries:
-                    await asyncio.sleep(self._wait_s(exc.retry_after, attempt))
-                continue
-            except Exception as exc:  # any other callable's failure (network, rate limit...): retried, then counted
-                last = f"{type(exc).__name__}: {exc}"
-                if attempt + 1 < self.retries:
-                    await asyncio.sleep(self._wait_s(None, attempt))
-                continue
-            v = parse_scale(last)
-            if v is not None:
-                return float(v)
-        self.failures.append(str(last)[:200])
-        return None
-
-    def _wait_s(self, retry_after: float | None, attempt: int) -> float:
-        if retry_after is not None:
-            return retry_after
-        return min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1)
+        self.failures: list[str] = []  # the last reason of each prompt left unscored
 
     def _map(self, prompts: list[str]) -> list[float | None]:
-        return _run_async(self._amap(prompts)) if prompts else []
-
-    async def _amap(self, prompts: list[str]) -> list[float | None]:
-        stopped = []  # set when a fatal error stops the run: prompts still waiting send nothing
-
-        async with _session(self.complete, self.concurrency) as ask:
-            gate = asyncio.Semaphore(max(1, self.concurrency))
-
-            async def one(prompt):
-                async with gate:
-                    if stopped:
-                        return None
-                    try:
-                        return await self._ask(ask, prompt)
-                    except JudgeFatalError:
-                        stopped.append(True)
-                        raise
-
-            tasks = [asyncio.ensure_future(one(p)) for p in prompts]
-            try:
-                return list(await asyncio.gather(*tasks))
-            except BaseException:
-                for t in tasks:  # a fatal error (bad key) stops every request, not just one
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+        answers = complete_all(self.complete, [[{"role": "user", "content": p + JUDGE_SUFFIX}] for p in prompts],
+                               self.retries, parse_scale, self.concurrency, self.backoff_base_s, self.backoff_max_s)
+        self.failures += [a.error[:200] for a in answers if a.value is None]
+        return [None if a.value is None else float(a.value) for a in answers]
 
     def complexity(self, instructions):
         return self._map([COMPLEXITY_PROMPT.format(instruction=i) for i in instructions])
@@ -164,107 +110,15 @@ class ChatJudgeScorer:
         return self._map([QUALITY_PROMPT.format(instruction=i, response=r) for i, r in pairs])
 
 
-class EndpointError(RuntimeError):
-    """One failed request to the judge endpoint, as the judge client classified it (judge_http.classify).
-
-    reason: one line, key scrubbed; verdict: "retry" or "final"; retry_after: the server's wait in seconds, if any.
-    """
-
-    def __init__(self, reason: str, verdict: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason, self.verdict, self.retry_after = reason, verdict, retry_after
-
-
-class EndpointJudge:
-    """messages -> text from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama...), temperature 0.
-
-    Every request goes through the package's judge client, as `ual score`'s judge does
-    (ual.scoring.judge_http): a total deadline of timeout_s for connect, headers and body
-    together; a 200 whose body is not a usable chat completion fails with the reason
-    ("malformed response: empty choices"); a failure becomes an EndpointError with a
-    one-line reason and a verdict, or, for 401/403/404, a JudgeFatalError naming the
-    endpoint. Optional request and token rate limits (per minute) are shared by every
-    request, and a Retry-After pauses them all. The client's own retries are off: the
-    caller (ChatJudgeScorer) makes and counts every attempt. The key comes from
-    $OPENAI_API_KEY only (a local base_url needs none) and is scrubbed from every message.
-    """
-
-    def __init__(self, model: str, base_url: str | None = None, max_tokens: int = 8, timeout_s: float = 120.0,
-                 requests_per_minute: float | None = None, tokens_per_minute: float | None = None):
-        if timeout_s <= 0:
-            raise ValueError("the judge timeout must be positive")
-        self.model, self.base_url, self.max_tokens, self.timeout_s = model, base_url, max_tokens, timeout_s
-        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
-        self._key = os.environ.get("OPENAI_API_KEY") or ""
-
-    @asynccontextmanager
-    async def session(self):
-        """An async `ask(messages) -> text` on one client (one connection pool), closed on exit."""
-        from openai import AsyncOpenAI
-
-        key = self._key or (NO_KEY_PLACEHOLDER if self.base_url else "")
-        if not key:
-            raise JudgeFatalError("OPENAI_API_KEY is not set (it is read from the environment only)")
-        # post_chat's deadline is the one that counts; the client's per-read time-out only backs it up
-        client = AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s + 5)
-        try:
-            yield lambda messages: self._ask(client, messages)
-        finally:
-            await client.close()
-
-    async def _ask(self, client, messages: list[dict]) -> str:
-        await self.limiter.acquire(sum(len(m["content"]) / 4 + 4 for m in messages) + self.max_tokens)
-        kwargs = dict(model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens)
-        try:
-            return (await post_chat(client, kwargs, self.timeout_s)).text
-        except Exception as exc:  # time-outs, HTTP errors, dropped connections, malformed bodies
-            scrub = lambda text: redact(text, self._key)  # noqa: E731
-            reason, verdict = classify(exc, asked_logprobs=False, scrub=scrub)
-            reason = scrub(reason)[:300]
-            if verdict == "fatal":
-                raise JudgeFatalError(scrub(fatal_message(reason, self.base_url, self.model, "--judge-model",
-                                                          "--base-url"))) from None
-            wait = retry_after(exc)
-            if wait is not None:
-                wait = min(wait, 600.0)
-                self.limiter.pause(wait)  # everyone waits, not just this request
-            raise EndpointError(reason, verdict, wait) from None
-
-    def __call__(self, messages: list[dict]) -> str:
-        """One request (no retry): the answer's text, or EndpointError / JudgeFatalError."""
-        async def once():
-            async with self.session() as ask:
-                return await ask(messages)
-
-        return _run_async(once())
-
-
 def openai_complete(model: str, base_url: str | None = None, max_tokens: int = 8, timeout_s: float = 120.0,
-                    requests_per_minute: float | None = None, tokens_per_minute: float | None = None) -> EndpointJudge:
-    """messages -> text from an OpenAI-compatible endpoint through the judge client (see EndpointJudge)."""
-    return EndpointJudge(model, base_url, max_tokens, timeout_s, requests_per_minute, tokens_per_minute)
+                    requests_per_minute: float | None = None, tokens_per_minute: float | None = None) -> ChatEndpoint:
+    """messages -> text from an OpenAI-compatible endpoint at temperature 0, through the judge client.
 
-
-@asynccontextmanager
-async def _session(complete, concurrency: int):
-    """An async ask(messages) for `complete`: the endpoint's own session, or a plain callable run in threads."""
-    if isinstance(complete, EndpointJudge):
-        async with complete.session() as ask:
-            yield ask
-        return
-    loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        yield lambda messages: loop.run_in_executor(pool, complete, messages)
-
-
-def _run_async(coro):
-    """Run a coroutine to completion, also when called from inside an event loop (notebooks)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    One call is one request (no retry): the answer's text, or EndpointError (reason, verdict,
+    Retry-After) / JudgeFatalError naming --judge-model and --base-url (see judge_http.ChatEndpoint).
+    """
+    return ChatEndpoint(model, base_url, max_tokens, timeout_s, requests_per_minute, tokens_per_minute,
+                        model_setting="--judge-model", url_setting="--base-url")
 
 
 class LocalDeitaScorer:

@@ -30,11 +30,7 @@ import hashlib
 import json
 import logging
 import os
-import random
-import re
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +39,9 @@ from ual.config import ScoreConfig
 from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 from ual.scoring.cache import JudgeCache
-from ual.scoring.judge_http import classify, post_chat
+from ual.scoring.judge_http import JudgeFatalError  # noqa: F401 - the error a run stops with, raised by judge_failure
+from ual.scoring.judge_http import (RateLimiter, backoff_s, estimate_tokens, judge_failure, open_client, post_chat,
+                                   read_api_key, redact, run_async)
 from ual.scoring.judge_http import retry_after as _retry_after
 from ual.scoring.prompt import JudgePrompt, load_prompt, parse_answer, expected_score
 
@@ -56,7 +54,6 @@ PRICES_PER_MTOK = {
     "gpt-4.1": (2.00, 8.00), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
     "gpt-4-turbo": (10.00, 30.00), "gpt-4": (30.00, 60.00), "gpt-3.5-turbo": (0.50, 1.50),
 }
-NO_KEY_PLACEHOLDER = "sk-no-key-required"  # for base_url endpoints that take none
 
 
 def price_for(model: str) -> tuple[float, float] | None:
@@ -82,39 +79,6 @@ class JudgeOptions:
     progress: bool = True
 
 
-class JudgeFatalError(RuntimeError, ValueError):
-    """An error that retrying cannot fix (bad key, unknown model): the run stops.
-
-    Also a ValueError, so the CLI reports it the way it reports a bad setting: one
-    line ("ual score: error: ...") and exit code 2, no traceback. Its message is
-    scrubbed of the key.
-    """
-
-
-class RateLimiter:
-    """Token buckets for requests/min and tokens/min, plus a shared pause after a 429."""
-
-    def __init__(self, rpm: float | None, tpm: float | None):
-        self.buckets = [[r / 60.0, r / 6.0, r / 6.0, time.monotonic()] for r in (rpm, tpm) if r]
-        self.kinds = [k for k, r in (("req", rpm), ("tok", tpm)) if r]
-        self.paused_until = 0.0
-
-    async def acquire(self, tokens: float) -> None:
-        now, wait = time.monotonic(), 0.0
-        for kind, b in zip(self.kinds, self.buckets):
-            rate, cap, level, last = b
-            need = min(1.0 if kind == "req" else tokens, cap)
-            level = min(cap, level + (now - last) * rate) - need  # reserve now, may go negative
-            b[2], b[3] = level, now
-            wait = max(wait, -level / rate if level < 0 else 0.0)
-        wait = max(wait, self.paused_until - now)
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    def pause(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
-
-
 class JudgeScorer:
     """Scorer protocol over an OpenAI-compatible chat endpoint; see the module docstring."""
 
@@ -132,17 +96,12 @@ class JudgeScorer:
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None}
         self.last_plan: dict | None = None
         self._use_logprobs = self.opts.logprobs
-        self._key = os.environ.get("OPENAI_API_KEY") or ""
+        self._key = read_api_key()
 
     # ------------------------------------------------------------------ public
 
     def score(self, samples: Sequence[Sample]) -> list[ScoreResult]:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.ascore(samples))
-        with ThreadPoolExecutor(1) as pool:  # called from inside an event loop (notebooks)
-            return pool.submit(asyncio.run, self.ascore(samples)).result()
+        return run_async(self.ascore(samples))  # also from inside an event loop (notebooks)
 
     async def ascore(self, samples: Sequence[Sample]) -> list[ScoreResult]:
         rendered, hashes, rows, todo, cached = self._todo(samples)
@@ -159,7 +118,7 @@ class JudgeScorer:
         return self._plan(rendered, todo, cached)
 
     def _plan(self, rendered, todo, cached) -> dict:
-        tin = sum(_estimate_tokens(rendered[i][0], self.opts) - self.opts.max_tokens for i, _ in todo)
+        tin = sum(estimate_tokens(rendered[i][0], 0, self.opts.chars_per_token) for i, _ in todo)
         tout = self.opts.max_tokens * len(todo)
         price = price_for(self.model)
         self.last_plan = {"judge": self.model, "prompt_version": self.prompt.version, "requests": len(todo),
@@ -183,15 +142,10 @@ class JudgeScorer:
     # ------------------------------------------------------------------ the run
 
     async def _run(self, todo, rendered, hashes, rows) -> None:
-        from openai import AsyncOpenAI
         from tqdm.auto import tqdm
 
-        key = self._key or (NO_KEY_PLACEHOLDER if self.cfg.base_url else "")
-        if not key:
-            raise JudgeFatalError("OPENAI_API_KEY is not set (it is read from the environment only)")
-        # The deadline of each request is post_chat's (total); the client's own time-outs, per connect and per
-        # read, are set past it so that they only back it up and every time-out reads the same.
-        client = AsyncOpenAI(api_key=key, base_url=self.cfg.base_url, max_retries=0, timeout=self.opts.timeout_s + 5)
+        # the deadline of each request is post_chat's (total); the client's own only backs it up
+        client = open_client(self._key, self.cfg.base_url, self.opts.timeout_s)
         limiter = RateLimiter(self.opts.requests_per_minute, self.opts.tokens_per_minute)
         queue: asyncio.Queue = asyncio.Queue()
         for job in todo:
@@ -229,7 +183,8 @@ class JudgeScorer:
 
     async def _answer(self, client, limiter: RateLimiter, msgs: list[dict], draw: int) -> dict:
         """One (sample, draw): retry until a parseable answer or cfg.max_retries retries."""
-        reasons, unparseable, est = [], 0, _estimate_tokens(msgs, self.opts)
+        reasons, unparseable = [], 0
+        est = estimate_tokens(msgs, self.opts.max_tokens, self.opts.chars_per_token)
         for attempt in range(self.cfg.max_retries + 1):
             await limiter.acquire(est)
             temperature = 0.0 if draw == 0 and unparseable == 0 else self.opts.extra_temperature
@@ -240,17 +195,16 @@ class JudgeScorer:
             try:
                 text, content, usage = await post_chat(client, kwargs, self.opts.timeout_s)
             except Exception as e:  # time-outs, HTTP errors, dropped connections, malformed bodies
-                reason, verdict = classify(e, asked_logprobs="logprobs" in kwargs, scrub=self._redact)
-                reason = self._redact(reason)[:300]  # belt and braces: nothing unscrubbed is kept
-                if verdict == "fatal":
-                    raise JudgeFatalError(self._redact(self._fatal_message(reason))) from None
+                # a wrong key, no access or an unknown model raises JudgeFatalError here, with one line
+                reason, verdict = judge_failure(e, self._key, self.cfg.base_url, self.model,
+                                                asked_logprobs="logprobs" in kwargs)
                 reasons.append(reason)
                 if verdict == "no_logprobs":
                     self._use_logprobs = False  # the endpoint does not do log-probabilities: go without
                     continue
                 if verdict == "final":
                     break  # the same request would fail the same way
-                delay = min(self.opts.backoff_max_s, self.opts.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1)
+                delay = backoff_s(attempt, self.opts.backoff_base_s, self.opts.backoff_max_s)
                 retry_after = _retry_after(e)
                 if retry_after is not None:
                     delay = min(retry_after, 600.0)
@@ -263,26 +217,15 @@ class JudgeScorer:
             parsed = parse_answer(text)
             if parsed.value is None:
                 unparseable += 1
-                reasons.append(self._redact(f"unparseable answer: {parsed.error}")[:300])
+                reasons.append(redact(f"unparseable answer: {parsed.error}", self._key)[:300])
                 continue
             exp = expected_score(content, text, parsed.span) if content else None
             return {"ok": True, "score": exp["expected"] if exp else parsed.value, "sampled": parsed.value,
                     "expected": exp and exp["expected"], "numeric_mass": exp and exp["numeric_mass"],
-                    "strict": parsed.strict, "answer": self._redact(text)[:200], "temperature": temperature,
+                    "strict": parsed.strict, "answer": redact(text, self._key)[:200], "temperature": temperature,
                     "attempts": attempt + 1, "reasons": reasons, "usage": list(usage)}
         return {"ok": False, "score": None, "error": reasons[-1] if reasons else "no attempt made",
                 "reasons": reasons, "attempts": len(reasons)}
-
-    def _fatal_message(self, reason: str) -> str:
-        """One line for an error no retry can fix: what the endpoint said and what to check."""
-        where = re.sub(r"//[^/@]*@", "//***@", self.cfg.base_url) if self.cfg.base_url else "the OpenAI API"
-        if reason.startswith("HTTP 401"):
-            hint = "the API key was refused; check $OPENAI_API_KEY"
-        elif reason.startswith("HTTP 403"):
-            hint = f"no access to model {self.model} with this key; check $OPENAI_API_KEY and score.model"
-        else:
-            hint = f"check that score.model ({self.model}) is served there and score.base_url is right"
-        return f"judge endpoint {where} answered {reason} ({hint})"
 
     # ------------------------------------------------------------------ results
 
@@ -314,22 +257,11 @@ class JudgeScorer:
         cost = f"${self.stats['cost_usd']:.4f}" if price else "cost n/a"
         return f"tok in {tin} out {tout}, {cost}"
 
-    def _redact(self, text: str) -> str:
-        """Scrub the API key (and anything shaped like one) from a message we keep."""
-        if self._key and len(self._key) >= 6:
-            text = text.replace(self._key, "***")
-        text = re.sub(r"sk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
-        return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-
 
 # ---------------------------------------------------------------------- helpers
 
 def _content_hash(msgs: list[dict]) -> str:
     return hashlib.sha256(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def _estimate_tokens(msgs: list[dict], opts: JudgeOptions) -> float:
-    return sum(len(m["content"]) / opts.chars_per_token + 4 for m in msgs) + opts.max_tokens
 
 
 def _plan_text(plan: dict) -> str:
