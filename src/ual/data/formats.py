@@ -16,7 +16,9 @@ bad row and counts it (by kind) instead.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Iterator
 
 from ual.data.files import DataError, iter_json_array, iter_rows, read_records  # noqa: F401 (re-exported)
 from ual.sample import Sample
@@ -247,3 +249,20 @@ def load_file(path: str | Path, source: str | None = None, fmt: str = "auto", on
     """Read a local data file into Samples (meta["origin"] = "file:line"); see samples_from_rows."""
     path = Path(path)
     return samples_from_rows(iter_rows(path), source or path.stem, fmt, on_error, limit, name=str(path))
+
+
+def sharegpt_first_parts(path: Path, counts: dict) -> Iterator[tuple[str, object]]:
+    """(where, row) for each conversation of a ShareGPT dump (a JSON list, perhaps cut off) that is
+    not a later part of an earlier one: ids "abc_1", "abc_2" continue "abc". Those mostly start
+    mid-conversation, and parts of one conversation on both sides of the train/held-out split would
+    leak. counts["other_parts"] counts the parts left out."""
+    seen = set()
+    counts.setdefault("other_parts", 0)
+    for line, row in iter_json_array(path, truncated_ok=True):
+        rid = str(row.get("id", "")) if isinstance(row, dict) else ""
+        base = rid.rsplit("_", 1)[0] if re.search(r"_\d+$", rid) else rid
+        if base and base in seen:
+            counts["other_parts"] += 1
+            continue
+        seen.add(base)
+        yield f"{path.name}:{line}", row

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ual.data.formats import DataError, iter_json_array, iter_rows, load_file, samples_from_rows
+from ual.data.formats import DataError, iter_rows, load_file, samples_from_rows, sharegpt_first_parts
 from ual.sample import Sample
 
 
@@ -156,18 +156,8 @@ def _sharegpt_pool(path: Path, label: str, need: int | None) -> tuple[list[Sampl
     """
     other = {"other_parts": 0}
 
-    def rows():
-        seen = set()
-        for line, row in iter_json_array(path, truncated_ok=True):
-            rid = str(row.get("id", "")) if isinstance(row, dict) else ""
-            base = rid.rsplit("_", 1)[0] if re.search(r"_\d+$", rid) else rid
-            if base and base in seen:
-                other["other_parts"] += 1
-                continue
-            seen.add(base)
-            yield f"{path.name}:{line}", row
-
-    samples, stats = samples_from_rows(rows(), label, "sharegpt", on_error="skip", limit=need)
+    samples, stats = samples_from_rows(sharegpt_first_parts(path, other), label, "sharegpt", on_error="skip",
+                                       limit=need)
     stats.update(other)
     return samples, stats
 

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from ual.config import SourceConfig
-from ual.data.formats import DataError, iter_json_array, load_file, samples_from_rows
+from ual.data.formats import DataError, load_file, samples_from_rows, sharegpt_first_parts
 from ual.sample import Sample
 
 PACKAGED = ("sharegpt", "gsm8k")
@@ -55,16 +55,8 @@ def load_sharegpt(limit: int | None = None, source: str = "sharegpt") -> tuple[l
     ids: dict[str, str] = {}
 
     def rows():
-        seen = set()
-        for line, row in iter_json_array(path, truncated_ok=True):
-            rid = str(row.get("id", "")) if isinstance(row, dict) else ""
-            base = rid.rsplit("_", 1)[0] if re.search(r"_\d+$", rid) else rid
-            if base and base in seen:
-                extra["other_parts"] += 1
-                continue
-            seen.add(base)
-            where = f"{path.name}:{line}"
-            ids[where] = rid
+        for where, row in sharegpt_first_parts(path, extra):
+            ids[where] = str(row.get("id", "")) if isinstance(row, dict) else ""
             yield where, row
         extra["read_to_end"] = True  # the dump's cut-off tail ends iter_json_array cleanly
 

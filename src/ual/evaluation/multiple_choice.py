@@ -199,7 +199,6 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     of the continuation text. Right padding keeps positions 0..len-1.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ual.batching import pad_batch, pad_id
 
@@ -214,24 +213,32 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     results: list = [None] * len(enc)
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
+    for batch in inference_batches(model, order, batch_size, "loglik", progress):
+        # right padding: positions stay 0..len-1
+        ids, mask = pad_batch([enc[i][0] + enc[i][1] for i in batch], pad)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for r, i in enumerate(batch):
+            c, k = enc[i]
+            # log-probs only where needed: the positions that predict the continuation
+            logp = logits[r, len(c) - 1 : len(c) - 1 + len(k)].float().log_softmax(-1)
+            results[i] = logp.gather(-1, torch.tensor(k, device=device).view(-1, 1)).sum().item()
+    return results
+
+
+def inference_batches(model, order: list[int], batch_size: int, desc: str, progress: bool):
+    """`order` in batches of indices, each processed by the caller with the model in eval mode and
+    autograd off; the model's own mode comes back once the batches are done (or abandoned)."""
+    import torch
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-            for batch in tqdm(batches, desc="loglik", unit="batch", disable=not progress):
-                # right padding: positions stay 0..len-1
-                ids, mask = pad_batch([enc[i][0] + enc[i][1] for i in batch], pad)
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                for r, i in enumerate(batch):
-                    c, k = enc[i]
-                    # log-probs only where needed: the positions that predict the continuation
-                    logp = logits[r, len(c) - 1 : len(c) - 1 + len(k)].float().log_softmax(-1)
-                    ll = logp.gather(-1, torch.tensor(k, device=device).view(-1, 1)).sum().item()
-                    results[i] = ll
+            yield from tqdm(batches, desc=desc, unit="batch", disable=not progress)
     finally:
         model.train(was_training)
-    return results
 
 
 def next_token_logprobs(model, tokenizer, contexts: list[str], batch_size: int = 8, progress: bool = False):
@@ -241,9 +248,6 @@ def next_token_logprobs(model, tokenizer, contexts: list[str], batch_size: int =
     logits are computed (`logits_to_keep=1`): the output projection is a fifth
     of a small model's work per token.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     from ual.batching import pad_batch, pad_id, positions
 
     enc = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
@@ -253,24 +257,16 @@ def next_token_logprobs(model, tokenizer, contexts: list[str], batch_size: int =
     out: list = [None] * len(enc)
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-            for batch in tqdm(batches, desc="next-token", unit="batch", disable=not progress):
-                ids, mask = pad_batch([enc[i] for i in batch], pad, side="left")
-                pos = positions(mask)
-                kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
-                try:
-                    logits = model(**kwargs, logits_to_keep=1).logits[:, -1]
-                except TypeError:
-                    logits = model(**kwargs).logits[:, -1]
-                logp = logits.float().log_softmax(-1).cpu()
-                for r, i in enumerate(batch):
-                    out[i] = logp[r]
-    finally:
-        model.train(was_training)
+    for batch in inference_batches(model, order, batch_size, "next-token", progress):
+        ids, mask = pad_batch([enc[i] for i in batch], pad, side="left")
+        kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions(mask).to(device))
+        try:
+            logits = model(**kwargs, logits_to_keep=1).logits[:, -1]
+        except TypeError:
+            logits = model(**kwargs).logits[:, -1]
+        logp = logits.float().log_softmax(-1).cpu()
+        for r, i in enumerate(batch):
+            out[i] = logp[r]
     return out
 
 
