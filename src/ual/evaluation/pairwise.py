@@ -38,7 +38,7 @@ import math
 import re
 
 from ual.io import write_json
-from ual.scoring.judge_http import ChatEndpoint, complete_all
+from ual.scoring.judge_calls import ChatEndpoint, complete_all
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class LocalPairwiseJudge:
 class OpenAIPairwiseJudge:
     """Verdicts from an OpenAI-compatible chat endpoint, through the package's judge client.
 
-    Each prompt gets up to max_retries + 1 attempts (judge_http.ask_with_retries): a
+    Each prompt gets up to max_retries + 1 attempts (judge_calls.ask_with_retries): a
     failed request is retried after a backoff or the server's Retry-After, unless it would
     fail the same way again (a 4xx such as 400); a wrong key, no access or an unknown
     model (401/403/404) raises JudgeFatalError at once, one line naming the endpoint and

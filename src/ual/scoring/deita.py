@@ -17,7 +17,7 @@
      ual.scoring.judge_http, the one `ual score` uses: total deadline per request,
      retry after Retry-After, 401/403/404 stop the run with one line, the key never
      shown), answer parsed as one integer 1-6, retried when it is not one (the client's
-     retry loop, judge_http.ask_with_retries); a sample the judge never scores is
+     retry loop, judge_calls.ask_with_retries); a sample the judge never scores is
      counted as failed, never given a default.
    Scores are appended to OUT.scores.jsonl as they come, so a killed run resumes.
 2. Diversity filter. Samples in decreasing score order; a sample is kept unless the
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from ual.sample import Sample
-from ual.scoring.judge_http import EndpointError  # noqa: F401 - what one failed openai_complete(...) call raises
-from ual.scoring.judge_http import ChatEndpoint, complete_all
+from ual.scoring.judge_calls import EndpointError  # noqa: F401 - what one failed openai_complete(...) call raises
+from ual.scoring.judge_calls import ChatEndpoint, complete_all
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ChatJudgeScorer:
     same way again (a 4xx such as 400) is not retried, and a wrong key, no access or an
     unknown model (401/403/404) stops the run with one line (JudgeFatalError).
     At most `concurrency` requests are in flight. The loop is the judge client's
-    (judge_http.ask_all / ask_with_retries), shared with the pairwise judge.
+    (judge_calls.ask_all / ask_with_retries), shared with the pairwise judge.
     """
 
     def __init__(self, complete: Callable[[list[dict]], str], name: str = "chat-judge", retries: int = 3,
@@ -115,7 +115,7 @@ def openai_complete(model: str, base_url: str | None = None, max_tokens: int = 8
     """messages -> text from an OpenAI-compatible endpoint at temperature 0, through the judge client.
 
     One call is one request (no retry): the answer's text, or EndpointError (reason, verdict,
-    Retry-After) / JudgeFatalError naming --judge-model and --base-url (see judge_http.ChatEndpoint).
+    Retry-After) / JudgeFatalError naming --judge-model and --base-url (see judge_calls.ChatEndpoint).
     """
     return ChatEndpoint(model, base_url, max_tokens, timeout_s, requests_per_minute, tokens_per_minute,
                         model_setting="--judge-model", url_setting="--base-url")

@@ -40,8 +40,8 @@ from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 from ual.scoring.cache import JudgeCache
 from ual.scoring.judge_http import JudgeFatalError  # noqa: F401 - the error a run stops with, raised by judge_failure
-from ual.scoring.judge_http import (RateLimiter, backoff_s, estimate_tokens, judge_failure, open_client, post_chat,
-                                   read_api_key, redact, run_async)
+from ual.scoring.judge_calls import RateLimiter, backoff_s, estimate_tokens, run_async
+from ual.scoring.judge_http import judge_failure, open_client, post_chat, read_api_key, redact
 from ual.scoring.judge_http import retry_after as _retry_after
 from ual.scoring.prompt import JudgePrompt, load_prompt, parse_answer, expected_score
 
