@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -181,6 +180,21 @@ def completion(text: str, logprobs: list[dict] | None = None, usage=(100, 2)) ->
     return {"id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": "stub",
             "choices": [choice], "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
                                            "total_tokens": sum(usage)}}
+
+
+
+def error_replies(key: str, model: str = "gpt-4o-mini") -> dict[str, tuple]:
+    """OpenAI-style error answers for StubJudge, by status ("500", "429", ...); the 401 echoes `key`,
+    as OpenAI's does, so a test can check that no output shows it."""
+    return {
+        "400": (400, {"error": {"message": "context length exceeded", "type": "invalid_request_error"}}),
+        "401": (401, {"error": {"message": f"Incorrect API key provided: {key}.", "type": "invalid_request_error",
+                                "code": "invalid_api_key"}}),
+        "403": (403, {"error": {"message": f"Project does not have access to model {model}", "type": "forbidden"}}),
+        "404": (404, {"error": {"message": f"The model `{model}` does not exist", "code": "model_not_found"}}),
+        "429": (429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, {"Retry-After": "1"}),
+        "500": (500, {"error": {"message": "upstream exploded", "type": "server_error"}}),
+    }
 
 
 @dataclass

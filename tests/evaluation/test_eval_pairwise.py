@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from judge_server import DROP, StubJudge, completion, per_attempt
+from judge_server import DROP, StubJudge, completion, error_replies, per_attempt
 from ual.evaluation.pairwise import (
     LocalPairwiseJudge,
     OpenAIPairwiseJudge,
@@ -125,11 +125,8 @@ def test_local_judge_reads_the_letter_probabilities(tiny):
 
 KEY = "ual-pairwise-key-7d2e4a9c1b"
 MODEL = "gpt-4o-mini"
-ERROR_500 = (500, {"error": {"message": "upstream exploded", "type": "server_error"}})
-RATE_429 = (429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, {"Retry-After": "1"})
-BAD_REQUEST_400 = (400, {"error": {"message": "context length exceeded", "type": "invalid_request_error"}})
-AUTH_401 = (401, {"error": {"message": f"Incorrect API key provided: {KEY}.", "code": "invalid_api_key"}})
-NOT_FOUND_404 = (404, {"error": {"message": f"The model `{MODEL}` does not exist", "code": "model_not_found"}})
+_ERRORS = error_replies(KEY, MODEL)
+ERROR_500, RATE_429, BAD_REQUEST_400, AUTH_401, NOT_FOUND_404 = (_ERRORS[s] for s in ("500", "429", "400", "401", "404"))
 
 
 def verdict_answer(body) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from judge_server import DROP, HEADERS_ONLY, STALL, StubJudge, Trickle, completion, per_attempt
+from judge_server import DROP, HEADERS_ONLY, STALL, StubJudge, Trickle, completion, error_replies, per_attempt
 from ual.scoring.cache import JudgeCache
 
 KEY = "ual-test-key-8f3a2c91d7e4b5"  # what OPENAI_API_KEY holds in every run here
@@ -127,12 +127,8 @@ BAD_LOGPROBS = completion("42", [{"token": "42", "logprob": -0.1,
 NO_LOGPROBS = completion("42")  # an endpoint that does not return them: the sampled number is the score
 # a proxy's error page echoing the key where a reason cut at 80 characters would split it
 HTML_WITH_KEY = f"<html><body>upstream said: {'.' * 34} {KEY} was not accepted</body></html>".encode()
-AUTH_401 = (401, {"error": {"message": f"Incorrect API key provided: {KEY}.", "type": "invalid_request_error",
-                            "code": "invalid_api_key"}})
-NOT_FOUND_404 = (404, {"error": {"message": "The model `gpt-4o-mini` does not exist", "code": "model_not_found"}})
-FORBIDDEN_403 = (403, {"error": {"message": "Project does not have access to model gpt-4o-mini", "type": "forbidden"}})
-RATE_429 = (429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, {"Retry-After": "1"})
-ERROR_500 = (500, {"error": {"message": "upstream exploded", "type": "server_error"}})
+_ERRORS = error_replies(KEY)
+AUTH_401, NOT_FOUND_404, FORBIDDEN_403, RATE_429, ERROR_500 = (_ERRORS[s] for s in ("401", "404", "403", "429", "500"))
 ERROR_503 = (503, {"error": {"message": "overloaded, try later", "type": "server_error"}})
 # valid JSON in the end (leading whitespace is legal), but at one byte per 50 ms: ~25 s for the body
 SLOW_BODY = Trickle(b" " * 200 + _OK_BYTES, every_s=0.05)

@@ -21,7 +21,7 @@ import re
 
 import pytest
 
-from judge_server import DROP, STALL, StubJudge, completion, per_attempt
+from judge_server import DROP, STALL, StubJudge, completion, error_replies, per_attempt
 from ual.cli import main
 from ual.sample import Sample
 from ual.scoring.deita import ChatJudgeScorer, EndpointError, openai_complete, score_samples
@@ -29,12 +29,9 @@ from ual.scoring.judge import JudgeFatalError
 
 KEY = "ual-deita-key-5c1e9b7a03f2d4"
 MODEL = "gpt-4o-mini"
-ERROR_500 = (500, {"error": {"message": "upstream exploded", "type": "server_error"}})
-RATE_429 = (429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, {"Retry-After": "1"})
-BAD_REQUEST_400 = (400, {"error": {"message": "context length exceeded", "type": "invalid_request_error"}})
-AUTH_401 = (401, {"error": {"message": f"Incorrect API key provided: {KEY}.", "code": "invalid_api_key"}})
-FORBIDDEN_403 = (403, {"error": {"message": f"Project does not have access to model {MODEL}", "type": "forbidden"}})
-NOT_FOUND_404 = (404, {"error": {"message": f"The model `{MODEL}` does not exist", "code": "model_not_found"}})
+_ERRORS = error_replies(KEY, MODEL)
+ERROR_500, RATE_429, BAD_REQUEST_400, AUTH_401, FORBIDDEN_403, NOT_FOUND_404 = (
+    _ERRORS[s] for s in ("500", "429", "400", "401", "403", "404"))
 EMPTY_CHOICES = {**completion("4"), "choices": []}
 
 
