@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
+import time
 
 import pytest
 
@@ -114,6 +117,18 @@ def test_one_request_raises_the_clients_verdict():
         with pytest.raises(JudgeFatalError) as e:
             openai_complete(MODEL, stub.base_url)(messages)
         assert stub.base_url in str(e.value) and KEY[:12] not in str(e.value)
+
+
+def test_the_stub_server_is_quiet_when_a_client_resets(capsys):
+    """A fatal answer cancels the other request in flight, which resets its connection; the server must
+    not print that reset's traceback into the stderr the next test reads (a CI run failed on exactly that)."""
+    with StubJudge(lambda body: AUTH_401) as stub:
+        conn = socket.create_connection(("127.0.0.1", stub.port))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+        time.sleep(0.2)  # the server's handler is now reading the request line
+        conn.close()
+        time.sleep(0.3)
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("reply,says", [
