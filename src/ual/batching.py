@@ -4,11 +4,16 @@ Right padding keeps every row's positions 0..len-1 (what training and scoring wa
 puts every row's last token in the last column (what next-token reads want), and `positions`
 gives the position ids a row would have unpadded, so a row's result does not depend on the
 batch it is in.
+
+`inference` and `inference_batches` run a model in eval mode with autograd off and give the
+model its own mode back afterwards: the one such routine of the evaluation passes.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
 
 import torch
 
@@ -46,3 +51,28 @@ def pad_batch(rows: Sequence[Sequence[int]], pad: int, side: Side = "right") -> 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as if each row were unpadded (0 on the padding): batch-invariant under left padding."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def inference(model) -> Iterator[None]:
+    """The model in eval mode with autograd off (inference mode) inside; its own mode (train or
+    eval) comes back on the way out, an exception included."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def inference_batches(model, order: Sequence[int], batch_size: int, desc: str,
+                      progress: bool) -> Iterator[list[int]]:
+    """`order` in batches of indices, each processed by the caller inside `inference(model)`; the
+    model's own mode comes back once the batches are done (or abandoned). `desc` and `progress`:
+    the progress bar's label and whether it shows."""
+    from tqdm.auto import tqdm
+
+    with inference(model):
+        batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+        yield from tqdm(batches, desc=desc, unit="batch", disable=not progress)

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ual.batching import pad_batch, pad_id, pad_sequences
+from ual.batching import inference_batches, pad_batch, pad_id, pad_sequences
 from ual.loss import IGNORE_INDEX, shift_labels
 
 # Supervised rows turned into fp32 log-probabilities at a time: bounds the extra memory to
@@ -47,20 +46,19 @@ class TokenStats:
         return self.entropy / self.tokens if self.tokens else None
 
 
-@torch.no_grad()
 def response_token_stats(model, tokenizer, samples, max_length: int, batch_size: int = 8,
                          train_on_prompt: bool = False, desc: str = "NLL", keep_tokens: bool = False) -> list[TokenStats]:
-    """TokenStats for each sample, in order (keep_tokens: also the per-token confidence and correctness)."""
+    """TokenStats for each sample, in order (keep_tokens: also the per-token confidence and correctness).
+
+    The model runs in eval mode with autograd off; its own mode comes back afterwards."""
     from ual.data.tokenize import encode_sample
 
     encoded = [encode_sample(tokenizer, s.messages, max_length, train_on_prompt) for s in samples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
     results: list[TokenStats | None] = [None] * len(encoded)
-    model.eval()
     head = _SupervisedHead(model)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start:start + batch_size]
+    for idx in inference_batches(model, order, batch_size, desc, progress=True):
         ids, mask = pad_batch([encoded[i]["input_ids"] for i in idx], pad_id(tokenizer))
         labels = pad_sequences([encoded[i]["labels"] for i in idx], IGNORE_INDEX)
         targets = shift_labels(labels).to(device)

@@ -29,10 +29,7 @@ import numpy as np
 def collect_features(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, H) float32, next_token_ids (N,) int64) over every position that has a next token."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from ual.batching import pad_batch, pad_id
+    from ual.batching import inference_batches, pad_batch, pad_id
 
     encoded = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
                for t in texts]
@@ -42,24 +39,18 @@ def collect_features(model, tokenizer, texts: list[str], max_length: int = 256, 
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     feats, labels = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(encoded), batch_size), desc="features", disable=not progress):
-                batch = encoded[start : start + batch_size]
-                ids, mask = pad_batch(batch, pad)
-                kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-                try:  # skip computing logits for every position when the model allows it
-                    out = model(**kwargs, logits_to_keep=1)
-                except TypeError:
-                    out = model(**kwargs)
-                hidden = out.hidden_states[-1].float().cpu()
-                for r, e in enumerate(batch):
-                    feats.append(hidden[r, : len(e) - 1].numpy())
-                    labels.append(np.asarray(e[1:], dtype=np.int64))
-    finally:
-        model.train(was_training)
+    for idx in inference_batches(model, range(len(encoded)), batch_size, "features", progress):
+        batch = [encoded[i] for i in idx]
+        ids, mask = pad_batch(batch, pad)
+        kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+        try:  # skip computing logits for every position when the model allows it
+            out = model(**kwargs, logits_to_keep=1)
+        except TypeError:
+            out = model(**kwargs)
+        hidden = out.hidden_states[-1].float().cpu()
+        for r, e in enumerate(batch):
+            feats.append(hidden[r, : len(e) - 1].numpy())
+            labels.append(np.asarray(e[1:], dtype=np.int64))
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels)
 
 

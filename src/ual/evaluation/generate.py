@@ -82,8 +82,9 @@ def generate_answers(
     identical).
     """
     import torch
-    from tqdm.auto import tqdm
     from transformers import GenerationConfig
+
+    from ual.batching import inference_batches
 
     if batch_size < 1 or max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError("batch_size, max_new_tokens and num_return_sequences must be >= 1")
@@ -104,32 +105,26 @@ def generate_answers(
         **({"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}),
     )
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     answers: list = [None] * len(encoded)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    try:
-        with _seeded(seed, device), torch.inference_mode():
-            for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-                width = max(len(encoded[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding
-                    seq = encoded[i]
-                    input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                    attention[row, width - len(seq) :] = 1
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    generation_config=config,
-                )
-                texts = tokenizer.batch_decode(
-                    [_until_stop(row, eos) for row in out[:, width:].tolist()], skip_special_tokens=True
-                )
-                for row, i in enumerate(batch):
-                    chunk = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
-                    chunk = [t.strip() for t in chunk]
-                    answers[i] = chunk if num_return_sequences > 1 else chunk[0]
-    finally:
-        model.train(was_training)
+    with _seeded(seed, device):
+        for batch in inference_batches(model, order, batch_size, "generate", progress):
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding
+                seq = encoded[i]
+                input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                attention[row, width - len(seq) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+            )
+            texts = tokenizer.batch_decode(
+                [_until_stop(row, eos) for row in out[:, width:].tolist()], skip_special_tokens=True
+            )
+            for row, i in enumerate(batch):
+                chunk = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
+                chunk = [t.strip() for t in chunk]
+                answers[i] = chunk if num_return_sequences > 1 else chunk[0]
     return answers

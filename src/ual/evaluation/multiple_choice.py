@@ -200,7 +200,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     """
     import torch
 
-    from ual.batching import pad_batch, pad_id
+    from ual.batching import inference_batches, pad_batch, pad_id
 
     enc = []
     for ctx, cont in pairs:
@@ -225,22 +225,6 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     return results
 
 
-def inference_batches(model, order: list[int], batch_size: int, desc: str, progress: bool):
-    """`order` in batches of indices, each processed by the caller with the model in eval mode and
-    autograd off; the model's own mode comes back once the batches are done (or abandoned)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-            yield from tqdm(batches, desc=desc, unit="batch", disable=not progress)
-    finally:
-        model.train(was_training)
-
-
 def next_token_logprobs(model, tokenizer, contexts: list[str], batch_size: int = 8, progress: bool = False):
     """log p(next token | context) over the vocabulary, one (V,) tensor per context.
 
@@ -248,7 +232,7 @@ def next_token_logprobs(model, tokenizer, contexts: list[str], batch_size: int =
     logits are computed (`logits_to_keep=1`): the output projection is a fifth
     of a small model's work per token.
     """
-    from ual.batching import pad_batch, pad_id, positions
+    from ual.batching import inference_batches, pad_batch, pad_id, positions
 
     enc = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
     if any(not e for e in enc):
