@@ -198,7 +198,7 @@ def test_identical_samples_are_asked_once(tmp_path):
 
 
 def test_retry_after_headers():
-    from ual.scoring.judge import _retry_after
+    from ual.scoring.judge_http import retry_after as _retry_after
 
     class E:
         def __init__(self, headers):

@@ -5,9 +5,10 @@ of them. Judging thousands of samples costs money and time, so:
 - every answer is committed to a SQLite cache the moment it arrives (cache.py):
   a rerun, or a run after SIGKILL, sends nothing for what is already answered;
 - requests run concurrently (cfg.concurrency workers) under optional request and
-  token rate limits, with exponential backoff that honours Retry-After on 429,
-  5xx and time-outs (the client's own retries are off, so every attempt is ours,
-  counted and visible);
+  token rate limits, each retried by judge_calls.ask_with_retries (the retry loop
+  DEITA and the pairwise judge use too) with exponential backoff that honours
+  Retry-After on 429, 5xx and time-outs (the client's own retries are off, so every
+  attempt is ours, counted and visible);
 - each request has a total deadline, cfg.timeout_s for connect, headers and body
   together (judge_http.py): a server trickling its body cannot hold it longer;
 - a malformed body ("malformed response: empty choices") or an unparseable
@@ -40,9 +41,9 @@ from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 from ual.scoring.cache import JudgeCache
 from ual.scoring.judge_http import JudgeFatalError  # noqa: F401 - the error a run stops with, raised by judge_failure
-from ual.scoring.judge_calls import RateLimiter, backoff_s, estimate_tokens, run_async
-from ual.scoring.judge_http import judge_failure, open_client, post_chat, read_api_key, redact
-from ual.scoring.judge_http import retry_after as _retry_after
+from ual.scoring.judge_calls import (RateLimiter, UnusableAnswer, ask_with_retries, endpoint_error, estimate_tokens,
+                                     run_async)
+from ual.scoring.judge_http import open_client, post_chat, read_api_key, redact
 from ual.scoring.prompt import JudgePrompt, load_prompt, parse_answer, expected_score
 
 log = logging.getLogger(__name__)
@@ -182,50 +183,56 @@ class JudgeScorer:
         log.info("judge %s: %s", self.model, self._usage_text(price))
 
     async def _answer(self, client, limiter: RateLimiter, msgs: list[dict], draw: int) -> dict:
-        """One (sample, draw): retry until a parseable answer or cfg.max_retries retries."""
-        reasons, unparseable = [], 0
+        """One (sample, draw): asked until a parseable answer, cfg.max_retries retries at most (ask_with_retries).
+
+        Draw 0 is greedy; later draws, and any attempt after an unparseable answer (a greedy
+        rerun would repeat it), use opts.extra_temperature. An endpoint that refuses
+        log-probabilities is asked again at once without them, for this and every later request.
+        """
         est = estimate_tokens(msgs, self.opts.max_tokens, self.opts.chars_per_token)
-        for attempt in range(self.cfg.max_retries + 1):
+        unparseable = 0
+
+        async def ask(messages: list[dict]):
             await limiter.acquire(est)
             temperature = 0.0 if draw == 0 and unparseable == 0 else self.opts.extra_temperature
-            kwargs = dict(model=self.model, messages=msgs, temperature=temperature, max_tokens=self.opts.max_tokens)
+            kwargs = dict(model=self.model, messages=messages, temperature=temperature,
+                          max_tokens=self.opts.max_tokens)
             if self._use_logprobs:
                 kwargs.update(logprobs=True, top_logprobs=self.opts.top_logprobs)
             self.stats["requests"] += 1
             try:
-                text, content, usage = await post_chat(client, kwargs, self.opts.timeout_s)
-            except Exception as e:  # time-outs, HTTP errors, dropped connections, malformed bodies
+                reply = await post_chat(client, kwargs, self.opts.timeout_s)
+            except Exception as exc:  # time-outs, HTTP errors, dropped connections, malformed bodies
                 # a wrong key, no access or an unknown model raises JudgeFatalError here, with one line
-                reason, verdict = judge_failure(e, self._key, self.cfg.base_url, self.model,
-                                                asked_logprobs="logprobs" in kwargs)
-                reasons.append(reason)
-                if verdict == "no_logprobs":
+                error = endpoint_error(exc, self._key, self.cfg.base_url, self.model, limiter,
+                                       asked_logprobs="logprobs" in kwargs)
+                if error.verdict == "no_logprobs":
                     self._use_logprobs = False  # the endpoint does not do log-probabilities: go without
-                    continue
-                if verdict == "final":
-                    break  # the same request would fail the same way
-                delay = backoff_s(attempt, self.opts.backoff_base_s, self.opts.backoff_max_s)
-                retry_after = _retry_after(e)
-                if retry_after is not None:
-                    delay = min(retry_after, 600.0)
-                    limiter.pause(delay)  # everyone waits, not just this request
-                if attempt < self.cfg.max_retries:
-                    await asyncio.sleep(delay)
-                continue
-            self.stats["prompt_tokens"] += usage[0]
-            self.stats["completion_tokens"] += usage[1]
+                    error.retry_after = 0.0
+                raise error from None
+            self.stats["prompt_tokens"] += reply.usage[0]
+            self.stats["completion_tokens"] += reply.usage[1]
+            return reply, temperature
+
+        def accept(answer) -> dict:
+            nonlocal unparseable
+            (text, content, usage), temperature = answer
             parsed = parse_answer(text)
             if parsed.value is None:
                 unparseable += 1
-                reasons.append(redact(f"unparseable answer: {parsed.error}", self._key)[:300])
-                continue
+                raise UnusableAnswer(redact(f"unparseable answer: {parsed.error}", self._key)[:300])
             exp = expected_score(content, text, parsed.span) if content else None
             return {"ok": True, "score": exp["expected"] if exp else parsed.value, "sampled": parsed.value,
                     "expected": exp and exp["expected"], "numeric_mass": exp and exp["numeric_mass"],
                     "strict": parsed.strict, "answer": redact(text, self._key)[:200], "temperature": temperature,
-                    "attempts": attempt + 1, "reasons": reasons, "usage": list(usage)}
-        return {"ok": False, "score": None, "error": reasons[-1] if reasons else "no attempt made",
-                "reasons": reasons, "attempts": len(reasons)}
+                    "usage": list(usage)}
+
+        answer = await ask_with_retries(ask, msgs, self.cfg.max_retries + 1, accept, self.opts.backoff_base_s,
+                                        self.opts.backoff_max_s)
+        if answer.value is None:
+            return {"ok": False, "score": None, "error": answer.error, "reasons": answer.reasons,
+                    "attempts": answer.attempts}
+        return {**answer.value, "attempts": answer.attempts, "reasons": answer.reasons}
 
     # ------------------------------------------------------------------ results
 

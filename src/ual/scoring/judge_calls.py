@@ -3,10 +3,12 @@
 - `estimate_tokens` (a request's size before sending), `RateLimiter` (requests and tokens per
   minute, paused by a Retry-After), `backoff_s` (jittered exponential backoff): shared with
   judge.py's own loop (`ual score`).
-- `ChatEndpoint` makes one attempt and says what happened (EndpointError: reason, verdict,
-  Retry-After); `ask_all` / `complete_all` ask many requests concurrently, each retried by
-  `ask_with_retries` (the one retry loop of such calls) until an acceptable answer or its
-  attempts are spent; a fatal error stops them all. Used by deita.py (`ual select --scorer
+- `endpoint_error` turns a failed request into an EndpointError (reason, verdict,
+  Retry-After) or raises JudgeFatalError; `ChatEndpoint` makes one attempt through it.
+- `ask_with_retries` is the one retry loop over the judge client: used per request by
+  judge.py (`ual score`, whose attempts also ask for log-probabilities and raise the
+  temperature after an unparseable answer) and, through `ask_all` / `complete_all` (many
+  requests concurrently; a fatal error stops them all), by deita.py (`ual select --scorer
   judge`) and ual.evaluation.pairwise.
 """
 
@@ -71,6 +73,27 @@ class EndpointError(RuntimeError):
         self.reason, self.verdict, self.retry_after = reason, verdict, retry_after
 
 
+class UnusableAnswer(Exception):
+    """Raised by an `accept` of ask_with_retries for an answer it cannot use; the message is the reason kept."""
+
+
+def endpoint_error(exc: BaseException, key: str, base_url: str | None, model: str, limiter: RateLimiter,
+                   asked_logprobs: bool = False, settings: tuple[str, str] = ("score.model", "score.base_url")
+                   ) -> EndpointError:
+    """A failed request as an EndpointError: judge_failure's one-line reason (key scrubbed) and verdict, and the
+    server's Retry-After (capped at 10 min), which pauses every request on `limiter`, not just this one.
+
+    401/403/404 raise JudgeFatalError instead. Call it inside the `except` that caught exc, and raise what it
+    returns `from None`: no traceback then shows the unscrubbed original.
+    """
+    reason, verdict = judge_failure(exc, key, base_url, model, asked_logprobs, *settings)
+    wait = retry_after(exc)
+    if wait is not None:
+        wait = min(wait, 600.0)
+        limiter.pause(wait)
+    return EndpointError(reason, verdict, wait)
+
+
 class ChatEndpoint:
     """messages -> text from an OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, Ollama...), at `temperature`.
 
@@ -116,12 +139,8 @@ class ChatEndpoint:
         try:
             return (await post_chat(client, kwargs, self.timeout_s)).text
         except Exception as exc:  # time-outs, HTTP errors, dropped connections, malformed bodies
-            reason, verdict = judge_failure(exc, self._key, self.base_url, self.model, False, *self.settings)
-            wait = retry_after(exc)
-            if wait is not None:
-                wait = min(wait, 600.0)
-                self.limiter.pause(wait)  # everyone waits, not just this request
-            raise EndpointError(reason, verdict, wait) from None
+            raise endpoint_error(exc, self._key, self.base_url, self.model, self.limiter,
+                                 settings=self.settings) from None
 
     def __call__(self, messages: list[dict]) -> str:
         """One request (no retry): the answer's text, or EndpointError / JudgeFatalError."""
@@ -137,7 +156,7 @@ class Answer:
     """What asking one request came to: value is accept(text) of the first acceptable answer, else None."""
 
     value: object = None
-    text: str | None = None
+    text: object = None  # what `ask` returned for that answer (its text, for a ChatEndpoint)
     reasons: list[str] = field(default_factory=list)  # why each failed attempt failed, in order
     attempts: int = 0
 
@@ -156,10 +175,12 @@ async def ask_with_retries(ask: Callable[[list[dict]], Awaitable[str]], messages
     """Ask until accept(text) is not None, `attempts` times at most; a failed request and an unacceptable answer
     each use one attempt.
 
-    A failed request is retried after backoff_s, or after the server's Retry-After; one
-    whose verdict is "final" (a 4xx such as 400) is not retried; a JudgeFatalError
-    (401/403/404) propagates. `ask` may also be any other async callable: its failures
-    are retried. An unacceptable answer is asked again at once.
+    A failed request is retried after backoff_s, or after the server's Retry-After (an
+    EndpointError's retry_after, 0 for "at once"); one whose verdict is "final" (a 4xx
+    such as 400) is not retried; a JudgeFatalError (401/403/404) propagates. `ask` may
+    also be any other async callable: its failures are retried. An unacceptable answer
+    (accept returns None, or raises UnusableAnswer with the reason to keep) is asked
+    again at once.
     """
     reasons: list[str] = []
     for attempt in range(attempts):
@@ -176,7 +197,11 @@ async def ask_with_retries(ask: Callable[[list[dict]], Awaitable[str]], messages
             reasons.append(f"{type(exc).__name__}: {one_line(str(exc))}")
             wait = None
         else:
-            value = accept(text)
+            try:
+                value = accept(text)
+            except UnusableAnswer as why:
+                reasons.append(str(why))
+                continue
             if value is not None:
                 return Answer(value, text, reasons, attempt + 1)
             reasons.append(f"unusable answer: {one_line(str(text), 80)!r}")
