@@ -81,10 +81,9 @@ def generate_answers(
     run. num_return_sequences > 1 requires do_sample (n greedy answers would be
     identical).
     """
-    import torch
     from transformers import GenerationConfig
 
-    from ual.batching import inference_batches
+    from ual.batching import inference_batches, pad_batch, pad_id
 
     if batch_size < 1 or max_new_tokens < 1 or num_return_sequences < 1:
         raise ValueError("batch_size, max_new_tokens and num_return_sequences must be >= 1")
@@ -95,26 +94,21 @@ def generate_answers(
     encoded = render_prompts(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     eos = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = pad_id(tokenizer, fallback=eos[0])
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         num_return_sequences=num_return_sequences,
         eos_token_id=eos,
-        pad_token_id=pad_id,
+        pad_token_id=pad,
         **({"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}),
     )
     device = next(model.parameters()).device
     answers: list = [None] * len(encoded)
     with _seeded(seed, device):
         for batch in inference_batches(model, order, batch_size, "generate", progress):
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding
-                seq = encoded[i]
-                input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                attention[row, width - len(seq) :] = 1
+            input_ids, attention = pad_batch([encoded[i] for i in batch], pad, side="left")
+            width = input_ids.shape[1]
             out = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
