@@ -190,6 +190,33 @@ def completion(text: str, logprobs: list[dict] | None = None, usage=(100, 2)) ->
 
 
 
+def reasoning_model(answer: str, thinks: int = 200):
+    """StubJudge's answer function for an OpenAI reasoning model (o-series, gpt-5) on chat completions, with
+    OpenAI's own error bodies: it refuses max_tokens (max_completion_tokens instead), any temperature but 1,
+    and log-probabilities, and spends `thinks` tokens thinking before `answer` (less budget: empty content,
+    finish_reason "length")."""
+    def refuse(param: str, message: str, code: str = "unsupported_parameter"):
+        return 400, {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+    def reply(body: dict):
+        if "max_tokens" in body:
+            return refuse("max_tokens", "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                        "Use 'max_completion_tokens' instead.")
+        if body.get("temperature", 1) != 1:
+            return refuse("temperature", f"Unsupported value: 'temperature' does not support {body['temperature']} "
+                                         "with this model. Only the default (1) value is supported.", "unsupported_value")
+        if body.get("logprobs") or "top_logprobs" in body:
+            return refuse("logprobs", "Unsupported parameter: 'logprobs' is not supported with this model.")
+        budget = body.get("max_completion_tokens") or 10 ** 6
+        if budget < thinks:
+            out = completion("", usage=(100, budget))
+            out["choices"][0]["finish_reason"] = "length"
+            return out
+        return completion(answer, usage=(100, thinks + 3))
+
+    return reply
+
+
 def error_replies(key: str, model: str = "gpt-4o-mini") -> dict[str, tuple]:
     """OpenAI-style error answers for StubJudge, by status ("500", "429", ...); the 401 echoes `key`,
     as OpenAI's does, so a test can check that no output shows it."""

@@ -95,6 +95,8 @@ class ScoreConfig(Checked):
     tokens_per_minute: float | None = _f(None, "judge token rate limit, on estimated prompt + answer tokens (null: none)",
                                             gt=0)
     timeout_s: float = _f(120.0, "seconds before a judge request counts as timed out (and is retried)", gt=0)
+    max_tokens: int = _f(16, "judge answer budget in tokens: room for 'Score: 73'; a reasoning judge (OpenAI "
+                         "o-series, gpt-5) thinks first and needs thousands", ge=1)
     dry_run: bool = _f(False, "print the request count and estimated tokens/cost, send nothing")
 
 

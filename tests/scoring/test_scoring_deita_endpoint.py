@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from judge_server import DROP, STALL, StubJudge, completion, error_replies, per_attempt
+from judge_server import DROP, STALL, StubJudge, completion, error_replies, per_attempt, reasoning_model
 from ual.cli import main
 from ual.sample import Sample
 from ual.scoring.deita import ChatJudgeScorer, EndpointError, openai_complete, score_samples
@@ -117,6 +117,25 @@ def test_one_request_raises_the_clients_verdict():
         with pytest.raises(JudgeFatalError) as e:
             openai_complete(MODEL, stub.base_url)(messages)
         assert stub.base_url in str(e.value) and KEY[:12] not in str(e.value)
+
+
+def test_a_reasoning_model_judges_with_the_fields_it_accepts():
+    """DEITA's judge on an OpenAI reasoning model: max_tokens, temperature 0 and log-probabilities refused (400
+    each) are dropped once for the endpoint, without using an attempt; with too small a --max-tokens the model
+    answers nothing and the reason says so."""
+    with StubJudge(reasoning_model("5", thinks=100)) as stub:
+        complete = openai_complete(MODEL, stub.base_url, max_tokens=500, timeout_s=10)
+        assert complete([{"role": "user", "content": "Rate this: 1-6"}]) == "5"
+        refused = len(stub.log) - 1
+        scorer = ChatJudgeScorer(complete, retries=1, concurrency=2)
+        assert scorer.complexity(["a", "b", "c"]) == [5.0, 5.0, 5.0] and not scorer.failures
+        assert len(stub.log) == refused + 1 + 3  # learned once: no more refusals
+        assert all(b["body"].get("max_completion_tokens") == 500 and "temperature" not in b["body"]
+                   for b in stub.log[refused:])
+        short = ChatJudgeScorer(openai_complete(MODEL, stub.base_url, max_tokens=20, timeout_s=10), retries=3)
+        assert short.complexity(["a"]) == [None]
+    assert refused == 2  # max_tokens, temperature (DEITA's judge asks for no log-probabilities)
+    assert "hit the token limit before any text" in short.failures[0]
 
 
 def test_the_stub_server_is_quiet_when_a_client_resets(capsys):

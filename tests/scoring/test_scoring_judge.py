@@ -4,6 +4,7 @@ The stub and the fault proxy are real HTTP servers, so the official client,
 retries, time-outs and headers are exercised for real; only the model is fake.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from judge_server import FaultProxy, StubJudge, completion, request_key, small_dataset
+from judge_server import FaultProxy, StubJudge, completion, reasoning_model, request_key, small_dataset
 from ual.config import ScoreConfig
 from ual.scoring.judge import JudgeFatalError, JudgeOptions, JudgeScorer, RateLimiter, build_judge_scorer, price_for
 
@@ -156,6 +157,48 @@ def test_n_samples_average_and_logprobs_refused(tmp_path):
         d = res[0].details
         assert d["score_0_99"] == pytest.approx((20 + 40 + 40) / 3) and len(d["draws"]) == 3
         assert [x["temperature"] for x in d["draws"]] == [0, 0.7, 0.7]
+
+
+def test_a_reasoning_model_is_asked_the_way_it_accepts(tmp_path, caplog):
+    """OpenAI's reasoning models refuse max_tokens, temperature 0 and log-probabilities with a 400 each: the run
+    learns each refusal once (a warning per field), asks again at once, and those requests are not attempts."""
+    c = cfg(None, model="gpt-5-mini", max_tokens=500, max_retries=0, concurrency=2, n_samples=2)
+    with StubJudge(reasoning_model("Score: 37")) as stub:
+        c.base_url = stub.base_url
+        opts = dataclasses.replace(JudgeOptions.from_config(c), progress=False)
+        with caplog.at_level(logging.WARNING):
+            res = JudgeScorer(c, tmp_path / "c.sqlite", options=opts).score(small_dataset(4))
+        bodies = [r["body"] for r in stub.log]
+    assert [r.score for r in res] == [pytest.approx(37 / 99)] * 4
+    assert all(r.details["attempts"] == 1 and [d["temperature"] for d in r.details["draws"]] == [None, None]
+               for r in res)
+    accepted = [b for b in bodies if b.get("max_completion_tokens") == 500 and "temperature" not in b
+                and "logprobs" not in b and "top_logprobs" not in b and "max_tokens" not in b]
+    assert len(accepted) == 8 and len(bodies) - len(accepted) <= 3 * 2  # each field refused once per request in flight
+    warned = [r.getMessage() for r in caplog.records if "endpoint refused" in r.getMessage()]
+    assert len(warned) == 3 and all(any(f"refused {f};" in w for w in warned)
+                                    for f in ("max_tokens", "temperature", "logprobs")), warned
+
+
+def test_a_token_budget_spent_thinking_fails_the_sample_with_the_reason(tmp_path):
+    """With the default budget (16 tokens) a reasoning model answers nothing: each sample fails at its first
+    answer, not retried (the same budget would end the same way), saying what to raise."""
+    with StubJudge(reasoning_model("Score: 37")) as stub:
+        c = cfg(stub.base_url, model="gpt-5-mini", max_retries=3)
+        res = JudgeScorer(c, tmp_path / "c.sqlite", options=FAST).score(small_dataset(3))
+        answered = [r for r in stub.log if r["body"].get("max_completion_tokens") == 16
+                    and not {"temperature", "logprobs"} & r["body"].keys()]
+    assert all(r.score is None and "hit the token limit before any text" in r.details["error"]
+               and "max_tokens" in r.details["error"] for r in res)
+    assert len(answered) == 3  # one answer per sample: no retry
+
+
+def test_score_max_tokens_reaches_the_requests(tmp_path):
+    with StubJudge(lambda b: completion("12")) as stub:
+        scorer = build_judge_scorer(cfg(stub.base_url, max_tokens=300, timeout_s=7.0), tmp_path)
+        scorer.opts.progress = False
+        scorer.score(small_dataset(1))
+    assert stub.log[0]["body"]["max_tokens"] == 300 and scorer.opts.timeout_s == 7.0
 
 
 def test_auth_error_stops_the_run(tmp_path, monkeypatch):

@@ -303,7 +303,10 @@ def run_pairwise(cfg: ExperimentConfig, run: RunFolder, force: bool) -> dict:
     ec = cfg.eval
     judge_name = ec.pairwise_judge or cfg.model
     if judge_name.startswith("openai:"):
-        judge = pw.OpenAIPairwiseJudge(judge_name.split(":", 1)[1], base_url=cfg.score.base_url)
+        sc = cfg.score  # the judge endpoint's settings: the same endpoint, the same limits
+        judge = pw.OpenAIPairwiseJudge(judge_name.split(":", 1)[1], base_url=sc.base_url, max_tokens=sc.max_tokens,
+                                       timeout=sc.timeout_s, requests_per_minute=sc.requests_per_minute,
+                                       tokens_per_minute=sc.tokens_per_minute)
     else:
         from ual.models import load_model, load_tokenizer
 

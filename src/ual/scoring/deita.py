@@ -114,7 +114,7 @@ def openai_complete(model: str, base_url: str | None = None, max_tokens: int = 8
                     requests_per_minute: float | None = None, tokens_per_minute: float | None = None) -> ChatEndpoint:
     """messages -> text from an OpenAI-compatible endpoint at temperature 0, through the judge client.
 
-    One call is one request (no retry): the answer's text, or EndpointError (reason, verdict,
+    One call is one attempt (no retry): the answer's text, or EndpointError (reason, verdict,
     Retry-After) / JudgeFatalError naming --judge-model and --base-url (see judge_calls.ChatEndpoint).
     """
     return ChatEndpoint(model, base_url, max_tokens, timeout_s, requests_per_minute, tokens_per_minute,
@@ -344,6 +344,8 @@ def add_arguments(p) -> None:
                    help="judge attempts per prompt (a failed request and an answer that is not 1-6 each use one)")
     p.add_argument("--timeout-s", type=float, default=120.0,
                    help="seconds per judge request, connect, headers and body together; then it is retried")
+    p.add_argument("--max-tokens", type=int, default=8,
+                   help="judge answer budget in tokens; a reasoning judge (OpenAI o-series, gpt-5) needs thousands")
     p.add_argument("--requests-per-minute", type=float, default=None, help="judge request rate limit (default: none)")
     p.add_argument("--tokens-per-minute", type=float, default=None,
                    help="judge token rate limit, on estimated prompt + answer tokens (default: none)")
@@ -371,11 +373,11 @@ def run(args) -> dict:
         raise ValueError(f"{out} exists; pass --force to replace it")
     if not 0 < args.threshold <= 1 or args.n <= 0:
         raise ValueError("--n must be positive and --threshold in (0, 1]")
-    if args.attempts < 1 or args.concurrency < 1 or args.timeout_s <= 0:
-        raise ValueError("--attempts and --concurrency must be >= 1, --timeout-s positive")
+    if args.attempts < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.timeout_s <= 0:
+        raise ValueError("--attempts, --concurrency and --max-tokens must be >= 1, --timeout-s positive")
     samples, load_stats = load_source(spec, None, args.on_error)
     if args.scorer == "judge":
-        endpoint = openai_complete(args.judge_model, args.base_url, timeout_s=args.timeout_s,
+        endpoint = openai_complete(args.judge_model, args.base_url, args.max_tokens, timeout_s=args.timeout_s,
                                    requests_per_minute=args.requests_per_minute,
                                    tokens_per_minute=args.tokens_per_minute)
         scorer = ChatJudgeScorer(endpoint, name=f"judge:{args.judge_model}", retries=args.attempts,

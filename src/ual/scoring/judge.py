@@ -19,6 +19,11 @@ of them. Judging thousands of samples costs money and time, so:
   once with one line saying so (JudgeFatalError): retrying cannot fix it;
 - when the endpoint returns top log-probabilities the score is their expectation
   (prompt.expected_score); the sampled number is recorded next to it;
+- an endpoint that refuses a request field is asked without it from then on
+  (judge_http.RequestFields): no log-probabilities (the sampled number is the
+  score), max_completion_tokens for max_tokens and the server's default temperature
+  (OpenAI's reasoning models, o-series and gpt-5, which also need cfg.max_tokens in
+  the thousands: they think before answering);
 - n_samples > 1 adds draws at a small temperature and averages them.
 The API key comes only from $OPENAI_API_KEY (a local base_url needs none) and is
 scrubbed from every message we keep: it never reaches logs, cache or outputs.
@@ -43,7 +48,7 @@ from ual.scoring.cache import JudgeCache
 from ual.scoring.judge_http import JudgeFatalError  # noqa: F401 - the error a run stops with, raised by judge_failure
 from ual.scoring.judge_calls import (RateLimiter, UnusableAnswer, ask_with_retries, endpoint_error, estimate_tokens,
                                      run_async)
-from ual.scoring.judge_http import open_client, post_chat, read_api_key, redact
+from ual.scoring.judge_http import RequestFields, open_client, post_chat, read_api_key, redact
 from ual.scoring.prompt import JudgePrompt, load_prompt, parse_answer, expected_score
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,12 @@ class JudgeOptions:
     chars_per_token: float = 4.0  # token estimate before sending (dry run, rate limit)
     progress: bool = True
 
+    @classmethod
+    def from_config(cls, cfg: ScoreConfig) -> JudgeOptions:
+        """The knobs a config sets (score.timeout_s, score.max_tokens, the rate limits); defaults for the rest."""
+        return cls(timeout_s=cfg.timeout_s, max_tokens=cfg.max_tokens, requests_per_minute=cfg.requests_per_minute,
+                   tokens_per_minute=cfg.tokens_per_minute)
+
 
 class JudgeScorer:
     """Scorer protocol over an OpenAI-compatible chat endpoint; see the module docstring."""
@@ -89,14 +100,14 @@ class JudgeScorer:
             raise ValueError("score.model must name the judge model for scorer 'judge'")
         if cfg.n_samples < 1 or cfg.concurrency < 1 or cfg.max_retries < 0:
             raise ValueError("score.n_samples and score.concurrency must be >= 1, score.max_retries >= 0")
-        self.cfg, self.opts = cfg, options or JudgeOptions()
+        self.cfg, self.opts = cfg, options or JudgeOptions.from_config(cfg)
         self.prompt = prompt or load_prompt(cfg.prompt_file)
         self.cache = JudgeCache(cache_path)
         self.model = cfg.model
         self.name = f"judge:{self.model}:{self.prompt.version}"
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None}
         self.last_plan: dict | None = None
-        self._use_logprobs = self.opts.logprobs
+        self._fields = RequestFields(logprobs=self.opts.logprobs)  # learns what the endpoint refuses
         self._key = read_api_key()
 
     # ------------------------------------------------------------------ public
@@ -186,8 +197,9 @@ class JudgeScorer:
         """One (sample, draw): asked until a parseable answer, cfg.max_retries retries at most (ask_with_retries).
 
         Draw 0 is greedy; later draws, and any attempt after an unparseable answer (a greedy
-        rerun would repeat it), use opts.extra_temperature. An endpoint that refuses
-        log-probabilities is asked again at once without them, for this and every later request.
+        rerun would repeat it), use opts.extra_temperature. A field the endpoint refuses
+        (log-probabilities; max_tokens or a temperature, as OpenAI's reasoning models do) is
+        dropped for this and every later request, and the request asked again at once.
         """
         est = estimate_tokens(msgs, self.opts.max_tokens, self.opts.chars_per_token)
         unparseable = 0
@@ -195,24 +207,19 @@ class JudgeScorer:
         async def ask(messages: list[dict]):
             await limiter.acquire(est)
             temperature = 0.0 if draw == 0 and unparseable == 0 else self.opts.extra_temperature
-            kwargs = dict(model=self.model, messages=messages, temperature=temperature,
-                          max_tokens=self.opts.max_tokens)
-            if self._use_logprobs:
-                kwargs.update(logprobs=True, top_logprobs=self.opts.top_logprobs)
+            kwargs = self._fields.build(self.model, messages, self.opts.max_tokens, temperature,
+                                        self.opts.top_logprobs)
             self.stats["requests"] += 1
             try:
                 reply = await post_chat(client, kwargs, self.opts.timeout_s)
             except Exception as exc:  # time-outs, HTTP errors, dropped connections, malformed bodies
-                # a wrong key, no access or an unknown model raises JudgeFatalError here, with one line
-                error = endpoint_error(exc, self._key, self.cfg.base_url, self.model, limiter,
-                                       asked_logprobs="logprobs" in kwargs)
-                if error.verdict == "no_logprobs":
-                    self._use_logprobs = False  # the endpoint does not do log-probabilities: go without
-                    error.retry_after = 0.0
-                raise error from None
+                # a wrong key, no access or an unknown model raises JudgeFatalError here, with one line;
+                # a field the endpoint refuses (log-probabilities, max_tokens, temperature) is dropped
+                raise endpoint_error(exc, self._key, self.cfg.base_url, self.model, limiter, self._fields,
+                                     kwargs) from None
             self.stats["prompt_tokens"] += reply.usage[0]
             self.stats["completion_tokens"] += reply.usage[1]
-            return reply, temperature
+            return reply, kwargs.get("temperature")  # None: the server's default
 
         def accept(answer) -> dict:
             nonlocal unparseable
@@ -285,7 +292,4 @@ def build_judge_scorer(cfg: ScoreConfig, run_dir: str | Path, options: JudgeOpti
     file across runs (answers are keyed by content, so sharing is always safe).
     """
     cache = os.environ.get("UAL_JUDGE_CACHE") or Path(run_dir) / "judge_cache.sqlite"
-    if options is None:
-        options = JudgeOptions(requests_per_minute=cfg.requests_per_minute, tokens_per_minute=cfg.tokens_per_minute,
-                               timeout_s=cfg.timeout_s)
     return JudgeScorer(cfg, cache, options=options)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ual.scoring.judge_http import (JudgeFatalError, one_line, judge_failure, open_client, post_chat,
-                                    read_api_key, retry_after)
+from ual.scoring.judge_http import (INSTEAD, JudgeFatalError, RequestFields, judge_failure, one_line, open_client,
+                                    post_chat, read_api_key, retry_after)
+
+log = logging.getLogger(__name__)
 
 
 def estimate_tokens(messages: list[dict], max_tokens: int, chars_per_token: float = 4.0) -> float:
@@ -65,7 +68,9 @@ def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
 class EndpointError(RuntimeError):
     """One failed request to the judge endpoint, as classify judged it.
 
-    reason: one line, key scrubbed; verdict: "retry" or "final"; retry_after: the server's wait in seconds, if any.
+    reason: one line, key scrubbed; verdict: "retry", "final", or "adapted" (the endpoint refused a field
+    the request now goes without: ask again at once, not counted as an attempt); retry_after: the
+    server's wait in seconds, if any.
     """
 
     def __init__(self, reason: str, verdict: str, retry_after: float | None = None):
@@ -78,15 +83,21 @@ class UnusableAnswer(Exception):
 
 
 def endpoint_error(exc: BaseException, key: str, base_url: str | None, model: str, limiter: RateLimiter,
-                   asked_logprobs: bool = False, settings: tuple[str, str] = ("score.model", "score.base_url")
-                   ) -> EndpointError:
-    """A failed request as an EndpointError: judge_failure's one-line reason (key scrubbed) and verdict, and the
-    server's Retry-After (capped at 10 min), which pauses every request on `limiter`, not just this one.
+                   fields: RequestFields, sent: dict,
+                   settings: tuple[str, str] = ("score.model", "score.base_url")) -> EndpointError:
+    """A failed request (`sent`: its fields) as an EndpointError: judge_failure's one-line reason (key
+    scrubbed) and verdict, and the server's Retry-After (capped at 10 min), which pauses every request on
+    `limiter`, not just this one. A field the endpoint refuses is dropped from `fields`, for every later
+    request of the run, and the verdict is "adapted".
 
     401/403/404 raise JudgeFatalError instead. Call it inside the `except` that caught exc, and raise what it
     returns `from None`: no traceback then shows the unscrubbed original.
     """
-    reason, verdict = judge_failure(exc, key, base_url, model, asked_logprobs, *settings)
+    reason, verdict = judge_failure(exc, key, base_url, model, sent, *settings)
+    if verdict.startswith("refused:"):
+        if fields.drop(verdict.split(":", 1)[1]):
+            log.warning("judge %s: %s", model, reason)  # once per field and run: it changes every later request
+        return EndpointError(reason, "adapted", 0.0)
     wait = retry_after(exc)
     if wait is not None:
         wait = min(wait, 600.0)
@@ -117,6 +128,7 @@ class ChatEndpoint:
         self.model, self.base_url, self.max_tokens, self.timeout_s = model, base_url, max_tokens, timeout_s
         self.temperature, self.settings = temperature, (model_setting, url_setting)
         self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        self.fields = RequestFields(logprobs=False)
         self._key = read_api_key()
 
     def check_key(self) -> None:
@@ -135,17 +147,24 @@ class ChatEndpoint:
 
     async def _ask(self, client, messages: list[dict]) -> str:
         await self.limiter.acquire(estimate_tokens(messages, self.max_tokens))
-        kwargs = dict(model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens)
+        kwargs = self.fields.build(self.model, messages, self.max_tokens, self.temperature)
         try:
             return (await post_chat(client, kwargs, self.timeout_s)).text
         except Exception as exc:  # time-outs, HTTP errors, dropped connections, malformed bodies
-            raise endpoint_error(exc, self._key, self.base_url, self.model, self.limiter,
-                                 settings=self.settings) from None
+            raise endpoint_error(exc, self._key, self.base_url, self.model, self.limiter, self.fields, kwargs,
+                                 self.settings) from None
 
     def __call__(self, messages: list[dict]) -> str:
-        """One request (no retry): the answer's text, or EndpointError / JudgeFatalError."""
+        """One attempt (no retry): the answer's text, or EndpointError / JudgeFatalError. A field the endpoint
+        refuses is dropped and the request sent again at once: that is not a retry."""
         async def once():
             async with self.session() as ask:
+                for _ in range(len(INSTEAD)):
+                    try:
+                        return await ask(messages)
+                    except EndpointError as exc:
+                        if exc.verdict != "adapted":
+                            raise
                 return await ask(messages)
 
         return run_async(once())
@@ -183,31 +202,38 @@ async def ask_with_retries(ask: Callable[[list[dict]], Awaitable[str]], messages
     again at once.
     """
     reasons: list[str] = []
-    for attempt in range(attempts):
+    attempt = adapted = 0
+    while attempt < attempts:
         try:
             text = await ask(messages)
         except JudgeFatalError:
             raise
         except EndpointError as exc:  # the judge client's verdict: retry (after a wait) or not
+            if exc.verdict == "adapted" and adapted < len(INSTEAD):  # a field fewer now: that was no attempt
+                adapted += 1
+                continue
+            attempt += 1
             reasons.append(exc.reason)
             if exc.verdict == "final":
                 break
             wait = exc.retry_after
         except Exception as exc:  # any other callable's failure (network, rate limit...): retried, then counted
+            attempt += 1
             reasons.append(f"{type(exc).__name__}: {one_line(str(exc))}")
             wait = None
         else:
+            attempt += 1
             try:
                 value = accept(text)
             except UnusableAnswer as why:
                 reasons.append(str(why))
                 continue
             if value is not None:
-                return Answer(value, text, reasons, attempt + 1)
+                return Answer(value, text, reasons, attempt)
             reasons.append(f"unusable answer: {one_line(str(text), 80)!r}")
             continue
-        if attempt + 1 < attempts:
-            await asyncio.sleep(wait if wait is not None else backoff_s(attempt, backoff_base_s, backoff_max_s))
+        if attempt < attempts:
+            await asyncio.sleep(wait if wait is not None else backoff_s(attempt - 1, backoff_base_s, backoff_max_s))
     return Answer(None, None, reasons, len(reasons))
 
 

@@ -7,8 +7,13 @@ One attempt:
   and body together) and returns the checked answer;
 - `parse_completion` turns a 200's body into (text, log-probabilities, usage) or
   raises MalformedResponse naming what is wrong ("empty choices");
+- `RequestFields` builds the request's fields, and learns from the endpoint's 400s
+  which of them it refuses: OpenAI's reasoning models (o-series, gpt-5) take
+  max_completion_tokens, not max_tokens, only their default temperature, and no
+  log-probabilities; llama.cpp builds without logprobs refuse those;
 - `classify` turns any failure into a one-line reason and a verdict: retry,
-  give up on this sample, retry without log-probabilities, or stop the run;
+  give up on this sample, retry at once without a field the endpoint refused, or
+  stop the run;
   `judge_failure` adds the key scrubbing and, for a fatal verdict, raises
   JudgeFatalError with `fatal_message`'s one line.
 - `redact` scrubs the API key (and anything shaped like one) from a message,
@@ -19,9 +24,8 @@ Nothing here sees the API key except through the client. Text that comes from
 the server (an error message, a body that is not JSON) may echo it: classify
 passes it through the caller's scrubber (`redact` with the key) before cutting
 it short, so a key cut in half cannot slip past the scrubber.
-Used by judge.py (`ual score`, with its own loop: caching, log-probabilities,
-n-sample draws) and, through judge_calls.py, by deita.py (`ual select --scorer judge`)
-and ual.evaluation.pairwise.
+Used through judge_calls.py by judge.py (`ual score`: caching, log-probabilities,
+n-sample draws), deita.py (`ual select --scorer judge`) and ual.evaluation.pairwise.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ class JudgeFatalError(RuntimeError, ValueError):
     line ("ual score: error: ...") and exit code 2, no traceback. Its message is
     scrubbed of the key.
     """
+
+
+class AnswerCutShort(MalformedResponse):
+    """A 200 whose answer is empty because it hit the token limit (finish_reason "length"): a reasoning model
+    spent the budget thinking. Asking again with the same budget would end the same way."""
 
 
 class Completion(NamedTuple):
@@ -153,6 +162,9 @@ def parse_completion(body: bytes) -> Completion:
         raise MalformedResponse("choices[0].message is missing" if message is None
                                 else f"choices[0].message is a {_kind(message)}, not an object")
     text = message.get("content")
+    if not (text or "").strip() and choice.get("finish_reason") == "length":
+        raise AnswerCutShort("the answer hit the token limit before any text (finish_reason 'length'): a reasoning "
+                             "model thinks first; give the judge more max_tokens")
     if not isinstance(text, str):
         raise MalformedResponse(f"choices[0].message.content is {'null' if text is None else 'a ' + _kind(text)}, "
                                 "not text")
@@ -205,17 +217,77 @@ def _count(x) -> int:
     return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 else 0
 
 
+# ---------------------------------------------------------------------- the request
+
+class RequestFields:
+    """A chat request's fields, as this endpoint takes them; one per run, shared by its requests.
+
+    Starts as most servers take it (max_tokens, temperature, log-probabilities if asked);
+    `drop(field)` records a field the endpoint refused (classify's "refused:FIELD"
+    verdict), so every later request goes without it: max_tokens becomes
+    max_completion_tokens (OpenAI's reasoning models), a refused temperature is left to
+    the server's default, refused log-probabilities are not asked for.
+    """
+
+    def __init__(self, logprobs: bool = True):
+        self.logprobs, self.temperature, self.tokens_field = logprobs, True, "max_tokens"
+
+    def build(self, model: str, messages: list[dict], max_tokens: int, temperature: float,
+              top_logprobs: int = 0) -> dict:
+        kwargs = {"model": model, "messages": messages, self.tokens_field: max_tokens}
+        if self.temperature:
+            kwargs["temperature"] = temperature
+        if self.logprobs and top_logprobs:
+            kwargs.update(logprobs=True, top_logprobs=top_logprobs)
+        return kwargs
+
+    def drop(self, field: str) -> bool:
+        """Go without `field` from now on; False if that was already so (another request learned it first)."""
+        before = (self.logprobs, self.temperature, self.tokens_field)
+        if field == "logprobs":
+            self.logprobs = False
+        elif field == "temperature":
+            self.temperature = False
+        elif field == "max_tokens":
+            self.tokens_field = "max_completion_tokens"
+        else:
+            raise ValueError(f"no way to go without {field!r}")
+        return before != (self.logprobs, self.temperature, self.tokens_field)
+
+
+INSTEAD = {"logprobs": "without log-probabilities (the sampled number is the score)",
+           "temperature": "at the server's default temperature", "max_tokens": "with max_completion_tokens"}
+
+
+def refused_field(exc, reason: str, sent) -> str | None:
+    """The field a 400 says the endpoint does not take, among those `sent` that can go: by the error's
+    `param` (OpenAI's) or by name in its message."""
+    body = getattr(exc, "body", None)
+    param = body.get("param") if isinstance(body, dict) else None
+    if "logprobs" in sent and (param in ("logprobs", "top_logprobs") or "logprob" in reason.lower()):
+        return "logprobs"
+    for field in ("max_tokens", "temperature"):
+        if field in sent and (param == field or re.search(rf"(?<!\w){field}(?!\w)", reason)):
+            return field
+    return None
+
+
 # ---------------------------------------------------------------------- failures
 
-def classify(exc: BaseException, asked_logprobs: bool, scrub=lambda text: text) -> tuple[str, str]:
-    """(one-line reason, verdict) for a failed attempt; scrub(text) removes the key from server text. Verdicts:
+def classify(exc: BaseException, sent=(), scrub=lambda text: text) -> tuple[str, str]:
+    """(one-line reason, verdict) for a failed attempt; `sent`: the request's field names; scrub(text) removes
+    the key from server text. Verdicts:
     "retry": transient (time-out, dropped connection, 408/409/429, 5xx, malformed body: a glitch may pass);
-    "final": this request would fail the same way again (other 4xx): the sample is listed as failed now;
-    "no_logprobs": the endpoint refuses log-probabilities: retry without them;
+    "final": this request would fail the same way again (other 4xx, an answer cut short by the token
+    limit): the sample is listed as failed now;
+    "refused:FIELD": a 400 refusing a field the request can go without (max_tokens, temperature,
+    logprobs): RequestFields.drop(FIELD), then ask again at once;
     "fatal": retrying cannot help any sample (401 wrong key, 403 no access, 404 unknown model): stop the run.
     """
     import openai
 
+    if isinstance(exc, AnswerCutShort):
+        return str(exc), "final"
     if isinstance(exc, MalformedResponse) and exc.body is not None:
         return f"{exc}: {one_line(scrub(exc.body), 80)!r}", "retry"
     if isinstance(exc, (DeadlineExceeded, MalformedResponse)):
@@ -226,8 +298,9 @@ def classify(exc: BaseException, asked_logprobs: bool, scrub=lambda text: text) 
         status, reason = exc.status_code, http_reason(exc, scrub)
         if status in (401, 403, 404):
             return reason, "fatal"
-        if status == 400 and asked_logprobs and "logprob" in reason.lower():
-            return "endpoint refused logprobs; retrying without", "no_logprobs"
+        field = refused_field(exc, reason, sent) if status == 400 else None
+        if field:
+            return f"endpoint refused {field}; asking {INSTEAD[field]} ({reason})", f"refused:{field}"
         if 400 <= status < 500 and status not in (408, 409, 429):
             return reason, "final"
         return reason, "retry"
@@ -298,7 +371,7 @@ def fatal_message(reason: str, base_url: str | None, model: str, model_setting: 
     return f"judge endpoint {where} answered {reason} ({hint})"
 
 
-def judge_failure(exc: BaseException, key: str, base_url: str | None, model: str, asked_logprobs: bool = False,
+def judge_failure(exc: BaseException, key: str, base_url: str | None, model: str, sent=(),
                   model_setting: str = "score.model", url_setting: str = "score.base_url") -> tuple[str, str]:
     """classify(exc) with the key scrubbed: (reason, verdict); a "fatal" verdict raises JudgeFatalError.
 
@@ -308,7 +381,7 @@ def judge_failure(exc: BaseException, key: str, base_url: str | None, model: str
     def scrub(text: str) -> str:
         return redact(text, key)
 
-    reason, verdict = classify(exc, asked_logprobs=asked_logprobs, scrub=scrub)
+    reason, verdict = classify(exc, sent, scrub=scrub)
     reason = scrub(reason)[:300]  # belt and braces: nothing unscrubbed is kept
     if verdict == "fatal":
         raise JudgeFatalError(scrub(fatal_message(reason, base_url, model, model_setting, url_setting))) from None
