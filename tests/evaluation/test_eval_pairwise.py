@@ -25,6 +25,8 @@ from ual.scoring.judge_http import JudgeFatalError
     ("A", "A"), (" b.", "B"), ("Response A", "A"), ("[[B]]", "B"), ("Tie", "tie"), ("tie.", "tie"),
     ("I prefer Response B because it is clearer.", "B"), ("Both Response A and Response B are fine", None),
     ("", None), (None, None), ("maybe", None),
+    ("<think>Response A is shorter, but Response B is right.</think>\nB", "B"),  # the thinking does not count
+    ("<think>Response A is better", None),  # cut while reasoning
 ])
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict

@@ -23,6 +23,8 @@ def _s(q, a, extra=()):
 def test_parse_scale():
     assert [parse_scale(t) for t in ["5", "I'd say 4.", "Complexity: 6", "4.0"]] == [5, 4, 6, 4]
     assert [parse_scale(t) for t in ["7", "0", "3.5", "3 or 4", "", None, "high"]] == [None] * 7
+    assert parse_scale("<think>Not a 6, maybe 3 or 4.</think>\n4") == 4  # only the answer after the thinking
+    assert parse_scale("<think>Not a 6, maybe 4") is None  # cut while reasoning
 
 
 def word_count_judge(messages):

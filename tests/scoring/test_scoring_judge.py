@@ -54,6 +54,17 @@ def test_scores_expected_value_and_rerun_sends_nothing(tmp_path):
         assert [r.score for r in res2] == [r.score for r in res]
 
 
+def test_a_thinking_judge_is_scored_on_its_answer_not_its_thinking(tmp_path):
+    """A reasoning model served without a reasoning parser writes "<think>...</think>" into the answer: the
+    numbers in there are not the score, and the log-probabilities are read at the answer's digits."""
+    think = [{"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]}
+             for t in ("<think>", "Maybe 20, or 40", "</think>", "\n")]
+    with StubJudge(lambda body: completion("<think>Maybe 20, or 40</think>\n73", think + digit_logprobs())) as stub:
+        res = JudgeScorer(cfg(stub.base_url), tmp_path / "c.sqlite", options=FAST).score(small_dataset(1))
+    d = res[0].details
+    assert d["sampled"] == 73 and d["expected"] == pytest.approx(0.9 * 73 + 0.1 * 83) and d["attempts"] == 1
+
+
 def test_garbage_answers_are_retried_then_listed_never_defaulted(tmp_path):
     answers = {}
 

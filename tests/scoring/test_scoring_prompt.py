@@ -14,6 +14,10 @@ GOOD = [
     ("This falls in the 70-99 range; score: 85", 85, False), ("On a scale from 0 to 99: 30", 30, False),
     ("42 42", 42, False), ("72.5", 72.5, False), ("Score: **81**", 81, False),
     ("I cannot be sure, but I would rate this 40.", 40, False), ("Uncertainty: 88\n\nReason: open chat.", 88, False),
+    # reasoning models served without a reasoning parser: the numbers in the thinking are not the score
+    ("<think>A score of 40? Or 60, since 3 answers fit.</think>\n\n55", 55, True),
+    ("<think>\nscore 10\n</think>Score: 72", 72, True),
+    ("<|channel|>analysis<|message|>Maybe 30.<|end|><|start|>assistant<|channel|>final<|message|>81", 81, True),
 ]
 
 BAD = [
@@ -24,6 +28,8 @@ BAD = [
     ("I apologize, I am unable to determine that.", "refusal"), ("I'm sorry, 50", "refusal"),
     ("40 or 60", "ambiguous"), ("The answer is 42, but 3 turns.", "ambiguous"),
     ("Score: 70-80", "range"), ("between 40 and 60", "range"), ("<html>{{{", "no number"),
+    ("<think>The score is 40 because", "cut short while reasoning"),  # max_tokens spent thinking
+    ("<think>Score: 40</think>", "after its reasoning: empty"), ("<think>40</think> 150", "out of range"),
 ]
 
 

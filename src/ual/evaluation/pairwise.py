@@ -39,6 +39,7 @@ import re
 
 from ual.io import write_json
 from ual.scoring.judge_calls import ChatEndpoint, complete_all
+from ual.scoring.prompt import after_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,12 @@ def _normalise_verdict(v) -> str | None:
 
 
 def parse_verdict(text: str | None) -> str | None:
-    """"A", "B" or "tie" from a judge's text answer ("A", "Response B", "[[A]]", "tie"); None if unclear."""
-    if not text:
+    """"A", "B" or "tie" from a judge's text answer ("A", "Response B", "[[A]]", "tie"); None if unclear.
+    Only what follows a reasoning block counts."""
+    answer = after_reasoning(text) if text else None
+    if answer is None:
         return None
-    t = text.strip()
+    t = answer[1].strip()
     m = re.fullmatch(r"\W*(?:response\s+)?([AB])\W*", t, re.IGNORECASE)
     if m:
         return m.group(1).upper()

@@ -40,6 +40,7 @@ from typing import Callable, Protocol, Sequence
 from ual.sample import Sample
 from ual.scoring.judge_calls import EndpointError  # noqa: F401 - what one failed openai_complete(...) call raises
 from ual.scoring.judge_calls import ChatEndpoint, complete_all
+from ual.scoring.prompt import after_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,12 @@ class DeitaScorer(Protocol):
 # --------------------------------------------------------------------------- judges
 
 def parse_scale(text: str | None, lo: int = SCALE[0], hi: int = SCALE[1]) -> int | None:
-    """The judge's integer on the lo-hi scale, or None (no number, several different numbers, out of range)."""
-    if not text:
+    """The judge's integer on the lo-hi scale, or None (no number, several different numbers, out of range, cut
+    while reasoning); only what follows a reasoning block counts."""
+    answer = after_reasoning(text) if text else None
+    if answer is None:
         return None
-    nums = re.findall(r"(?<![\d.])-?\d+(?:\.\d+)?(?!\.?\d)", text)
+    nums = re.findall(r"(?<![\d.])-?\d+(?:\.\d+)?(?!\.?\d)", answer[1])
     if not nums:
         return None
     vals = {float(n) for n in nums}

@@ -104,9 +104,42 @@ _REFUSAL = re.compile(
     r"|as an ai\b|unable to (?:rate|score|provide|determine)|i apologi[sz]e)", re.I)
 
 
+# A reasoning model served without a reasoning parser (Qwen3, DeepSeek-R1 on vLLM or llama.cpp; gpt-oss's
+# harmony channels) writes its thinking into the answer: its numbers are not the score.
+_REASONING_END = re.compile(r"</(think|thinking|reasoning)>|<\|channel\|>final<\|message\|>", re.I)
+_REASONING_START = re.compile(r"<(think|thinking|reasoning)>|<\|channel\|>analysis", re.I)
+
+
+def after_reasoning(text: str) -> tuple[int, str] | None:
+    """(offset, the answer after any reasoning block); None for a block never closed (cut while thinking)."""
+    ends = list(_REASONING_END.finditer(text))
+    if not ends:
+        return None if _REASONING_START.search(text) else (0, text)
+    return ends[-1].end(), text[ends[-1].end():]
+
+
 def parse_answer(text: str | None) -> Parsed:
-    """Read the judge's score from its answer; see the module docstring for the rules."""
+    """Read the judge's score from its answer; see the module docstring for the rules.
+
+    Only what follows a reasoning block is read (after_reasoning); the span is still an
+    index into `text`.
+    """
     if text is None or not text.strip():
+        return Parsed(None, "empty answer")
+    answer = after_reasoning(text)
+    if answer is None:
+        return Parsed(None, "cut short while reasoning (a reasoning block with no end): give the judge more max_tokens")
+    offset, rest = answer
+    parsed = _parse(rest)
+    if not offset:
+        return parsed
+    if parsed.value is None:
+        return Parsed(None, f"after its reasoning: {parsed.error}")
+    return Parsed(parsed.value, None, parsed.strict, (parsed.span[0] + offset, parsed.span[1] + offset))
+
+
+def _parse(text: str) -> Parsed:
+    if not text.strip():
         return Parsed(None, "empty answer")
     m = _STRICT.match(text)
     if m:
