@@ -125,6 +125,21 @@ NULL_CONTENT = completion("x") | {"choices": [{"index": 0, "message": {"role": "
 BAD_LOGPROBS = completion("42", [{"token": "42", "logprob": -0.1,
                                    "top_logprobs": [{"token": "42", "logprob": "very likely"}]}])
 NO_LOGPROBS = completion("42")  # an endpoint that does not return them: the sampled number is the score
+
+
+def _no_content(**fields):
+    """A 200 whose choice carries no answer text; `fields` go into the choice (finish_reason) or its message."""
+    choice = {"index": 0, "finish_reason": fields.pop("finish_reason", "stop"),
+              "message": {"role": "assistant", "content": None, **fields}}
+    return completion("x") | {"choices": [choice]}
+
+
+REFUSAL = _no_content(refusal="I can't help with that request.")
+FILTERED = _no_content(finish_reason="content_filter")
+CUT_WHILE_THINKING = _no_content(finish_reason="length", content="")  # a reasoning model's budget spent thinking
+CONTENT_PARTS = completion("x") | {"choices": [{"index": 0, "finish_reason": "stop", "message": {
+    "role": "assistant", "content": [{"type": "text", "text": "4"}, {"type": "text", "text": "2"}]}}]}
+ERROR_WITH_200 = {"error": {"message": "upstream provider returned an error", "code": 502}}
 # a proxy's error page echoing the key where a reason cut at 80 characters would split it
 HTML_WITH_KEY = f"<html><body>upstream said: {'.' * 34} {KEY} was not accepted</body></html>".encode()
 _ERRORS = error_replies(KEY)
@@ -136,7 +151,8 @@ SLOW_BODY = Trickle(b" " * 200 + _OK_BYTES, every_s=0.05)
 TIMED_OUT = r"timed out after 1(\.0)? s"
 # (id, replies: the k-th request about a sample gets the k-th, the last repeats, expected):
 # "scored" | "scored_sampled" (no log-probabilities: the sampled number)
-# | ("failed", reason regex for every sample) | ("fatal", regex for the one error line)
+# | ("failed", reason regex for every sample, after every attempt) | ("final", the same after one attempt: asking
+# again would end the same way) | ("fatal", regex for the one error line)
 CASES = [
     ("trickled_body", (SLOW_BODY,), ("failed", TIMED_OUT)),
     ("trickled_body_then_ok", (SLOW_BODY, OK), "scored"),
@@ -157,6 +173,12 @@ CASES = [
     ("persistent_500", (ERROR_500,), ("failed", r"^HTTP 500 Internal Server Error: upstream exploded")),
     ("persistent_503", (ERROR_503,), ("failed", r"^HTTP 503 Service Unavailable: overloaded, try later")),
     ("5xx_then_malformed", (ERROR_503, EMPTY_CHOICES), ("failed", r"^malformed response: empty choices")),
+    ("error_with_status_200", (ERROR_WITH_200,),
+     ("failed", r"^malformed response: an error with status 200: upstream provider returned an error")),
+    ("model_refusal", (REFUSAL,), ("failed", r"^malformed response: the model refused: .I can.{1,2}t help with that")),
+    ("content_filter", (FILTERED,), ("failed", r"^malformed response: the endpoint's content filter withheld")),
+    ("cut_while_thinking", (CUT_WHILE_THINKING,), ("final", r"^malformed response: the answer hit the token limit")),
+    ("content_as_text_parts", (CONTENT_PARTS,), "scored_sampled"),
 ]
 
 
@@ -199,12 +221,13 @@ def test_misbehaving_endpoint(template, tmp_path, replies, expected):
         assert o.summary["failure_reasons"] == {}
         return
 
-    # every sample failed: listed with one clear reason, after exactly the configured attempts
+    # every sample failed: listed with one clear reason, after exactly the configured attempts (one if final)
+    tries = 1 if kind == "final" else RETRIES + 1
     assert not scored and o.summary["failed"] == N
     for r in failed:
         assert re.search(expected[1], r["details"]["error"]), r["details"]
-        assert len(r["details"]["reasons"]) == RETRIES + 1
-    assert all(len(t) == RETRIES + 1 for t in per_sample.values()), per_sample
+        assert len(r["details"]["reasons"]) == tries
+    assert all(len(t) == tries for t in per_sample.values()), per_sample
     assert re.search(expected[1].lstrip("^"), o.err)  # the run's own warning names the reason too
 
 

@@ -150,6 +150,10 @@ def parse_completion(body: bytes) -> Completion:
     if not isinstance(resp, dict):
         raise MalformedResponse(f"body is a JSON {type(resp).__name__}, not an object")
     choices = resp.get("choices")
+    if choices is None and resp.get("error") is not None:  # some gateways send their errors with status 200
+        err = resp["error"]
+        msg = err.get("message") or json.dumps(err) if isinstance(err, dict) else str(err)
+        raise MalformedResponse(f"an error with status 200: {one_line(str(msg), 120)}")
     if not isinstance(choices, list):
         raise MalformedResponse("no choices list" if choices is None else f"choices is a {_kind(choices)}, not a list")
     if not choices:
@@ -162,9 +166,17 @@ def parse_completion(body: bytes) -> Completion:
         raise MalformedResponse("choices[0].message is missing" if message is None
                                 else f"choices[0].message is a {_kind(message)}, not an object")
     text = message.get("content")
-    if not (text or "").strip() and choice.get("finish_reason") == "length":
-        raise AnswerCutShort("the answer hit the token limit before any text (finish_reason 'length'): a reasoning "
-                             "model thinks first; give the judge more max_tokens")
+    if isinstance(text, list) and text and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in text):
+        text = "".join(p["text"] for p in text)  # content as a list of text parts (some gateways)
+    if not (isinstance(text, str) and text.strip()):  # no answer: say why when the body does
+        finish, refusal = choice.get("finish_reason"), message.get("refusal")
+        if finish == "length":
+            raise AnswerCutShort("the answer hit the token limit before any text (finish_reason 'length'): a "
+                                 "reasoning model thinks first; give the judge more max_tokens")
+        if isinstance(refusal, str) and refusal.strip():
+            raise MalformedResponse(f"the model refused: {one_line(refusal, 120)!r}")
+        if finish == "content_filter":
+            raise MalformedResponse("the endpoint's content filter withheld the answer (finish_reason 'content_filter')")
     if not isinstance(text, str):
         raise MalformedResponse(f"choices[0].message.content is {'null' if text is None else 'a ' + _kind(text)}, "
                                 "not text")
