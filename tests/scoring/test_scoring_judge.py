@@ -212,6 +212,16 @@ def test_score_max_tokens_reaches_the_requests(tmp_path):
     assert stub.log[0]["body"]["max_tokens"] == 300 and scorer.opts.timeout_s == 7.0
 
 
+def test_a_404_from_a_base_url_without_v1_suggests_it(tmp_path):
+    not_found = (404, {"error": {"message": "Not Found", "type": "not_found_error"}})
+    with StubJudge(lambda b: not_found) as stub:
+        root = stub.base_url.removesuffix("/v1")
+        for url, hinted in ((root, True), (stub.base_url, False)):
+            with pytest.raises(JudgeFatalError) as e:
+                JudgeScorer(cfg(url), tmp_path / "c.sqlite", options=FAST).score(small_dataset(1))
+            assert (f"answer under /v1: {root}/v1?" in str(e.value)) is hinted, str(e.value)
+
+
 def test_auth_error_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-000000000")
     with StubJudge(lambda b: (401, {"error": {"message": "Incorrect API key provided: sk-wrong-000000000"}})) as stub:

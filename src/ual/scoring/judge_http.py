@@ -380,6 +380,8 @@ def fatal_message(reason: str, base_url: str | None, model: str, model_setting: 
         hint = f"no access to model {model} with this key; check $OPENAI_API_KEY and {model_setting}"
     else:
         hint = f"check that {model_setting} ({model}) is served there and {url_setting} is right"
+        if base_url and not re.search(r"/v\d+/?$", base_url):  # vLLM, llama.cpp, Ollama serve under /v1
+            hint += f"; OpenAI-compatible servers answer under /v1: {where.rstrip('/')}/v1?"
     return f"judge endpoint {where} answered {reason} ({hint})"
 
 
