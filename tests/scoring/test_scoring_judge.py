@@ -154,7 +154,7 @@ def test_dry_run_sends_nothing_and_prices(tmp_path, capsys):
         unknown = JudgeScorer(cfg(stub.base_url, model="my-local-llama"), tmp_path / "c.sqlite", options=FAST)
         assert unknown.plan(small_dataset(4))["est_cost_usd"] is None and stub.log == []
     assert price_for("gpt-4o-2024-08-06") == price_for("gpt-4o") != price_for("gpt-4o-mini-2024-07-18")
-    assert price_for("llama") is None
+    assert price_for("llama") is None and price_for("gpt-5-mini-2025-08-07") == price_for("gpt-5-mini") != price_for("gpt-5")
 
 
 def test_n_samples_average_and_logprobs_refused(tmp_path):

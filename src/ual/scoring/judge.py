@@ -59,6 +59,10 @@ PRICES_PER_MTOK = {
     "gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60),
     "gpt-4.1": (2.00, 8.00), "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40),
     "gpt-4-turbo": (10.00, 30.00), "gpt-4": (30.00, 60.00), "gpt-3.5-turbo": (0.50, 1.50),
+    # reasoning models: their thinking is billed as output, so a dry run's cost, at score.max_tokens per
+    # answer, is an upper bound
+    "gpt-5": (1.25, 10.00), "gpt-5-mini": (0.25, 2.00), "gpt-5-nano": (0.05, 0.40),
+    "o3": (2.00, 8.00), "o4-mini": (1.10, 4.40),
 }
 
 
