@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -165,3 +166,92 @@ def test_streaming_json_array_matches_json_load(tmp_path, chunk):
     assert [v for _, v in iter_json_array(cut, truncated_ok=True, chunk=chunk)] == rows[:30]
     with pytest.raises(DataError, match=r"cut\.json:\d+: not valid JSON"):
         list(iter_json_array(cut, chunk=chunk))
+
+
+def test_content_given_as_text_parts(tmp_path):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "input_text", "text": "B"},
+                                                       {"text": "C"}]},
+                          {"role": "assistant", "content": [{"type": "output_text", "text": "R"}]}]}
+    assert normalize_record(parts) == [{"role": U, "content": "A\nB\nC"}, {"role": A, "content": "R"}]
+    row = {"prompt": [{"role": U, "content": [{"type": "text", "text": "Q"}]}], "completion": "R"}
+    assert normalize_record(row) == [{"role": U, "content": "Q"}, {"role": A, "content": "R"}]
+    for content, message, kind in [
+        ([{"type": "image_url", "image_url": {"url": "x"}}], r"messages\[0\]\.content\[0\]\.type': a part of type 'image_url'", "not text"),
+        ([{"type": "text"}], r"messages\[0\]\.content\[0\]\.text': missing", "missing field"),
+        ([{"type": "text", "text": 3}], r"messages\[0\]\.content\[0\]\.text': expected a string, got int", "wrong type"),
+        ([None], r"messages\[0\]\.content\[0\]': expected a text part .* got null", "wrong type"),
+        ([], r"messages\[0\]\.content': empty user turn", "empty turn"),
+    ]:
+        with pytest.raises(DataError, match=message) as err:
+            normalize_record({"messages": [{"role": U, "content": content}, {"role": A, "content": "R"}]}, where="f:1")
+        assert err.value.kind == kind
+
+
+def test_tool_use_and_developer_roles():
+    assert normalize_record({"messages": [{"role": "developer", "content": "S"}, {"role": U, "content": "Q"},
+                                          {"role": A, "content": "R"}]})[0] == {"role": "system", "content": "S"}
+    for turns, field in [([{"role": U, "content": "Q"}, {"role": "Tool", "content": "1"}, {"role": A, "content": "R"}],
+                          "messages[1].role"),
+                         ([{"role": U, "content": "Q"}, {"role": A, "content": "R", "function_call": {"name": "f"}}],
+                          "messages[1].function_call")]:
+        with pytest.raises(DataError, match=re.escape(f"f:1: field '{field}': a tool")) as err:
+            normalize_record({"messages": turns}, where="f:1")
+        assert err.value.kind == "tool use"
+    # an empty tool_calls list is no call
+    assert len(normalize_record({"messages": [{"role": U, "content": "Q"}, {"role": A, "content": "R", "tool_calls": []}]})) == 2
+
+
+def test_numeric_columns_carry_only_finite_numbers():
+    from ual.data.formats import numeric_columns
+
+    row = {"a": 1, "b": 2.5, "nan": float("nan"), "inf": float("-inf"), "huge": 10 ** 400, "flag": True, "s": "1"}
+    assert numeric_columns(row) == {"a": 1, "b": 2.5}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_streaming_json_array_names_a_repeated_key_and_reads_on(tmp_path, chunk):
+    path = tmp_path / "r.json"
+    path.write_text('[\n{"prompt": "a", "completion": "b"},\n{"prompt": "a", "completion": "b", "meta": {"k": 1, "k": 2}},\n'
+                    '{"prompt": "c", "completion": "d"}\n]\n', encoding="utf-8")
+    values = [v for _, v in iter_json_array(path, chunk=chunk)]
+    assert values[0] == {"prompt": "a", "completion": "b"} and values[2] == {"prompt": "c", "completion": "d"}
+    assert isinstance(values[1], DataError) and values[1].kind == "duplicate key"
+    assert str(values[1]).startswith(f"{path}:3: field 'meta.k': key given twice in one object")
+
+
+def test_run_folder_files_name_the_line_of_what_the_parser_cannot_read(tmp_path):
+    """ual.io.read_jsonl (scores, samples: the run folder's own files) reads through the same decoder."""
+    from ual.io import read_jsonl
+
+    for name, line, message in [
+        ("deep", "[" * 50_000 + "]" * 50_000, "nested deeper than about"),
+        ("digits", '{"id": "a", "score": ' + "1" * 5000 + "}", "an integer with more than"),
+        ("repeated", '{"id": "a", "score": 0.1, "score": 0.9}', "field 'score': key given twice"),
+    ]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text('{"id": "z", "score": 0.5}\n' + line + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(message)):
+            read_jsonl(path)
+
+
+def test_a_read_error_mid_file_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import ual.jsonl
+
+    path = write_jsonl(tmp_path / "disk.jsonl", [SHAPES["alpaca"], SHAPES["lima"]])
+
+    class FailingFile:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            yield json.dumps(SHAPES["alpaca"]) + "\n"
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ual.jsonl, "open_text", lambda p: FailingFile())
+    with pytest.raises(DataError, match=re.escape(f"{path}: cannot read (after 1 rows: Input/output error)")):
+        load_file(path)

@@ -100,3 +100,19 @@ def test_sharegpt_in_a_build_reads_only_what_it_needs(tmp_path):
     stats = build_dataset(cfg)["sources"]["sharegpt"]
     assert (stats["kept"], stats["train"], stats["heldout"]) == (50, 40, 10)
     assert stats["read"] < 100
+
+
+def test_a_write_that_fails_part_way_leaves_no_samples_without_stats(tmp_path, monkeypatch):
+    import ual.data.stage
+
+    path = chat_file(tmp_path / "facts.jsonl")
+    cfg = ExperimentConfig(run_dir=str(tmp_path / "run"), data=DataConfig(sources=[SourceConfig(name=str(path), heldout=5)]))
+    build_dataset(cfg)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ual.data.stage, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build_dataset(cfg)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []

@@ -99,3 +99,14 @@ def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
     tok.chat_template = None
     with pytest.raises(TemplateError, match="no chat template"):
         encode_sample(tok, EXPECTED["alpaca"], 512)
+
+
+def test_a_template_that_raises_on_a_conversation_is_a_refusal_of_that_conversation(tokenizer):
+    from ual.data.tokenize import TemplateRefused
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first, please') }}{% endif %}"
+                         + tokenizer.chat_template)
+    assert encode_sample(tok, EXPECTED["alpaca"], 512)["input_ids"]
+    with pytest.raises(TemplateRefused, match="refuses this conversation: user first, please"):
+        encode_sample(tok, EXPECTED["messages"], 512)  # starts with a system turn

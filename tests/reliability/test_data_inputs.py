@@ -57,6 +57,27 @@ def parquet(rows) -> bytes:
     return buf.getvalue()
 
 
+def parquet_rows(rows) -> bytes:
+    """A Parquet table of `rows`, its schema inferred (nested lists of structs, nulls)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def chat(*turns, **extra) -> dict:
+    """{"messages": [...]} from (role, content) pairs, each a dict already or a pair."""
+    return {"messages": [t if isinstance(t, dict) else {"role": t[0], "content": t[1]} for t in turns], **extra}
+
+
+DEEP = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # deeper than any parser's recursion
+LONG_INT = b'{"prompt": "q", "completion": "a", "n": ' + b"9" * 5000 + b"}"  # past Python's int digit limit
+
+
 def ual(capsys, *argv) -> tuple[int, str]:
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
@@ -158,6 +179,65 @@ FATAL = [
     ("unsupported-suffix", "t.csv", b"prompt,completion\nq,a\n", {}, ["{f}: unsupported file type '.csv'"]),
     ("every-row-bad-under-skip", "t.jsonl", jsonl(b"{oops", {"prompt": 1, "completion": "c"}), {"on_error": "skip"},
      ["{f}: none of its 2 rows is usable", "{f}:1: not valid JSON"]),
+    # not UTF-8 JSON text at all: said once for the file, with what it is
+    ("utf16-with-bom", "u.jsonl", jsonl(M, P).decode().encode("utf-16"), {},
+     ["{f}: UTF-16 text (it starts with a byte-order mark), not UTF-8"]),
+    ("utf16-without-bom", "u.json", json.dumps([M]).encode("utf-16-le"), {},
+     ["{f}: NUL bytes among its first characters: UTF-16 or UTF-32 text without a byte-order mark"]),
+    ("gzip-bytes-named-jsonl", "z.jsonl", __import__("gzip").compress(jsonl(M)), {}, ["{f}: gzip-compressed, not JSON text"]),
+    ("jsonl-gz", "z.jsonl.gz", __import__("gzip").compress(jsonl(M)), {}, ["{f}: a gzip-compressed file: decompress it"]),
+    ("parquet-named-json", "p.json", parquet([A]), {}, ["{f}: a Parquet file, not JSON text: give it the .parquet suffix"]),
+    ("nul-bytes-line", "n.jsonl", jsonl(M, b"\x00" * 8), {}, ["{f}:2: NUL byte at column 1"]),
+    # what the JSON parser raises besides a syntax error
+    ("nested-too-deep-jsonl", "d.jsonl", jsonl(M, DEEP), {}, ["{f}:2: not readable JSON (lists or objects nested deeper"]),
+    ("nested-too-deep-json-list", "d.json", json_list(M, P, DEEP), {},
+     ["{f}:4: not readable JSON (lists or objects nested deeper", "a JSON list cannot be read past it"]),
+    ("nested-too-deep-data-wrapper", "d.json", b'{"data": [' + DEEP + b"]}", {}, ["{f}: not readable JSON (lists or"]),
+    ("integer-too-long", "i.jsonl", jsonl(P, LONG_INT), {}, ["{f}:2: not readable JSON (an integer with more than"]),
+    # a key given twice: JSON would keep the last value and lose the other
+    ("duplicate-key", "k.jsonl", jsonl(M, b'{"messages": [{"role": "user", "content": "q"}], "messages": "x"}'), {},
+     ["{f}:2: field 'messages': key given twice in one object"]),
+    ("duplicate-key-nested-json-list", "k.json",
+     json_list(S, b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "value": "b"}]}'),
+     {}, ["{f}:3: field 'conversations[1].value': key given twice in one object"]),
+    ("duplicate-key-data-wrapper", "k.json", b'{"data": [{"prompt": "a", "completion": "b", "prompt": "c"}]}', {},
+     ["{f}:data[0]: field 'prompt': key given twice in one object"]),
+    # the file's layout is not the suffix's
+    ("json-list-then-more", "l.json", json_list(M) + b"[]\n", {}, ["{f}:4: more text after the list's closing ']'"]),
+    ("json-file-holding-json-lines", "l.json", jsonl(M, P), {},
+     ["{f}:2: not valid JSON (Extra data at column 1)", "JSON Lines, read from a .jsonl file"]),
+    ("jsonl-file-holding-a-json-list", "l.jsonl", json.dumps([M, P], indent=1).encode(), {},
+     ["{f}:1: not valid JSON", "the file starts a JSON list: a list of rows is read from a .json file"]),
+    ("jsonl-cut-off-mid-row", "c.jsonl", jsonl(M) + b'{"messages": [{"role": "user", "con', {},
+     ["{f}:2: not valid JSON (Unterminated string starting at column 32)", "no line end: was the file cut off?"]),
+    # turns that are not plain text
+    ("content-null", "t.jsonl", jsonl(M, chat(("user", None), ("assistant", "a"))), {},
+     ["{f}:2: field 'messages[0].content': expected a string, got null"]),
+    ("content-image-part", "t.jsonl",
+     jsonl(M, chat(("user", [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]),
+                   ("assistant", "A cat."))), {},
+     ["{f}:2: field 'messages[0].content[1].type': a part of type 'image_url': only text parts"]),
+    ("content-part-not-an-object", "t.jsonl", jsonl(M, chat(("user", ["q"]), ("assistant", "a"))), {},
+     ["{f}:2: field 'messages[0].content[0]': expected a text part", "got str"]),
+    ("assistant-tool-call", "t.jsonl",
+     jsonl(M, chat(("user", "Weather?"), {"role": "assistant", "content": None,
+                                          "tool_calls": [{"id": "1", "type": "function",
+                                                          "function": {"name": "weather", "arguments": "{}"}}]},
+                   ("tool", "sunny"), ("assistant", "Sunny."))), {},
+     ["{f}:2: field 'messages[1].tool_calls': a tool call: tool calls and their results are not supported"]),
+    ("tool-role", "t.jsonl", jsonl(M, chat(("user", "q"), ("tool", "42"), ("assistant", "a"))), {},
+     ["{f}:2: field 'messages[1].role': a tool-use turn ('tool')"]),
+    ("sharegpt-function-call", "t.jsonl",
+     jsonl(S, {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"},
+                                 {"from": "observation", "value": "1"}, {"from": "gpt", "value": "a"}]}), {},
+     ["{f}:2: field 'conversations[1].from': a tool-use turn ('function_call')"]),
+    # a known field that is there but null
+    ("messages-null", "t.jsonl", jsonl(M, {"messages": None}), {}, ["{f}:2: field 'messages': missing (null)"]),
+    ("parquet-messages-null", "m.parquet", parquet_rows([M, {"messages": None}]), {},
+     ["{f}:row 1: field 'messages': missing (null)"]),
+    ("parquet-messages-content-null", "m.parquet",
+     parquet_rows([M, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}]), {},
+     ["{f}:row 1: field 'messages[1].content': expected a string, got null"]),
 ]
 
 
@@ -192,6 +272,59 @@ def test_a_path_that_is_not_a_file_says_what_it_is(tmp_path, capsys, good_run, c
     assert_no_stale(run)
 
 
+def test_a_symlink_loop_is_a_clear_error_and_discards_the_last_outputs(tmp_path, capsys, good_run):
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(tmp_path / "loop2.jsonl")
+    (tmp_path / "loop2.jsonl").symlink_to(loop)
+    run = seed_stale(good_run, tmp_path)
+    code, err = ual(capsys, "data", write_config(tmp_path, loop))
+    assert code == 2 and "Traceback" not in err
+    assert f"{loop}: cannot read (Too many levels of symbolic links)" in err
+    assert_no_stale(run)
+
+
+@pytest.mark.parametrize("how", ["same-path", "same-path-two-labels", "symlink-to-it"])
+def test_one_file_given_as_two_sources_is_refused(tmp_path, capsys, good_run, how):
+    src = tmp_path / "chat.jsonl"
+    content = jsonl(*(good("messages", i) for i in range(8)))
+    src.write_bytes(content)
+    other = src
+    if how == "symlink-to-it":
+        other = tmp_path / "alias.jsonl"
+        other.symlink_to(src)
+    labels = ({"label": "a"}, {"label": "b"}) if how == "same-path-two-labels" else ({}, {"label": "b"})
+    run = seed_stale(good_run, tmp_path)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run), "model": "smollm2-135m", "data": {"sources": [
+        {"name": str(src), "heldout": 2, **labels[0]}, {"name": str(other), "heldout": 2, **labels[1]}]}}))
+    code, err = ual(capsys, "data", cfg)
+    assert code == 2 and "Traceback" not in err
+    assert "data.sources[0] and data.sources[1] both read" in err and str(src) in err
+    assert src.read_bytes() == content
+    assert_no_stale(run)
+
+
+def test_overlapping_files_never_train_on_a_held_out_conversation(tmp_path, capsys, caplog):
+    """Two files that share conversations: one source's held-out samples are dropped from the other's
+    training (and counted), so evaluation never runs on what was trained on."""
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    small.write_bytes(jsonl(*(good("messages", i) for i in range(4))))
+    big.write_bytes(jsonl(*(good("messages", i) for i in range(8))))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": "smollm2-135m", "data": {"sources": [
+        {"name": str(small), "heldout": 4}, {"name": str(big)}]}}))
+    code, err = ual(capsys, "data", cfg)
+    assert code == 0, err
+    run = tmp_path / "run"
+    held = {json.dumps(r["messages"]) for r in read_jsonl(run / "heldout.jsonl")}
+    train = [json.dumps(r["messages"]) for r in read_jsonl(run / "samples.jsonl")]
+    assert len(held) == 4 and len(train) == 4 and not held & set(train)
+    stats = read_json(run / "data_stats.json")
+    assert stats["sources"]["big"]["dropped_also_heldout"] == 4 and stats["sources"]["big"]["train"] == 4
+    assert stats["train"] == 4
+    assert "held-out samples of another source" in caplog.text
+
+
 # --------------------------------------------------------------------------- on_error: skip counts every kind
 
 SKIP = [
@@ -219,6 +352,16 @@ SKIP = [
     ("lima", "mixed.jsonl", {"format": "lima"}, jsonl(
         L, good("lima", 1), good("lima", 2), {"conversations": ["q", 3]}, {"conversations": "q"},
         {"conversations": ["a reply first?", ""]}), {"wrong type": 2, "empty turn": 1}),
+    ("jsonl-parser-limits-and-non-text", "mixed2.jsonl", {}, jsonl(
+        M, good("messages", 1), good("messages", 2), DEEP, LONG_INT,
+        b'{"prompt": "q", "completion": "a", "completion": "b"}',
+        chat(("user", "q"), ("tool", "1"), ("assistant", "a")),
+        chat(("user", [{"type": "image_url", "image_url": {"url": "x"}}]), ("assistant", "a")),
+        {"messages": None},
+    ), {"invalid JSON": 2, "duplicate key": 1, "tool use": 1, "not text": 1, "missing field": 1}),
+    ("json-list-duplicate-key", "mixed2.json", {}, json_list(
+        P, good("prompt_completion", 1), b'{"prompt": "q", "prompt": "q2", "completion": "c"}',
+        good("prompt_completion", 2)), {"duplicate key": 1}),
 ]
 
 
@@ -235,6 +378,73 @@ def test_skip_mode_skips_and_counts_every_kind_of_bad_row(tmp_path, capsys, capl
     assert len(read_jsonl(tmp_path / "run" / "samples.jsonl")) == 3
     assert f"{sum(kinds.values())} bad rows skipped" in caplog.text
     assert src.read_bytes() == content
+
+
+# --------------------------------------------------------------------------- shapes accepted as they are written
+
+def test_common_variants_are_accepted_as_written(tmp_path, capsys):
+    """Content as a list of text parts, OpenAI's developer role, roles in any case, an Alpaca row with
+    its question in `input` only, and a NaN / Infinity weight (Python's JSON reads them; not carried,
+    so samples.jsonl stays strict JSON)."""
+    src = tmp_path / "variants.jsonl"
+    content = jsonl(
+        chat(("user", [{"type": "text", "text": "Look:"}, {"type": "text", "text": "what is it?"}]),
+             ("assistant", [{"type": "text", "text": "A cat."}])),
+        chat(("developer", "Be brief."), ("User", "Hi"), ("ASSISTANT", "Hello.")),
+        {"instruction": "", "input": "Translate 'chat'.", "output": "cat"},
+        b'{"prompt": "q1", "completion": "a1", "weight": NaN, "w2": Infinity, "w3": 2.5}',
+    )
+    src.write_bytes(content)
+    code, err = ual(capsys, "data", write_config(tmp_path, src))
+    assert code == 0, err
+    run = tmp_path / "run"
+    text = (run / "samples.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    rows = {r["meta"]["origin"].rsplit(":", 1)[1]: r for r in read_jsonl(run / "samples.jsonl")}
+    assert rows["1"]["messages"] == [{"role": "user", "content": "Look:\nwhat is it?"},
+                                     {"role": "assistant", "content": "A cat."}]
+    assert [m["role"] for m in rows["2"]["messages"]] == ["system", "user", "assistant"]
+    assert rows["3"]["messages"][0] == {"role": "user", "content": "Translate 'chat'."}
+    assert "weight" not in rows["4"]["meta"] and "w2" not in rows["4"]["meta"] and rows["4"]["meta"]["w3"] == 2.5
+    assert src.read_bytes() == content
+
+
+@pytest.fixture(scope="module")
+def strict_template_model(tmp_path_factory, tokenizer):
+    """SmolLM2's tokenizer with a template that raises on turns that do not alternate, as Llama-2's
+    and Mistral's do."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                         "{% endif %}{% endfor %}" + tokenizer.chat_template)
+    path = tmp_path_factory.mktemp("strict-template")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_conversation_the_chat_template_refuses_names_its_line(tmp_path, capsys, good_run, strict_template_model,
+                                                                 on_error):
+    src = tmp_path / "chat.jsonl"
+    content = jsonl(*(good("messages", i) for i in range(3)),
+                    chat(("user", "q1"), ("user", "q2"), ("assistant", "a")))
+    src.write_bytes(content)
+    run = seed_stale(good_run, tmp_path)
+    code, err = ual(capsys, "data", write_config(tmp_path, src, on_error=on_error, model=strict_template_model))
+    assert "Traceback" not in err and src.read_bytes() == content
+    if on_error == "raise":
+        assert code == 2
+        [message] = [x for x in err.splitlines() if x.startswith("ual data: error: ")]
+        assert f"{src}:4: the chat template of" in message and "Conversation roles must alternate" in message
+        assert_no_stale(run)
+    else:
+        assert code == 0, err
+        stats = read_json(run / "data_stats.json")["sources"]["chat"]
+        assert stats["kept"] == 3 and stats["skipped"] == 1 and stats["skipped_by_kind"] == {"chat template": 1}
+        assert stats["skipped_reasons"][0].startswith(f"{src}:4: the chat template of")
+        assert len(read_jsonl(run / "samples.jsonl")) == 3
 
 
 # --------------------------------------------------------------------------- turns after the last reply

@@ -3,11 +3,15 @@
 The layers every loader shares (`formats.py` adds the row's shape and fields on top):
   check_file(path)  the path is a readable, non-empty regular file; a missing path, a
                     directory, an unreadable or empty file each say which they are
+  check_text(path)  a .jsonl / .json file is UTF-8 text: one that is compressed (gzip, bz2,
+                    xz, zstd, zip), a Parquet file, or UTF-16/UTF-32 text is refused whole,
+                    saying which, instead of failing on every row with a decoding error
   iter_rows(path)   (where, row) per row of a .jsonl / .json / .parquet file. A row that
-                    cannot be used (not valid JSON, bytes that are not UTF-8, not an object)
-                    comes as a DataError *value*, so `on_error: skip` skips and counts it
-                    like any other bad row; what ends the file (a JSON list broken mid-way,
-                    no rows at all) is raised.
+                    cannot be used (not valid JSON, bytes that are not UTF-8, not an object,
+                    a key given twice, nesting too deep to parse) comes as a DataError *value*,
+                    so `on_error: skip` skips and counts it like any other bad row; what ends
+                    the file (a JSON list broken mid-way, anything after its closing ']', no
+                    rows at all, an I/O error) is raised.
 Text is decoded with errors="surrogateescape" (ual/jsonl.py, the JSON Lines decoder shared with
 ual.io): a stray non-UTF-8 byte does not stop the read, and the row that holds it is reported
 with its line and field.
@@ -20,9 +24,26 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from ual.jsonl import DataError, checked_text, json_error, jsonl_rows, open_text  # noqa: F401 (DataError re-exported)
+from ual.jsonl import DataError, Decoder, checked_text, json_error, jsonl_rows, limit_error, open_text
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
+
+# What the first bytes of a file that is not UTF-8 JSON text say it is (longest first: UTF-32LE's
+# mark starts with UTF-16LE's).
+MAGIC = (
+    (b"\xff\xfe\x00\x00", "UTF-32 text (it starts with a byte-order mark), not UTF-8: re-save it as UTF-8"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text (it starts with a byte-order mark), not UTF-8: re-save it as UTF-8"),
+    (b"\xff\xfe", "UTF-16 text (it starts with a byte-order mark), not UTF-8: re-save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text (it starts with a byte-order mark), not UTF-8: re-save it as UTF-8"),
+    (b"\x1f\x8b", "gzip-compressed, not JSON text: decompress it first (gunzip)"),
+    (b"BZh", "bzip2-compressed, not JSON text: decompress it first (bunzip2)"),
+    (b"\xfd7zXZ\x00", "xz-compressed, not JSON text: decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed, not JSON text: decompress it first (unzstd)"),
+    (b"PK\x03\x04", "a zip archive, not JSON text: extract the data file from it first"),
+    (b"PAR1", "a Parquet file, not JSON text: give it the .parquet suffix"),
+)
+COMPRESSED = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd", ".zip": "zip", ".tgz": "gzip",
+              ".7z": "7z"}
 
 
 def check_file(path: str | Path) -> Path:
@@ -49,6 +70,20 @@ def check_file(path: str | Path) -> Path:
     return path
 
 
+def check_text(path: Path) -> None:
+    """Refuse a .jsonl / .json file whose first bytes show it is not UTF-8 JSON text (see MAGIC); a
+    NUL byte among the first four is UTF-16 or UTF-32 without a byte-order mark (JSON text starts
+    with an ASCII character), or binary data."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, what in MAGIC:
+        if head.startswith(magic):
+            raise DataError(f"{path}: {what}", "file")
+    if b"\x00" in head[:4]:
+        raise DataError(f"{path}: NUL bytes among its first characters: UTF-16 or UTF-32 text without a "
+                        "byte-order mark, or binary data, not UTF-8 JSON text: re-save it as UTF-8", "file")
+
+
 # --------------------------------------------------------------------------- JSON lists
 
 def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1 << 20) -> Iterator[tuple[int, object]]:
@@ -59,7 +94,7 @@ def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1
     dump is) ends the iteration cleanly instead of raising. An element holding bytes
     that are not UTF-8 comes as a DataError value naming its line and field.
     """
-    dec = json.JSONDecoder()
+    dec = Decoder()
     with open_text(Path(path)) as fh:
         buf, pos, eof = "", 0, False
         line, mark = 1, 0  # `line` is the line number at buf[mark]
@@ -98,12 +133,22 @@ def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1
                     return
                 raise DataError(f"{path}:{line_at(pos)}: file ends before the closing ']'", "file")
             if buf[pos] == "]":
+                pos += 1
+                skip(" \t\r\n")
+                if pos < len(buf) and not truncated_ok:
+                    raise DataError(f"{path}:{line_at(pos)}: more text after the list's closing ']' (a .json "
+                                    "file holds one list: merge the lists, or store one row per line as .jsonl)",
+                                    "file")
                 return
             try:
                 value, end = dec.raw_decode(buf, pos)
                 if end == len(buf) and not eof:  # a scalar may go on in the next chunk
                     raise json.JSONDecodeError("incomplete", buf, end)
-            except json.JSONDecodeError as exc:
+            except (RecursionError, ValueError) as exc:
+                if not isinstance(exc, json.JSONDecodeError):  # too deep, too many digits: no way past it
+                    err = limit_error(f"{path}:{line_at(pos)}", exc)
+                    raise DataError(f"{err} (a JSON list cannot be read past it, whatever on_error says: fix "
+                                    "the file, or store one row per line as .jsonl)", err.kind) from None
                 if not eof:  # maybe only cut by the buffer: read on, then decode again
                     more()
                     continue
@@ -114,14 +159,24 @@ def iter_json_array(path: str | Path, truncated_ok: bool = False, chunk: int = 1
                 raise DataError(f"{err} (a JSON list cannot be read past broken syntax, whatever on_error "
                                 "says: fix the file, or store one row per line as .jsonl)", err.kind) from None
             where = f"{path}:{line_at(pos)}"
-            yield line_at(pos), checked_text(value, where, buf[pos:end])
+            yield line_at(pos), checked_text(value, where, buf[pos:end], dec.repeated)
             pos = end
 
 
 # --------------------------------------------------------------------------- files
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    first = True
     for lineno, row in jsonl_rows(path):
+        if first and (isinstance(row, list) or (isinstance(row, DataError) and row.kind == "invalid JSON")):
+            with open_text(path) as fh:
+                opens_list = next((t for t in fh if t.strip()), "").lstrip().startswith("[")
+            if opens_list:  # a JSON list in a .jsonl file
+                kind = "not an object" if isinstance(row, list) else row.kind
+                what = "expected a JSON object, got list" if isinstance(row, list) else str(row)[len(f"{path}:{lineno}: "):]
+                row = DataError(f"{path}:{lineno}: {what} (the file starts a JSON list: a list of rows is read "
+                                "from a .json file, a .jsonl file holds one object per line)", kind)
+        first = False
         yield f"{path}:{lineno}", row
 
 
@@ -131,16 +186,27 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     if first != "{":
         yield from ((f"{path}:{line}", row) for line, row in iter_json_array(path))
         return
+    dec = Decoder()
     with open_text(path) as fh:  # {"data": [...]}: small enough to load whole
-        try:
-            obj = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise json_error(f"{path}:{exc.lineno}", exc, "") from None
+        text = fh.read()
+    try:
+        obj = dec.parse(text)
+    except json.JSONDecodeError as exc:
+        err = json_error(f"{path}:{exc.lineno}", exc, text.split("\n")[exc.lineno - 1])
+        if exc.msg == "Extra data" and text[exc.pos:exc.pos + 1] == "{":
+            err = DataError(f"{err} (the file holds one JSON object after another: JSON Lines, read from a "
+                            ".jsonl file)", err.kind)
+        raise err from None
+    except (RecursionError, ValueError) as exc:
+        raise limit_error(str(path), exc) from None
+    if dec.repeated_key(obj):
+        raise DataError(f"{path}: field '{dec.repeated_key(obj)}': key given twice in one object (JSON keeps only "
+                        "the last value and would lose the other: remove one)", "file")
     if not isinstance(obj.get("data"), list):
         raise DataError(f"{path}: expected a JSON list of objects or {{\"data\": [...]}}, found keys {sorted(obj)}",
                         "file")
     for i, row in enumerate(obj["data"]):
-        yield f"{path}:data[{i}]", checked_text(row, f"{path}:data[{i}]")
+        yield f"{path}:data[{i}]", checked_text(row, f"{path}:data[{i}]", repeated=dec.repeated)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -164,13 +230,26 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, object]]:
     path = check_file(path)
     suffix = path.suffix.lower()
     readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
+    if suffix in COMPRESSED:
+        raise DataError(f"{path}: a {COMPRESSED[suffix]}-compressed file: decompress it first and give the "
+                        f"{', '.join(SUFFIXES)} file inside as the source", "file")
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type '{suffix}' (expected {', '.join(SUFFIXES)})", "file")
+    if suffix != ".parquet":
+        check_text(path)
     n = 0
-    for where, row in readers[suffix](path):
+    rows = readers[suffix](path)
+    while True:
+        try:
+            where, row = next(rows)
+        except StopIteration:
+            break
+        except OSError as exc:  # the file went away or the disk failed mid-read
+            raise DataError(f"{path}: cannot read (after {n} rows: {exc.strerror or exc})", "file") from None
         n += 1
         if not isinstance(row, (dict, DataError)):
-            row = DataError(f"{where}: expected a JSON object, got {type(row).__name__}", "not an object")
+            name = "null" if row is None else type(row).__name__
+            row = DataError(f"{where}: expected a JSON object, got {name}", "not an object")
         yield where, row
     if n == 0:
         holds = {".jsonl": "only blank lines", ".json": "an empty list", ".parquet": "a table with 0 rows"}[suffix]

@@ -12,10 +12,18 @@ user can open the file at the right place: "train.jsonl:7: field 'conversations[
 empty response". Files are read by `files.iter_rows` (file and text problems); this module
 checks each row's shape and fields. `load_file(..., on_error="skip")` skips every kind of
 bad row and counts it (by kind) instead.
+
+Accepted beyond the plain shapes: roles and speaker names in any case ("User", "ASSISTANT");
+OpenAI's "developer" role as the system turn; a turn's content given as a list of text parts
+([{"type": "text", "text": ...}], OpenAI's multimodal form; "input_text" / "output_text" too),
+joined with newlines. Refused, naming the field: a part that is not text (an image, audio),
+and tool use (a "tool" / "function" turn, an assistant turn with `tool_calls`), which has no
+text turn to train on in place of the call.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -33,8 +41,18 @@ SPEAKERS = {
     "human": "user", "user": "user", "prompter": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
     "bard": "assistant", "model": "assistant", "bot": "assistant", "claude": "assistant",
-    "system": "system",
+    "system": "system", "developer": "system",
 }
+# Turns of tool use (OpenAI's tool/function roles, ShareGPT-style function_call/observation):
+# a chat of plain text turns cannot hold them.
+TOOL_SPEAKERS = ("tool", "function", "ipython", "function_call", "function_response", "observation",
+                 "tool_call", "tool_calls", "tool_response")
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def type_name(value) -> str:
+    """A value's type as a message names it: JSON's null for None, else the Python type."""
+    return "null" if value is None else type(value).__name__
 
 
 def _fail(where: str, field: str | None, msg: str, kind: str = "wrong type") -> DataError:
@@ -50,7 +68,7 @@ def _has(row: dict, key: str) -> bool:
 def detect_format(row: dict) -> str:
     """Name the shape of one row, or raise listing the keys found and the shapes known."""
     if not isinstance(row, dict):
-        raise DataError(f"expected a JSON object per row, got {type(row).__name__}", "not an object")
+        raise DataError(f"expected a JSON object per row, got {type_name(row)}", "not an object")
     if _has(row, "messages"):
         return "messages"
     if _has(row, "conversations"):
@@ -62,18 +80,22 @@ def detect_format(row: dict) -> str:
         return "alpaca"
     if _has(row, "prompt") and (_has(row, "completion") or _has(row, "response")):
         return "prompt_completion"
+    nulls = [k for k in ("messages", "conversations", "instruction", "output", "prompt", "completion", "response")
+             if k in row and row[k] is None]
+    if nulls:  # a known field that is there but null (a Parquet table's empty cell): say which
+        raise DataError(f"field '{nulls[0]}': missing (null)", "missing field")
     raise DataError(f"unknown format: found keys {sorted(row)}; supported shapes: {SHAPES}", "unknown format")
 
 
 def _turns(turns, field: str, where: str, speaker_key: str, text_key: str) -> list[dict]:
     """Turn dicts -> messages. Accepts role/content and from/value alike, names fields as given."""
     if not isinstance(turns, list):
-        raise _fail(where, field, f"expected a list of turns, got {type(turns).__name__}")
+        raise _fail(where, field, f"expected a list of turns, got {type_name(turns)}")
     out = []
     for i, t in enumerate(turns):
         f = f"{field}[{i}]"
         if not isinstance(t, dict):
-            raise _fail(where, f, f"expected an object with '{speaker_key}' and '{text_key}', got {type(t).__name__}")
+            raise _fail(where, f, f"expected an object with '{speaker_key}' and '{text_key}', got {type_name(t)}")
         sk = speaker_key if speaker_key in t else ("role" if "role" in t else "from")
         tk = text_key if text_key in t else ("content" if "content" in t else "value")
         if sk not in t:
@@ -82,28 +104,58 @@ def _turns(turns, field: str, where: str, speaker_key: str, text_key: str) -> li
             raise _fail(where, f"{f}.{text_key}", "missing", "missing field")
         speaker = t[sk]
         role = SPEAKERS.get(speaker.strip().lower()) if isinstance(speaker, str) else None
+        if role is None and isinstance(speaker, str) and speaker.strip().lower() in TOOL_SPEAKERS:
+            raise _fail(where, f"{f}.{sk}", f"a tool-use turn ({speaker!r}): tool calls and their results are "
+                        "not supported (only system, user and assistant text turns)", "tool use")
         if role is None:
             raise _fail(where, f"{f}.{sk}", f"unknown role {speaker!r} (expected one of {sorted(SPEAKERS)})",
                         "unknown role")
+        for key in ("tool_calls", "function_call"):
+            if t.get(key):
+                raise _fail(where, f"{f}.{key}", "a tool call: tool calls and their results are not supported "
+                            "(only system, user and assistant text turns)", "tool use")
         out.append({"role": role, "content": t[tk], "_field": f"{f}.{tk}", "_role_field": f"{f}.{sk}"})
     return out
 
 
+def _string(value, field: str, where: str) -> str:
+    if value is None:
+        raise _fail(where, field, "missing", "missing field")
+    if not isinstance(value, str):
+        raise _fail(where, field, f"expected a string, got {type_name(value)}")
+    return value
+
+
 def _text(row: dict, key: str, where: str) -> str:
-    if key not in row or row[key] is None:
-        raise _fail(where, key, "missing", "missing field")
-    if not isinstance(row[key], str):
-        raise _fail(where, key, f"expected a string, got {type(row[key]).__name__}")
-    return row[key]
+    return _string(row.get(key), key, where)
+
+
+def _content(content, field: str, where: str) -> str:
+    """A turn's text: a string, or a list of text parts joined with newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _fail(where, field, f"expected a string, got {type_name(content)}")
+    return "\n".join(_text_part(part, f"{field}[{k}]", where) for k, part in enumerate(content))
+
+
+def _text_part(part, field: str, where: str) -> str:
+    """The text of one content part ({"type": "text", "text": ...}; no type means text)."""
+    if not isinstance(part, dict):
+        raise _fail(where, field, f"expected a text part {{\"type\": \"text\", \"text\": ...}}, got {type_name(part)}")
+    kind = part.get("type", "text")
+    if kind not in TEXT_PARTS:
+        raise _fail(where, f"{field}.type", f"a part of type {kind!r}: only text parts can be trained on", "not text")
+    return _string(part.get("text"), f"{field}.text", where)
 
 
 def _alpaca(row: dict, where: str) -> list[dict]:
     prompt = _text(row, "instruction", where)
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
-        raise _fail(where, "input", f"expected a string, got {type(extra).__name__}")
+        raise _fail(where, "input", f"expected a string, got {type_name(extra)}")
     if extra and extra.strip():
-        prompt = f"{prompt}\n\n{extra}"
+        prompt = f"{prompt}\n\n{extra}" if prompt.strip() else extra  # the input alone when no instruction
     return [{"role": "user", "content": prompt, "_field": "instruction"},
             {"role": "assistant", "content": _text(row, "output", where), "_field": "output"}]
 
@@ -123,7 +175,7 @@ def _prompt_completion(row: dict, where: str) -> list[dict]:
 def _lima(row: dict, where: str) -> list[dict]:
     conv = row.get("conversations")
     if not isinstance(conv, list):
-        raise _fail(where, "conversations", f"expected a list of strings, got {type(conv).__name__}")
+        raise _fail(where, "conversations", f"expected a list of strings, got {type_name(conv)}")
     return [{"role": ("user", "assistant")[i % 2], "content": t, "_field": f"conversations[{i}]"}
             for i, t in enumerate(conv)]
 
@@ -142,7 +194,7 @@ def normalize_record(row: dict, fmt: str = "auto", where: str = "row") -> list[d
 def normalize_row(row: dict, fmt: str = "auto", where: str = "row") -> tuple[list[dict], int]:
     """normalize_record, and the number of trailing turns (after the last reply) it dropped."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}", "not an object")
+        raise DataError(f"{where}: expected a JSON object, got {type_name(row)}", "not an object")
     if fmt == "auto":
         try:
             fmt = detect_format(row)
@@ -167,9 +219,8 @@ def normalize_row(row: dict, fmt: str = "auto", where: str = "row") -> tuple[lis
 def _validate(msgs: list[dict], where: str, field: str | None) -> tuple[list[dict], int]:
     out = []
     for m in msgs:
-        role, content, f = m["role"], m["content"], m["_field"]
-        if not isinstance(content, str):
-            raise _fail(where, f, f"expected a string, got {type(content).__name__}")
+        role, f = m["role"], m["_field"]
+        content = _content(m["content"], f, where)
         if not content.strip():
             if role == "system":
                 continue
@@ -185,9 +236,19 @@ def _validate(msgs: list[dict], where: str, field: str | None) -> tuple[list[dic
 
 
 def numeric_columns(row: dict) -> dict:
-    """A row's top-level numbers (not booleans), e.g. a per-sample loss weight: carried into the
-    sample's meta, where train.weight_column finds them (the keys ual sets itself win)."""
-    return {k: v for k, v in row.items() if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """A row's top-level finite numbers (not booleans), e.g. a per-sample loss weight: carried into the
+    sample's meta, where train.weight_column finds them (the keys ual sets itself win). NaN and
+    infinities (Python's JSON reads them, a Parquet float column holds NaN for a missing value) are
+    not carried, as a null is not: samples.jsonl stays strict JSON."""
+    return {k: v for k, v in row.items() if isinstance(k, str) and isinstance(v, (int, float))
+            and not isinstance(v, bool) and _finite(v)}
+
+
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer past any float: not a usable number either
+        return False
 
 
 def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "raise",

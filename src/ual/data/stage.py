@@ -10,11 +10,20 @@ Selection is deterministic: each source's samples are shuffled by an RNG seeded 
 (cfg.seed, source label), so adding a source leaves the others' selection unchanged;
 the first `heldout` go to held-out, the next `train` to training. The two sets are
 disjoint by construction, and by content id, since identical samples are deduplicated
-when loaded.
+when loaded. Across sources too: a training sample with the same conversation as a
+held-out sample of another source (two files that overlap) is dropped from training and
+counted (`dropped_also_heldout`), so no held-out conversation is trained on; one file given
+as two sources is refused.
+
+A conversation the model's chat template refuses to render (Llama-2 and Mistral templates
+raise on turns that do not alternate) is an error naming its file and line, or under
+`on_error: skip` skipped and counted like a malformed row (kind "chat template").
 
 A rerun first discards the outputs of the last one, and what was derived from them (the
 current scores and smoothing; runfolder.py says why): config.yaml is already rewritten
 when the stage starts, so a rerun that fails must leave no samples of another config.
+The three outputs are written one after another, each atomically; if a later one fails,
+the earlier ones are removed again, so the folder never holds samples without their stats.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from pathlib import Path
 
 from ual.config import ExperimentConfig
 from ual.data.formats import DataError
-from ual.sample import Sample
+from ual.sample import Sample, content_id
 from ual.data.sources import input_path, load_source, source_label
 from ual.io import write_json, write_jsonl
 from ual.runfolder import STAGE_OUTPUTS, RunFolder
@@ -81,26 +90,97 @@ def first_exchanges(sample: Sample, max_turns: int) -> Sample:
     return Sample.create(sample.source, kept, sample.meta)
 
 
-def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool):
+def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool,
+                     on_error: str = "raise", stats: dict | None = None):
     """Samples whose response is cut away entirely by max_length teach nothing and cannot be
-    scored (0 response tokens); they are dropped before the split and counted."""
-    from ual.data.tokenize import encode_sample
+    scored (0 response tokens); they are dropped before the split and counted (the second value).
 
-    kept = [s for s in samples
-            if any(x != -100 for x in encode_sample(tokenizer, s.messages, max_length, train_on_prompt)["labels"])]
-    return kept, len(samples) - len(kept)
+    A sample the chat template refuses (TemplateRefused) is a DataError naming its origin, or under
+    on_error "skip" left out and counted in `stats` like a bad row (kind "chat template"); when it
+    refuses every sample, the first refusal is raised whatever on_error says.
+    """
+    from ual.data.tokenize import TemplateRefused, encode_sample
+
+    kept, refused = [], []
+    for s in samples:
+        try:
+            labels = encode_sample(tokenizer, s.messages, max_length, train_on_prompt)["labels"]
+        except TemplateRefused as exc:
+            err = DataError(f"{s.meta.get('origin', s.id)}: {exc}", "chat template")
+            if on_error != "skip":
+                raise err from None
+            refused.append(err)
+            continue
+        if any(x != -100 for x in labels):
+            kept.append(s)
+    if refused and len(refused) == len(samples):
+        raise DataError(f"none of the {len(samples)} samples can be rendered by the chat template (first: "
+                        f"{refused[0]})", "chat template")
+    if refused and stats is not None:
+        stats["kept"] = stats.get("kept", len(samples)) - len(refused)
+        stats["skipped"] = stats.get("skipped", 0) + len(refused)
+        by_kind = stats.setdefault("skipped_by_kind", {})
+        by_kind["chat template"] = by_kind.get("chat template", 0) + len(refused)
+        reasons = stats.setdefault("skipped_reasons", [])
+        reasons += [str(e) for e in refused[: max(0, 5 - len(reasons))]]
+    return kept, len(samples) - len(refused) - len(kept)
+
+
+def _resolved(path: Path) -> Path | None:
+    """path.resolve(), or None for a path that cannot be resolved (a symlink loop: not a file at all,
+    so neither an output to keep nor one to refuse; the loader says what it is)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 on a symlink loop
+        return None
 
 
 def discard_outputs(cfg: ExperimentConfig) -> None:
     """Remove the last run's outputs (and what derives from them) before anything can fail, keeping
     any the user gave as a source file, and refusing (after the rest is gone) to write over one."""
-    inputs = [p for p in (input_path(s) for s in cfg.data.sources) if p is not None]
+    inputs = [p for p in (input_path(s) for s in cfg.data.sources) if p is not None and _resolved(p) is not None]
     RunFolder(cfg.run_path).discard("data", keep=tuple(inputs))
     outs = {(cfg.run_path / name).resolve() for name in OUTPUTS}
     for path in inputs:
         if path.resolve() in outs:
             raise DataError(f"source file {path} is also an output of `ual data` in {cfg.run_path}; "
                             "it would be overwritten: use another run folder or move the file")
+
+
+def check_distinct_files(cfg: ExperimentConfig) -> None:
+    """One file given as two sources (two paths to it, or the same path twice) is refused: its rows
+    would be in the mix twice, and one source's held-out samples in the other's training."""
+    seen: dict[tuple[int, int], tuple[int, Path]] = {}
+    for i, spec in enumerate(cfg.data.sources):
+        path = input_path(spec)
+        try:
+            st = path.stat() if path is not None else None
+        except (OSError, RuntimeError):
+            st = None  # missing or unreadable: the loader says so
+        if st is None:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            j, other = seen[key]
+            same = f"{path}" if str(other) == str(path) else f"{other} and {path} are the same file"
+            raise DataError(f"data.sources[{j}] and data.sources[{i}] both read {same}: give each file once "
+                            "(its rows would be mixed in twice, and one source's held-out samples trained on "
+                            "as the other's)")
+        seen[key] = (i, path)
+
+
+def _write_outputs(out: Path, train: list[Sample], held: list[Sample], stats: dict) -> None:
+    """samples.jsonl, heldout.jsonl, data_stats.json; a failure part-way removes those already written."""
+    written = []
+    try:
+        for name, rows in (("samples.jsonl", train), ("heldout.jsonl", held)):
+            write_jsonl(out / name, (s.to_dict() for s in rows))
+            written.append(out / name)
+        write_json(out / "data_stats.json", stats)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: bool = False) -> dict:
@@ -114,12 +194,13 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     if not cfg.data.sources:
         raise DataError("no data sources configured (data.sources is empty)")
+    check_distinct_files(cfg)
     labels = [source_label(s) for s in cfg.data.sources]
     if len(set(labels)) != len(labels):
         raise DataError(f"two sources share a label in {labels}; give them distinct `label`s")
 
-    train_all: list[Sample] = []
-    held_all: list[Sample] = []
+    train_by: dict[str, list[Sample]] = {}
+    held_by: dict[str, list[Sample]] = {}
     per_source = {}
     for spec, label in zip(cfg.data.sources, labels):
         need = spec.heldout + spec.train if spec.train is not None else None
@@ -133,7 +214,8 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
             stats["duplicates_after_max_turns"] = len(samples) - len(unique)
             samples = list(unique.values())
         if tokenizer is not None:
-            samples, dropped = drop_unlearnable(tokenizer, samples, cfg.data.max_length, cfg.data.train_on_prompt)
+            samples, dropped = drop_unlearnable(tokenizer, samples, cfg.data.max_length, cfg.data.train_on_prompt,
+                                                cfg.data.on_error, stats)
             stats["dropped_no_response_tokens"] = dropped
         train, held = split_source(samples, label, cfg.seed, spec.heldout, spec.train)
         for s in train:
@@ -141,13 +223,27 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
         for s in held:
             s.meta["split"] = "heldout"
         stats.update(available=len(samples), train=len(train), heldout=len(held))
+        per_source[label] = stats
+        train_by[label], held_by[label] = train, held
+
+    # A conversation held out by one source and picked for training by another (two files that
+    # overlap) would be trained on: its training copy goes.
+    held_all = [s for held in held_by.values() for s in held]
+    held_content = {content_id("", s.messages) for s in held_all}
+    for label, train in train_by.items():
+        stats = per_source[label]
+        kept = [s for s in train if content_id("", s.messages) not in held_content]
+        if len(kept) < len(train):
+            stats["dropped_also_heldout"] = len(train) - len(kept)
+            stats["train"] = len(kept)
+            log.warning("data: %s: %d training samples are held-out samples of another source (the files "
+                        "overlap); dropped from training", label, len(train) - len(kept))
+            train_by[label] = train = kept
+        held = held_by[label]
         if tokenizer is not None:
             stats["train_lengths"] = length_stats(tokenizer, train, cfg.data.max_length, cfg.data.train_on_prompt)
             stats["heldout_lengths"] = length_stats(tokenizer, held, cfg.data.max_length, cfg.data.train_on_prompt)
             stats["truncated"] = stats["train_lengths"]["truncated"] + stats["heldout_lengths"]["truncated"]
-        per_source[label] = stats
-        train_all += train
-        held_all += held
         log.info("data: %s: %d read, %d skipped, %d train, %d held-out", label,
                  stats["read"], stats["skipped"], len(train), len(held))
         if stats.get("skipped"):
@@ -161,11 +257,10 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
 
     # Ids hash (source label, messages), labels are distinct and each source is deduplicated,
     # so no id is in both sets; checked anyway, as evaluation on trained samples would mislead.
+    train_all = [s for train in train_by.values() for s in train]
     assert not {s.id for s in train_all} & {s.id for s in held_all}
     random.Random(f"{cfg.seed}:mix").shuffle(train_all)  # sources interleaved in the file
     out = cfg.run_path
-    write_jsonl(out / "samples.jsonl", (s.to_dict() for s in train_all))
-    write_jsonl(out / "heldout.jsonl", (s.to_dict() for s in held_all))
     result = {
         "seed": cfg.seed,
         "max_length": cfg.data.max_length,
@@ -174,7 +269,7 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
         "heldout": len(held_all),
         "sources": per_source,
     }
-    write_json(out / "data_stats.json", result)
+    _write_outputs(out, train_all, held_all, result)
     return result
 
 

@@ -17,11 +17,22 @@ class TemplateError(ValueError):
     """The tokenizer's chat template cannot be used to find assistant tokens."""
 
 
+class TemplateRefused(TemplateError):
+    """The chat template cannot render this conversation (others may render): it raised (e.g. Llama-2
+    or Mistral templates' "Conversation roles must alternate"), or is not prefix-consistent on it."""
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    from jinja2 import TemplateError as JinjaError
+
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; "
                             "use an instruction-tuned model or set tokenizer.chat_template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except JinjaError as exc:
+        raise TemplateRefused(f"the chat template of {tokenizer.name_or_path!r} refuses this conversation: "
+                              f"{exc}") from None
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -34,7 +45,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not (full.startswith(upto) and upto.startswith(before)):
-            raise TemplateError(
+            raise TemplateRefused(
                 f"the chat template of {tokenizer.name_or_path!r} is not prefix-consistent at turn {i} "
                 "(rendering a conversation's first turns is not a prefix of rendering all of it, e.g. it "
                 "rewrites earlier turns), so assistant tokens cannot be located; use train_on_prompt "
