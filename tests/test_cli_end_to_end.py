@@ -147,3 +147,22 @@ def test_map_refuses_missing_scores_unless_told(tmp_path, tiny_model_dir):
     assert all(rows[i]["score"] is None and rows[i]["eps"] == pytest.approx(0.2) for i in ids[-3:])
     assert [rows[i]["eps"] for i in ids[:-3]] == pytest.approx([r["eps"] for r in dropped])
     assert sum(r["eps"] for r in rows.values()) / len(rows) == pytest.approx(0.2)
+
+
+def test_a_machine_error_is_one_line_not_a_traceback(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A full disk (simulated: it cannot be made here) while `ual data` writes: exit 1 and one line naming it."""
+    import ual.data.stage
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'r'}\nmodel: {tiny_model_dir}\ndata:\n  sources:\n    - {{name: {src}}}\n")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ual.data.stage, "write_json", full_disk)
+    assert main(["data", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "ual data: error: [Errno 28] No space left on device" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "samples.jsonl").exists()

@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MissingExtra, FileNotFoundError, ValueError) as exc:
         print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk, an I/O error, a permission
+        logging.getLogger("ual").debug("%s failed", args.stage, exc_info=True)  # the traceback with -v
+        print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
+        return 1
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
