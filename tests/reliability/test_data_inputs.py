@@ -306,23 +306,26 @@ def test_one_file_given_as_two_sources_is_refused(tmp_path, capsys, good_run, ho
 
 def test_overlapping_files_never_train_on_a_held_out_conversation(tmp_path, capsys, caplog):
     """Two files that share conversations: one source's held-out samples are dropped from the other's
-    training (and counted), so evaluation never runs on what was trained on."""
-    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    training (and counted), so evaluation never runs on what was trained on; a conversation both train
+    on is trained once, as the earlier source's."""
+    small, big, third = tmp_path / "small.jsonl", tmp_path / "big.jsonl", tmp_path / "third.jsonl"
     small.write_bytes(jsonl(*(good("messages", i) for i in range(4))))
     big.write_bytes(jsonl(*(good("messages", i) for i in range(8))))
+    third.write_bytes(jsonl(*(good("messages", i) for i in range(6, 10))))  # 6, 7 also in big's training
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": "smollm2-135m", "data": {"sources": [
-        {"name": str(small), "heldout": 4}, {"name": str(big)}]}}))
+        {"name": str(small), "heldout": 4}, {"name": str(big)}, {"name": str(third)}]}}))
     code, err = ual(capsys, "data", cfg)
     assert code == 0, err
     run = tmp_path / "run"
     held = {json.dumps(r["messages"]) for r in read_jsonl(run / "heldout.jsonl")}
     train = [json.dumps(r["messages"]) for r in read_jsonl(run / "samples.jsonl")]
-    assert len(held) == 4 and len(train) == 4 and not held & set(train)
+    assert len(held) == 4 and len(train) == 6 == len(set(train)) and not held & set(train)
     stats = read_json(run / "data_stats.json")
     assert stats["sources"]["big"]["dropped_also_heldout"] == 4 and stats["sources"]["big"]["train"] == 4
-    assert stats["train"] == 4
-    assert "held-out samples of another source" in caplog.text
+    assert stats["sources"]["third"]["dropped_trained_by_another_source"] == 2 and stats["sources"]["third"]["train"] == 2
+    assert stats["train"] == 6
+    assert "held-out samples of another source" in caplog.text and "trained once" in caplog.text
 
 
 # --------------------------------------------------------------------------- on_error: skip counts every kind

@@ -10,10 +10,11 @@ Selection is deterministic: each source's samples are shuffled by an RNG seeded 
 (cfg.seed, source label), so adding a source leaves the others' selection unchanged;
 the first `heldout` go to held-out, the next `train` to training. The two sets are
 disjoint by construction, and by content id, since identical samples are deduplicated
-when loaded. Across sources too: a training sample with the same conversation as a
-held-out sample of another source (two files that overlap) is dropped from training and
-counted (`dropped_also_heldout`), so no held-out conversation is trained on; one file given
-as two sources is refused.
+when loaded. Across sources too (two files that overlap): a training sample with the same
+conversation as a held-out sample of another source is dropped from training and counted
+(`dropped_also_heldout`), so no held-out conversation is trained on, and one trained by an
+earlier source is trained once (`dropped_trained_by_another_source`); one file given as two
+sources is refused.
 
 A conversation the model's chat template refuses to render (Llama-2 and Mistral templates
 raise on turns that do not alternate) is an error naming its file and line, or under
@@ -226,19 +227,30 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
         per_source[label] = stats
         train_by[label], held_by[label] = train, held
 
-    # A conversation held out by one source and picked for training by another (two files that
-    # overlap) would be trained on: its training copy goes.
+    # Two files that overlap: a conversation held out by one source and picked for training by
+    # another would be trained on, so its training copy goes; one picked for training by two
+    # sources would be trained on twice, so the later source's copy goes.
     held_all = [s for held in held_by.values() for s in held]
     held_content = {content_id("", s.messages) for s in held_all}
+    trained: set[str] = set()
     for label, train in train_by.items():
         stats = per_source[label]
-        kept = [s for s in train if content_id("", s.messages) not in held_content]
-        if len(kept) < len(train):
-            stats["dropped_also_heldout"] = len(train) - len(kept)
-            stats["train"] = len(kept)
+        content = [content_id("", s.messages) for s in train]
+        also_held = sum(c in held_content for c in content)
+        again = sum(c not in held_content and c in trained for c in content)
+        if also_held:
+            stats["dropped_also_heldout"] = also_held
             log.warning("data: %s: %d training samples are held-out samples of another source (the files "
-                        "overlap); dropped from training", label, len(train) - len(kept))
-            train_by[label] = train = kept
+                        "overlap); dropped from training", label, also_held)
+        if again:
+            stats["dropped_trained_by_another_source"] = again
+            log.warning("data: %s: %d training samples are training samples of an earlier source (the files "
+                        "overlap); trained once, as that source's", label, again)
+        if also_held or again:
+            train = [s for s, c in zip(train, content) if c not in held_content and c not in trained]
+            stats["train"] = len(train)
+            train_by[label] = train
+        trained.update(content_id("", s.messages) for s in train)
         held = held_by[label]
         if tokenizer is not None:
             stats["train_lengths"] = length_stats(tokenizer, train, cfg.data.max_length, cfg.data.train_on_prompt)
