@@ -243,7 +243,7 @@ def test_rate_limiter_spaces_requests():
             await lim.acquire(10)
         return time.monotonic() - t
 
-    assert 1.5 < asyncio.run(go()) < 4.0
+    assert 1.5 < asyncio.run(go()) < 8.0  # at least the spacing; the upper bound only catches over-throttling
 
 
 def test_build_judge_scorer(tmp_path, monkeypatch):
