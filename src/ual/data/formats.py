@@ -281,10 +281,7 @@ def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "rai
         except DataError as exc:
             if on_error == "raise":
                 raise
-            stats["skipped"] += 1
-            stats["skipped_by_kind"][exc.kind] = stats["skipped_by_kind"].get(exc.kind, 0) + 1
-            if len(stats["skipped_reasons"]) < 5:
-                stats["skipped_reasons"].append(str(exc))
+            count_skipped(stats, exc)
             continue
         if cut:
             stats["trailing_turns_dropped"] += 1
@@ -303,6 +300,16 @@ def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "rai
         raise DataError(f"{name or source}: none of its {stats['read']} rows is usable (all skipped; first: "
                         f"{stats['skipped_reasons'][0]})", "file")
     return samples, stats
+
+
+def count_skipped(stats: dict, exc: DataError) -> None:
+    """Count a row left out under on_error: skip, by kind, keeping the first five reasons."""
+    stats["skipped"] = stats.get("skipped", 0) + 1
+    by_kind = stats.setdefault("skipped_by_kind", {})
+    by_kind[exc.kind] = by_kind.get(exc.kind, 0) + 1
+    reasons = stats.setdefault("skipped_reasons", [])
+    if len(reasons) < 5:
+        reasons.append(str(exc))
 
 
 def load_file(path: str | Path, source: str | None = None, fmt: str = "auto", on_error: str = "raise",

@@ -34,7 +34,7 @@ import random
 from pathlib import Path
 
 from ual.config import ExperimentConfig
-from ual.data.formats import DataError
+from ual.data.formats import DataError, count_skipped
 from ual.sample import Sample, content_id
 from ual.data.sources import input_path, load_source, source_label
 from ual.io import write_json, write_jsonl
@@ -119,11 +119,8 @@ def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on
                         f"{refused[0]})", "chat template")
     if refused and stats is not None:
         stats["kept"] = stats.get("kept", len(samples)) - len(refused)
-        stats["skipped"] = stats.get("skipped", 0) + len(refused)
-        by_kind = stats.setdefault("skipped_by_kind", {})
-        by_kind["chat template"] = by_kind.get("chat template", 0) + len(refused)
-        reasons = stats.setdefault("skipped_reasons", [])
-        reasons += [str(e) for e in refused[: max(0, 5 - len(reasons))]]
+        for err in refused:
+            count_skipped(stats, err)
     return kept, len(samples) - len(refused) - len(kept)
 
 
@@ -246,11 +243,12 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
             stats["dropped_trained_by_another_source"] = again
             log.warning("data: %s: %d training samples are training samples of an earlier source (the files "
                         "overlap); trained once, as that source's", label, again)
+        kept = [(s, c) for s, c in zip(train, content) if c not in held_content and c not in trained]
+        trained.update(c for _, c in kept)
         if also_held or again:
-            train = [s for s, c in zip(train, content) if c not in held_content and c not in trained]
+            train = [s for s, _ in kept]
             stats["train"] = len(train)
             train_by[label] = train
-        trained.update(content_id("", s.messages) for s in train)
         held = held_by[label]
         if tokenizer is not None:
             stats["train_lengths"] = length_stats(tokenizer, train, cfg.data.max_length, cfg.data.train_on_prompt)
