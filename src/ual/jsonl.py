@@ -68,6 +68,11 @@ def _describe(ch: str, at: str = "") -> str:
     return f"lone surrogate \\u{code:04x}{at} (not a character; it cannot be written as UTF-8)"
 
 
+def repeated_key_error(where: str, field: str, kind: str = "duplicate key") -> DataError:
+    return DataError(f"{where}: field '{field}': key given twice in one object (JSON keeps only the last value "
+                     "and would lose the other: remove one)", kind)
+
+
 def checked_text(value, where: str, raw: str | None = None, repeated: bool = True):
     """`value`, or a DataError naming the field that holds text no UTF-8 file can hold, or (when
     `repeated`, i.e. the decoder saw a key given twice; default: look) the object that gave a key twice.
@@ -78,9 +83,7 @@ def checked_text(value, where: str, raw: str | None = None, repeated: bool = Tru
         found = _find(value, lambda n: isinstance(n, _Repeated))
         if found is not None:
             field, obj = found
-            field = f"{field}.{obj.key}" if field else obj.key
-            return DataError(f"{where}: field '{field}': key given twice in one object (JSON keeps only the "
-                             "last value and would lose the other: remove one)", "duplicate key")
+            return repeated_key_error(where, f"{field}.{obj.key}" if field else obj.key)
     if raw is not None and not _SURROGATE.search(raw) and "\\ud" not in raw and "\\uD" not in raw:
         return value
     found = _find(value, lambda n: isinstance(n, str) and _SURROGATE.search(n) is not None)

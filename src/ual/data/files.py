@@ -24,7 +24,8 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from ual.jsonl import DataError, Decoder, checked_text, json_error, jsonl_rows, limit_error, open_text
+from ual.jsonl import (DataError, Decoder, checked_text, json_error, jsonl_rows, limit_error, open_text,
+                       repeated_key_error)
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -200,8 +201,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     except (RecursionError, ValueError) as exc:
         raise limit_error(str(path), exc) from None
     if dec.repeated_key(obj):
-        raise DataError(f"{path}: field '{dec.repeated_key(obj)}': key given twice in one object (JSON keeps only "
-                        "the last value and would lose the other: remove one)", "file")
+        raise repeated_key_error(str(path), dec.repeated_key(obj), "file")
     if not isinstance(obj.get("data"), list):
         raise DataError(f"{path}: expected a JSON list of objects or {{\"data\": [...]}}, found keys {sorted(obj)}",
                         "file")
