@@ -68,6 +68,11 @@ def _describe(ch: str, at: str = "") -> str:
     return f"lone surrogate \\u{code:04x}{at} (not a character; it cannot be written as UTF-8)"
 
 
+def type_name(value) -> str:
+    """A value's type as a message names it: JSON's null for None, else the Python type."""
+    return "null" if value is None else type(value).__name__
+
+
 def repeated_key_error(where: str, field: str, kind: str = "duplicate key") -> DataError:
     return DataError(f"{where}: field '{field}': key given twice in one object (JSON keeps only the last value "
                      "and would lose the other: remove one)", kind)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ual.jsonl import (DataError, Decoder, checked_text, json_error, jsonl_rows, limit_error, open_text,
-                       repeated_key_error)
+                       repeated_key_error, type_name)
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -248,8 +248,7 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, object]]:
             raise DataError(f"{path}: cannot read (after {n} rows: {exc.strerror or exc})", "file") from None
         n += 1
         if not isinstance(row, (dict, DataError)):
-            name = "null" if row is None else type(row).__name__
-            row = DataError(f"{where}: expected a JSON object, got {name}", "not an object")
+            row = DataError(f"{where}: expected a JSON object, got {type_name(row)}", "not an object")
         yield where, row
     if n == 0:
         holds = {".jsonl": "only blank lines", ".json": "an empty list", ".parquet": "a table with 0 rows"}[suffix]

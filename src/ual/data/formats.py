@@ -30,6 +30,7 @@ from typing import Iterator
 
 from ual.data.files import DataError, iter_json_array, iter_rows, read_records  # noqa: F401 (re-exported)
 from ual.sample import Sample
+from ual.jsonl import type_name
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "lima")
 SHAPES = ("messages [{role, content}], sharegpt conversations [{from, value}], "
@@ -49,10 +50,6 @@ TOOL_SPEAKERS = ("tool", "function", "ipython", "function_call", "function_respo
                  "tool_call", "tool_calls", "tool_response")
 TEXT_PARTS = ("text", "input_text", "output_text")
 
-
-def type_name(value) -> str:
-    """A value's type as a message names it: JSON's null for None, else the Python type."""
-    return "null" if value is None else type(value).__name__
 
 
 def _fail(where: str, field: str | None, msg: str, kind: str = "wrong type") -> DataError:
