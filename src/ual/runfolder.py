@@ -113,9 +113,14 @@ class RunFolder:
     def eval_file(self, model: str) -> Path:
         return self.root / "eval" / f"{model}.json"
 
+    @property
+    def items_dir(self) -> Path:
+        return self.root / "eval" / "items"
+
     def items_file(self, model: str, kind: str) -> Path:
-        """eval/items/MODEL.KIND.jsonl: per-item results (nll per held-out sample, mc per question, maths)."""
-        return self.root / "eval" / "items" / f"{model}.{kind}.jsonl"
+        """eval/items/MODEL.KIND.jsonl: per-item results (nll per held-out sample, mc per question, maths,
+        task-NAME per benchmark item)."""
+        return self.items_dir / f"{model}.{kind}.jsonl"
 
     def tokens_file(self, model: str) -> Path:
         """eval/items/MODEL.tokens.npz: per held-out response token, confidence and correctness (calibration)."""

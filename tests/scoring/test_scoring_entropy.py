@@ -231,7 +231,7 @@ def test_supervised_head_matches_full_logits(kind):
 
     from ual import token_stats as nll_module
 
-    head = nll_module._SupervisedHead(model)
+    head = nll_module.SupervisedHead(model)
     targets = shift_labels(labels)
     supervised = targets != IGNORE_INDEX
     with torch.no_grad():

@@ -10,6 +10,9 @@ why that matters). Metrics, each with its direction (lower or higher is better):
   mc/p_gold, mc/accuracy, mc/ece  multiple choice: probability of the right answer among the
                                 choices, accuracy, calibration of the answer probabilities
   gsm8k/accuracy                final-answer exact match
+  TASK/acc, TASK/acc_norm,      benchmarks scored as continuations (benchmarks.py): accuracy, length-
+  TASK/p_gold, TASK/margin,     normalised accuracy, probability of the right choice(s), log-likelihood
+  TASK/brier, TASK/ece          margin of the best right over the best wrong choice, Brier score, ECE
   clustering/silhouette         feature-clustering silhouette (paper §4), paired by token pair
   pairwise                      the judge's preference for A (0..1 per prompt) minus 0.5
 
@@ -27,7 +30,8 @@ from ual.evaluation import stats
 from ual.io import read_json, read_jsonl
 from ual.runfolder import RunFolder, read_scores
 
-LOWER_IS_BETTER = ("nll", "ece")
+LOWER_IS_BETTER = ("nll", "ece", "brier")
+BENCHMARK_MEASURES = ("acc", "acc_norm", "p_gold", "margin", "brier")
 
 
 class ModelItems:
@@ -36,6 +40,7 @@ class ModelItems:
     def __init__(self, runs: list[RunFolder], model: str):
         self.model = model
         self.nll = self.tokens = self.mc = self.maths = None
+        self.tasks: dict[str, dict[str, np.ndarray]] = {}  # benchmark -> measure -> (seeds, items)
         nll_files = [r.items_file(model, "nll") for r in runs]
         if all(p.exists() for p in nll_files):
             rows = [read_jsonl(p) for p in nll_files]
@@ -58,6 +63,17 @@ class ModelItems:
             rows = [read_jsonl(p) for p in maths_files]
             _same_items(rows, maths_files)
             self.maths = np.array([[float(r["correct"]) for r in rs] for rs in rows])
+        prefix = f"{model}.task-"
+        for path in sorted(runs[0].items_dir.glob(f"{prefix}*.jsonl")):
+            task = path.name[len(prefix):-len(".jsonl")]
+            files = [r.items_file(model, f"task-{task}") for r in runs]
+            if not all(p.exists() for p in files):
+                continue
+            rows = [read_jsonl(p) for p in files]
+            _same_items(rows, files)
+            self.tasks[task] = {k: np.array([[np.nan if r.get(k) is None else float(r[k]) for r in rs] for rs in rows])
+                                for k in BENCHMARK_MEASURES + ("confidence", "correct")}
+            self.tasks[task]["ids"] = [r["id"] for r in rows[0]]
 
 
 def _same_items(rows: list[list[dict]], files) -> None:
@@ -100,8 +116,27 @@ def compare(a: ModelItems, b: ModelItems, *, u: dict[str, float] | None = None, 
             item, n_q, n_bins=n_bins, **kw).to_dict()
     if a.maths is not None and b.maths is not None:
         out["gsm8k/accuracy"] = stats.paired_mean_difference(a.maths.mean(0), b.maths.mean(0), **kw).to_dict()
+    for task in [t for t in a.tasks if t in b.tasks]:
+        out.update(_benchmark_differences(task, a.tasks[task], b.tasks[task], n_bins, kw))
     for name, row in out.items():
         row["better"] = better_direction(name)
+    return out
+
+
+def _benchmark_differences(task: str, a: dict, b: dict, n_bins: int, kw) -> dict[str, dict]:
+    """TASK/measure: A - B of each per-item measure's mean, and of the ECE over the choices, seeds pooled."""
+    if a["ids"] != b["ids"]:
+        raise ValueError(f"{task}: the two models were evaluated on different items; re-run `ual eval --force`")
+    out = {}
+    for key in BENCHMARK_MEASURES:
+        va, vb = a[key].mean(0), b[key].mean(0)
+        if np.isfinite(va).all() and np.isfinite(vb).all():
+            out[f"{task}/{key}"] = stats.paired_mean_difference(va, vb, **kw).to_dict()
+    n_items = a["correct"].shape[1]
+    item = np.tile(np.arange(n_items), a["correct"].shape[0])
+    out[f"{task}/ece"] = stats.grouped_ece_difference(
+        a["confidence"].ravel(), a["correct"].ravel(), b["confidence"].ravel(), b["correct"].ravel(),
+        item, n_items, n_bins=n_bins, **kw).to_dict()
     return out
 
 
@@ -179,7 +214,8 @@ def run_comparisons(cfg, runs: list[RunFolder] | None = None) -> dict:
            "pairs": {}}
     for pair in ec.compare:
         a, b = split_pair(pair)
-        if not all(r.items_file(m, "nll").exists() or r.items_file(m, "mc").exists() for r in runs for m in (a, b)):
+        if not all(r.items_file(m, "nll").exists() or r.items_file(m, "mc").exists()
+                   or any(r.items_dir.glob(f"{m}.task-*.jsonl")) for r in runs for m in (a, b)):
             continue
         rows = compare(ModelItems(runs, a), ModelItems(runs, b), u=u, n_buckets=ec.u_buckets, n_bins=ec.ece_bins,
                        n_boot=ec.bootstrap, seed=cfg.seed)

@@ -1,12 +1,18 @@
-"""The lm-evaluation-harness path: OpenLLM tasks online, local task definitions offline.
+"""The lm-evaluation-harness path: the paper's benchmarks offline, hub tasks online, local task files.
 
 `run_harness` calls `lm_eval.simple_evaluate` on a base model (a name ual
 resolves, e.g. "smollm2-135m", a hub id, a folder, or a loaded model) with an
-optional PEFT adapter folder (HFLM's `peft=`).
+optional PEFT adapter folder (HFLM's `peft=`). A loaded model is evaluated through
+`SharedContextHFLM` (lm-eval's HFLM whose choices of one question share a forward).
 
-- Named tasks (`arc_challenge`, `hellaswag`, `mmlu`, `truthfulqa_mc2`, `gsm8k`:
-  OPENLLM_TASKS) download their data from the Hugging Face hub, so they need it
-  reachable; without it lm-eval's error is re-raised saying so.
+- Benchmarks (benchmarks.py: arc_easy, arc_challenge, hellaswag, piqa, mmlu_cloze,
+  truthfulqa_mc1, truthfulqa_mc2; openllm_cloze = the paper's four): lm-eval's own task
+  definitions, each choice scored as a continuation, over the packaged copies
+  (benchmark_data.py) or, with a reachable hub, lm-eval's hub tasks. `NAME:N` takes a
+  seeded subset of N items. Their per-item answers come back as "items".
+- Other lm-eval task names (`mmlu` with letters, `gsm8k`, ...; `openllm` for the five
+  OpenLLM tasks) download their data from the hub; with no hub reachable, resolving
+  them stops with one line naming the offline task to use.
 - Offline, `local_mc` maps task names to multiple-choice data (a local file in
   ual's layout, "packaged" for the 1,000 MMLU questions in `evals`, or a list of
   MCQuestion) and `local_gsm8k` maps task names to GSM8K-layout JSONL files
@@ -28,6 +34,7 @@ exact numeric comparison use ual.evaluation.maths.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -35,14 +42,25 @@ from pathlib import Path
 
 import yaml
 
+from ual.evaluation import benchmarks as bm
+
+log = logging.getLogger(__name__)
+
 OPENLLM_TASKS = ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "gsm8k"]
 
 # What `ual eval --tasks` / `eval.tasks` accept besides lm-eval's own task names.
 TASK_SPEC_HELP = (
-    "lm-eval task names (hub: arc_challenge, hellaswag, mmlu, truthfulqa_mc2, gsm8k; 'openllm' for all five) and "
-    "offline ones: mmlu_packaged (the 1,000 questions in `evals`), gsm8k_heldout (this run's held-out GSM8K part), "
-    "gsm8k_packaged (all 1,319 GSM8K test rows: overlaps a run that trains on GSM8K), mc:FILE, gsm8k:FILE"
+    f"benchmarks scored as continuations, packaged offline (hub's full sets where reachable): "
+    f"{', '.join(bm.BENCHMARKS)} (openllm_cloze = {', '.join(bm.PAPER_BENCHMARKS)}), NAME:N for a seeded subset of N; "
+    "lm-eval hub task names (mmlu with letters, gsm8k, ...; 'openllm' = arc_challenge, hellaswag, mmlu, "
+    "truthfulqa_mc2, gsm8k); offline: mmlu_packaged (the 1,000 letter questions in `evals`), gsm8k_heldout (this "
+    "run's held-out GSM8K part), gsm8k_packaged (all 1,319 GSM8K test rows: overlaps a run that trains on GSM8K), "
+    "mc:FILE, gsm8k:FILE"
 )
+# Hub tasks with an offline counterpart, named in the one-line error when no hub is reachable.
+OFFLINE_INSTEAD = {"mmlu": "mmlu_cloze (as continuations) or mmlu_packaged (letters)", "openllm": "openllm_cloze",
+                   "truthfulqa": "truthfulqa_mc1, truthfulqa_mc2", "ai2_arc": "arc_easy, arc_challenge",
+                   "gsm8k": "gsm8k_packaged or gsm8k_heldout"}
 
 
 @dataclass
@@ -52,24 +70,47 @@ class TaskPlan:
     hub: list[str] = field(default_factory=list)
     local_mc: dict = field(default_factory=dict)
     local_gsm8k: dict = field(default_factory=dict)
+    benchmarks: dict = field(default_factory=dict)  # name -> item limit (None: all), packaged copies
+    hub_benchmarks: dict = field(default_factory=dict)  # name -> item limit, lm-eval's hub task
 
     @property
     def names(self) -> list[str]:
-        return self.hub + list(self.local_mc) + list(self.local_gsm8k)
+        return (self.hub + list(self.benchmarks) + list(self.hub_benchmarks) + list(self.local_mc)
+                + list(self.local_gsm8k))
 
 
-def resolve_tasks(specs: list[str], work_dir: Path, heldout=None) -> TaskPlan:
-    """Turn task specs into hub names and local task data (GSM8K files are written into work_dir).
+def _limit(spec: str, arg: str) -> int | None:
+    if not arg:
+        return None
+    if not arg.isdigit() or int(arg) < 1:
+        raise ValueError(f"task {spec!r}: the part after ':' is a number of items (a positive integer), not {arg!r}")
+    return int(arg)
 
-    `heldout` is the run's held-out samples, needed only by gsm8k_heldout.
+
+def resolve_tasks(specs: list[str], work_dir: Path, heldout=None, source: str = "auto",
+                  hub_reachable=bm.hub_reachable) -> TaskPlan:
+    """Turn task specs into hub names, benchmarks and local task data (GSM8K files are written into work_dir).
+
+    `heldout` is the run's held-out samples, needed only by gsm8k_heldout. `source` says where the
+    benchmarks' rows come from: packaged, hub, or auto (the hub when it answers, else the packaged copies,
+    said in the log). Hub-only tasks with no hub stop here with one line naming the offline task to use.
     """
     from ual.data.sources import gsm8k_path
 
+    if source not in ("auto", "packaged", "hub"):
+        raise ValueError(f"eval.tasks_source must be auto, packaged or hub, not {source!r}")
     plan = TaskPlan()
+    wanted: dict = {}
+    asked_as: dict = {}  # hub task -> the spec that asked for it (openllm asks for five)
     for spec in specs:
         spec = spec.strip()
         kind, sep, arg = spec.partition(":")
-        if spec == "openllm":
+        if bm.is_benchmark(kind):
+            for name in bm.expand([kind]):
+                wanted[name] = _limit(spec, arg)
+        elif spec == "openllm":
+            for t in OPENLLM_TASKS:
+                asked_as.setdefault(t, spec)
             plan.hub += [t for t in OPENLLM_TASKS if t not in plan.hub]
         elif spec == "mmlu_packaged":
             plan.local_mc[spec] = "packaged"
@@ -94,6 +135,19 @@ def resolve_tasks(specs: list[str], work_dir: Path, heldout=None) -> TaskPlan:
             raise ValueError(f"task {spec!r}: not understood; tasks are {TASK_SPEC_HELP}")
         elif spec not in plan.hub:
             plan.hub.append(spec)
+    hub = None if not (plan.hub or (wanted and source != "packaged")) else hub_reachable()
+    if plan.hub and not hub:
+        task = asked_as.get(plan.hub[0], plan.hub[0])
+        instead = next((v for k, v in OFFLINE_INSTEAD.items() if task == k or task.startswith(k)), None)
+        raise ValueError(f"task {task!r} needs the Hugging Face hub, which does not answer from here; offline, use "
+                         + (instead if instead else "one of " + ", ".join(bm.BENCHMARKS)))
+    if wanted and source == "hub" and not hub:
+        raise ValueError(f"eval.tasks_source hub: the Hugging Face hub does not answer from here; "
+                         f"eval.tasks_source packaged uses the packaged copies of {', '.join(wanted)}")
+    if wanted and source == "auto" and not hub:
+        log.info("no Hugging Face hub answers: %s use their packaged copies (eval.tasks_source: packaged skips "
+                 "asking the hub)", ", ".join(wanted))
+    (plan.hub_benchmarks if hub and source != "packaged" else plan.benchmarks).update(wanted)
     if not plan.names:
         raise ValueError(f"no tasks given; tasks are {TASK_SPEC_HELP}")
     return plan
@@ -203,10 +257,18 @@ def run_harness(
     gen_kwargs: dict | None = None,
     seed: int = 0,
     mc_shuffle: bool = False,
+    benchmarks: dict | None = None,
+    hub_benchmarks: dict | None = None,
+    engine: str = "ual",
+    ece_bins: int = 15,
 ) -> dict:
-    """Evaluate through lm-eval; returns {"results": {task: {metric: value}}, "n_samples", "config"} and,
-    for local multiple-choice tasks, "positions" (position_stats: accuracy by gold position, predicted
-    positions). `mc_shuffle` shows their choices in `ual eval`'s seeded order."""
+    """Evaluate through lm-eval; returns {"results": {task: {metric: value}}, "n_samples", "config"}, for local
+    multiple-choice tasks "positions" (position_stats: accuracy by gold position, predicted positions), and for
+    benchmarks "items" ({task: per-item records}) and "benchmarks" ({task: summary of the items}).
+
+    benchmarks / hub_benchmarks: {name: item limit or None} over the packaged copies / lm-eval's hub tasks.
+    `mc_shuffle` shows local multiple-choice tasks' choices in `ual eval`'s seeded order. `engine`: "ual"
+    (SharedContextHFLM, for a loaded model) or "lm-eval" (lm-eval's own HFLM), which give the same numbers."""
     lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -214,58 +276,93 @@ def run_harness(
 
     tasks = list(tasks or [])
     local_mc, local_gsm8k = dict(local_mc or {}), dict(local_gsm8k or {})
-    if not tasks and not local_mc and not local_gsm8k:
-        raise ValueError("no tasks: give hub task names and/or local_mc / local_gsm8k tasks")
+    benchmarks, hub_benchmarks = dict(benchmarks or {}), dict(hub_benchmarks or {})
+    if engine not in ("ual", "lm-eval"):
+        raise ValueError(f"engine must be 'ual' or 'lm-eval', not {engine!r}")
+    if not (tasks or local_mc or local_gsm8k or benchmarks or hub_benchmarks):
+        raise ValueError("no tasks: give hub task names, benchmarks and/or local_mc / local_gsm8k tasks")
+    hub_tasks = {bm.BENCHMARKS[n].hub_task: n for n in hub_benchmarks}
     with tempfile.TemporaryDirectory(prefix="ual-lm-eval-") as tmp:
         task_dir = Path(tmp)
+        items = {name: bm.write_packaged_task(task_dir, name, n) for name, n in benchmarks.items()}
         for name, spec in local_mc.items():
             write_local_mc_task(task_dir, name, spec, style=mc_style, shuffle=mc_shuffle)
         for name, path in local_gsm8k.items():
             write_local_gsm8k_task(task_dir, name, path)
         # Indexing lm-eval's ~10,000 built-in task files takes a while: only when hub tasks are named.
-        manager = TaskManager(include_path=str(task_dir) if (local_mc or local_gsm8k) else None,
-                              include_defaults=bool(tasks))
-        all_tasks = tasks + list(local_mc) + list(local_gsm8k)
-        if isinstance(model, (str, os.PathLike)):
-            model_args = {"pretrained": resolve_model(str(model)), "device": device, "dtype": "float32"}
-            if adapter is not None:
-                model_args["peft"] = str(adapter)
-            if tokenizer is not None:
-                model_args["tokenizer"] = tokenizer
-            lm, lm_args = "hf", model_args
-        else:
-            from lm_eval.models.huggingface import HFLM
-
-            if adapter is not None:
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(model, str(adapter))
-            lm, lm_args = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), None
+        local = bool(local_mc or local_gsm8k or benchmarks)
+        manager = TaskManager(include_path=str(task_dir) if local else None, include_defaults=bool(tasks or hub_tasks))
+        all_tasks = tasks + list(hub_tasks) + list(benchmarks) + list(local_mc) + list(local_gsm8k)
+        lm, lm_args = _language_model(model, adapter, tokenizer, batch_size, device, engine, resolve_model)
         try:
             raw = lm_eval.simple_evaluate(
                 model=lm, model_args=lm_args, tasks=all_tasks, num_fewshot=num_fewshot, batch_size=batch_size,
-                limit=limit, task_manager=manager, apply_chat_template=apply_chat_template,
-                log_samples=bool(local_mc),  # the per-question answers give the position statistics
+                limit=limit if not hub_tasks else (limit or _hub_limit(hub_benchmarks)), task_manager=manager,
+                apply_chat_template=apply_chat_template,
+                # per-question answers: the position statistics and the benchmarks' per-item results
+                log_samples=bool(local_mc or benchmarks or hub_tasks),
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                 gen_kwargs=gen_kwargs, bootstrap_iters=1000,
             )
         except Exception as exc:
-            hub = [t for t in tasks if t not in local_mc and t not in local_gsm8k]
+            hub = [t for t in tasks + list(hub_tasks) if t not in local_mc and t not in local_gsm8k]
             if hub and any(s in repr(exc) for s in ("Connection", "offline", "resolve", "huggingface.co", "Hub")):
-                raise RuntimeError(
+                raise ConnectionError(  # an OSError: the CLI prints it as one line
                     f"lm-eval could not load {hub} from the Hugging Face hub ({type(exc).__name__}: {exc}); offline, "
-                    "use local_mc / local_gsm8k tasks over local files instead"
+                    f"use the packaged benchmarks ({', '.join(bm.BENCHMARKS)}) or local mc:FILE / gsm8k:FILE tasks"
                 ) from exc
             raise
     if raw is None:
         raise RuntimeError("lm-eval returned no results (a non-zero rank in a distributed run?)")
+    samples = raw.get("samples", {})
+    records = {name: bm.item_records(name, samples[name], items[name]["items"]) for name in benchmarks}
+    for hub_task, name in hub_tasks.items():
+        parts = {t: v for t, v in samples.items() if t == hub_task or (hub_task == "mmlu_continuation"
+                                                                        and t.startswith("mmlu_") and t.endswith("_continuation"))}
+        records[name] = [dict(r, id=f"{name}:{t}:{r['id'].split(':')[-1]}" if len(parts) > 1 else r["id"])
+                         for t, v in sorted(parts.items()) for r in bm.item_records(name, v)]
     return {
         "results": summarize_results(raw),
         "n_samples": {t: v.get("effective", v.get("original")) for t, v in raw.get("n-samples", {}).items()},
-        "positions": {t: mc_positions(raw["samples"][t]) for t in local_mc if t in raw.get("samples", {})},
+        "positions": {t: mc_positions(samples[t]) for t in local_mc if t in samples},
+        "items": records,
+        "benchmarks": {name: bm.summarize_items(r, ece_bins) | {
+            "source": "hub" if name in hub_benchmarks else "packaged",
+            "data": bm.BENCHMARKS[name].hub_task + " (lm-eval hub task)" if name in hub_benchmarks
+            else bm.BENCHMARKS[name].packaged,
+            "n_total": items[name]["n_total"] if name in items else None} for name, r in records.items()},
         "config": {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
                    "adapter": str(adapter) if adapter else None, "tasks": all_tasks, "limit": limit,
+                   "benchmarks": benchmarks, "hub_benchmarks": hub_benchmarks, "engine": engine,
                    "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template, "mc_style": mc_style,
                    "mc_shuffle": mc_shuffle,
                    "lm_eval_version": getattr(lm_eval, "__version__", None)},
     }
+
+
+def _hub_limit(hub_benchmarks: dict) -> int | None:
+    """lm-eval's limit (the first N items of each hub task) for hub benchmarks: the largest asked."""
+    limits = [n for n in hub_benchmarks.values() if n is not None]
+    return max(limits) if limits and len(limits) == len(hub_benchmarks) else None
+
+
+def _language_model(model, adapter, tokenizer, batch_size: int, device: str, engine: str, resolve_model):
+    """(lm, model_args) for simple_evaluate: a model name goes to lm-eval's "hf" backend as arguments; a
+    loaded model is wrapped in SharedContextHFLM (engine "ual") or lm-eval's HFLM (engine "lm-eval")."""
+    if isinstance(model, (str, os.PathLike)):
+        model_args = {"pretrained": resolve_model(str(model)), "device": device, "dtype": "float32"}
+        if adapter is not None:
+            model_args["peft"] = str(adapter)
+        if tokenizer is not None:
+            model_args["tokenizer"] = tokenizer
+        return "hf", model_args
+    from lm_eval.models.huggingface import HFLM
+
+    from ual.evaluation.lm_eval_model import SharedContextHFLM
+
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    cls = SharedContextHFLM if engine == "ual" else HFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), None

@@ -86,7 +86,7 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
         from ual.evaluation.harness import resolve_tasks
 
         run.tasks_dir.mkdir(parents=True, exist_ok=True)
-        task_plan = resolve_tasks(ec.tasks, run.tasks_dir, heldout)
+        task_plan = resolve_tasks(ec.tasks, run.tasks_dir, heldout, source=ec.tasks_source)
     results = {}
     for name in ec.models:
         key = model_key(name)
@@ -121,7 +121,7 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
 
 def _task_settings(ec) -> dict:
     return {"tasks": list(ec.tasks), "limit": ec.tasks_limit, "num_fewshot": ec.tasks_fewshot,
-            "apply_chat_template": ec.tasks_chat_template, "mc_shuffle": ec.mc_shuffle}
+            "apply_chat_template": ec.tasks_chat_template, "mc_shuffle": ec.mc_shuffle, "source": ec.tasks_source}
 
 
 def _same_tasks(path: Path, ec) -> bool:
@@ -138,8 +138,13 @@ def run_tasks(cfg: ExperimentConfig, name: str, model, tokenizer, plan, path: Pa
     out = run_harness(model, tasks=plan.hub, tokenizer=tokenizer, local_mc=plan.local_mc,
                       local_gsm8k=plan.local_gsm8k, batch_size=ec.batch_size, limit=ec.tasks_limit,
                       num_fewshot=ec.tasks_fewshot, apply_chat_template=ec.tasks_chat_template, seed=cfg.seed,
-                      mc_shuffle=ec.mc_shuffle)
+                      mc_shuffle=ec.mc_shuffle, ece_bins=ec.ece_bins,
+                      benchmarks={t: n if n is not None else ec.tasks_limit for t, n in plan.benchmarks.items()},
+                      hub_benchmarks={t: n if n is not None else ec.tasks_limit for t, n in plan.hub_benchmarks.items()})
     out["config"]["model"] = name
+    key = model_key(name)
+    for task, records in out.pop("items").items():  # per item, like every other metric (compare.py reads them)
+        write_jsonl(run.items_file(key, f"task-{task}"), records)
     out.update(settings=_task_settings(ec), seconds=time.time() - start)
     write_json(path, out)
     return out

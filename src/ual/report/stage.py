@@ -34,6 +34,7 @@ def collect(cfg: ExperimentConfig) -> dict:
         found = {p.stem: read_json(p) for p in sorted(run.tasks_dir.glob("*.json"))}
         order = [m for m in MODEL_ORDER if m in found] + [m for m in found if m not in MODEL_ORDER]
         out["benchmarks"] = {m: found[m]["results"] for m in order}
+        out["benchmark_items"] = {m: found[m]["benchmarks"] for m in order if found[m].get("benchmarks")}
         out["benchmark_positions"] = {f"{m}, {t} (lm-eval)": {**p, "shuffled": found[m]["config"].get("mc_shuffle")}
                                       for m in order for t, p in (found[m].get("positions") or {}).items()}
     if (run.root / "ablation.md").exists():
@@ -156,8 +157,11 @@ def render_markdown(m: dict, images) -> str:
         lines += comparisons_section(m["comparisons"])
     if m.get("seeds_md"):
         lines += [ln.replace("## ", "### ") for ln in m["seeds_md"].split("\n") if not ln.startswith("# ")] + [""]
+    if m.get("benchmark_items"):
+        lines += benchmark_section(m["benchmark_items"])
     if m.get("benchmarks"):
-        lines += ["## Benchmarks (lm-evaluation-harness)", ""] + benchmark_table(m["benchmarks"]) + [""]
+        lines += ["## Benchmarks (lm-evaluation-harness)", "", "lm-eval's own aggregates, as it printed them:", ""]
+        lines += benchmark_table(m["benchmarks"]) + [""]
     if m.get("ablation_md"):
         body = m["ablation_md"].split("\n")
         lines += ["## Ablation", ""] + [ln for ln in body if not ln.startswith("# ")] + [""]
@@ -339,6 +343,31 @@ def comparisons_section(comp: dict) -> list[str]:
         lines += ["", "Sources per bucket: " + "; ".join(
             f"{r['bucket']}: " + ", ".join(f"{k} {v}" for k, v in r["sources"].items()) for r in first) + "."]
     return lines + [""]
+
+
+def benchmark_section(per_model: dict) -> list[str]:
+    """Each model's benchmark results from its per-item answers: accuracy with its bootstrap interval over the
+    items, and the graded measures beside it."""
+    lines = ["## Benchmarks, each choice scored as a continuation", "",
+             "lm-evaluation-harness's task definitions, prompts and metrics (acc, acc_norm; TruthfulQA MC2 as acc); "
+             "p(gold) is the softmax of the choices' log-likelihoods at the right choice(s), margin the log-likelihood "
+             "of the best right choice minus the best wrong one, Brier and ECE the calibration of that softmax. "
+             "acc's interval: 95% bootstrap over the items.", "",
+             "| task | model | items | acc [95% CI] | acc_norm | p(gold) | margin | Brier | ECE |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    tasks = list(dict.fromkeys(t for r in per_model.values() for t in r))
+    for task in tasks:
+        for model, rows in per_model.items():
+            r = rows.get(task)
+            if not r:
+                continue
+            ci = r.get("acc_ci") or [None, None]
+            acc = f"{_fmt(r['acc'])} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci[0] is not None else _fmt(r["acc"])
+            lines.append(f"| {task} | {model} | {r['n']} | {acc} | {_fmt(r.get('acc_norm'))} | {_fmt(r.get('p_gold'))} | "
+                         f"{_fmt(r.get('margin'))} | {_fmt(r.get('brier'))} | {_fmt(r.get('ece'))} |")
+    sources = {t: r[t].get("data") for r in per_model.values() for t in r if r[t].get("data")}
+    lines += [""] + [f"- {t}: {d}" for t, d in sources.items()] + [""]
+    return lines
 
 
 def benchmark_table(bench: dict) -> list[str]:

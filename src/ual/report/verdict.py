@@ -7,6 +7,9 @@ Claims (docs/method.md §6, paper §3-4), each read from comparisons.json (and s
   calibration               ECE of next-token predictions per source, and of multiple-choice answers
   multiple choice           probability of the right answer among the choices
   feature clustering        silhouette of same-next-token hidden states (paper §4, Table 5)
+  benchmark                 the paper's benchmarks scored as continuations (ARC, HellaSwag, MMLU,
+                            TruthfulQA, ...): accuracy, and the log-likelihood margin of the right
+                            choice over the best wrong one, which moves before accuracy does
 A difference counts only when its 95% interval excludes zero; otherwise the reading is
 "no detectable difference", which is a result, not a gap to fill. With several seeds a
 claim is "supported" only when the item interval and the across-seed interval both
@@ -52,6 +55,8 @@ def claim_rows(comparisons: dict, seeds: dict | None = None) -> list[dict]:
         wanted = [("overall", "nll/all")] + [("per source", f"nll/{s}") for s in sources]
         wanted += [("calibration", f"ece/{s}") for s in sources + ["all"]] + [("calibration", "mc/ece")]
         wanted += [("multiple choice", "mc/p_gold"), ("feature clustering", "clustering/silhouette")]
+        tasks = [m.split("/", 1)[0] for m in metrics if m.endswith("/acc")]
+        wanted += [("benchmark", f"{t}/{k}") for t in tasks for k in ("acc", "margin")]
         for claim, metric in wanted:
             if metric not in metrics:
                 continue
@@ -71,7 +76,7 @@ def render_verdict(comparisons: dict, seeds: dict | None = None) -> list[str]:
     lines = ["## Verdict", "",
              f"Differences A − B on the same held-out items, 95% paired-bootstrap intervals ({st.get('bootstrap')} "
              f"resamples of items{f', {n_runs} seeds pooled per item' if n_runs > 1 else ''}); * = the interval "
-             f"excludes zero. NLL and ECE: lower is better; p(gold) and silhouette: higher is better. ECE with {st.get('ece_bins')} "
+             f"excludes zero. NLL, ECE and Brier: lower is better; p(gold), accuracy, margin and silhouette: higher is better. ECE with {st.get('ece_bins')} "
              "equal-mass bins.", ""]
     head = "| claim | A − B | metric | A − B [95% CI] |" + (" across seeds [95% CI] |" if seeds else "") + " reading |"
     lines += [head, "|---|---|---|---:|" + ("---:|" if seeds else "") + "---|"]
