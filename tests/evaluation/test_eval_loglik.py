@@ -58,10 +58,11 @@ def test_greedy_continuation_is_flagged(model):
 
 
 def test_groups_and_model_mode(model):
-    requests = [([1, 2], [3]), ([1, 2], [4, 5]), ([9], [3]), ([1, 2], [6])]
-    assert group_by_context(requests) == [((1, 2), [0, 1, 3]), ((9,), [2])]
+    requests = [([1, 2], [3]), ([1, 2], [4, 5]), ([9], [3]), ([1, 2], [6]), ([1, 2], [4, 5])]
+    assert group_by_context(requests) == [((1, 2), [0, 1, 3]), ((9,), [2])]  # the repeat is scored once
     model.train()
-    shared_context_loglikelihoods(model, requests, pad=0)
+    got = shared_context_loglikelihoods(model, requests, pad=0)
+    assert got[4] == got[1] and got[4][0] == pytest.approx(_separate(model, [1, 2], [4, 5])[0], abs=1e-4)
     assert model.training  # its own mode back
     model.eval()
     with pytest.raises(ValueError, match="request 1: an empty context or continuation"):

@@ -144,6 +144,7 @@ def test_eval_benchmarks_compare_and_report(run_dir, monkeypatch, capsys):
     report = (run / "report.md").read_text()
     assert "| benchmark | sft − base | arc_easy/acc |" in report
     assert "## Benchmarks, each choice scored as a continuation" in report
+    assert "![Benchmarks](benchmarks.png)" in report and (run / "benchmarks.png").stat().st_size > 0
 
     capsys.readouterr()
     assert main(["eval", str(run), "--tasks", "mmlu"]) == 2

@@ -68,9 +68,10 @@ GRADED = ("acc", "acc_norm", "p_gold", "margin", "brier")
 
 
 def lm_eval_tasks_dir() -> Path:
-    from ual.evaluation.harness import require_lm_eval
+    from ual.optional import require
 
-    return Path(require_lm_eval().__file__).parent / "tasks"
+    lm_eval = require("lm_eval", "the benchmarks (lm-evaluation-harness's task definitions, `ual eval --tasks`)")
+    return Path(lm_eval.__file__).parent / "tasks"
 
 
 def _mmlu_descriptions(tasks_dir: Path) -> dict[str, str]:

@@ -38,11 +38,12 @@ _ROWS_PER_CHUNK = 256
 
 
 def group_by_context(requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[tuple[int, ...], list[int]]]:
-    """(context ids, indices of the requests with that context), in first-seen order."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, _) in enumerate(requests):
-        groups.setdefault(tuple(ctx), []).append(i)
-    return list(groups.items())
+    """(context ids, indices of the requests with that context), in first-seen order; a request equal to an
+    earlier one (TruthfulQA's MC1 choices are among MC2's) is left out: it is scored once and copied."""
+    groups: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        groups.setdefault(tuple(ctx), {}).setdefault(tuple(cont), i)
+    return [(ctx, list(conts.values())) for ctx, conts in groups.items()]
 
 
 def shared_context_loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
@@ -70,6 +71,9 @@ def shared_context_loglikelihoods(model, requests: Sequence[tuple[Sequence[int],
     dtype = next(model.parameters()).dtype
     for batch_index in inference_batches(model, list(range(len(batches))), 1, "loglikelihood", progress):
         _score_rows(model, head, [groups[g] for g in batches[batch_index[0]]], requests, pad, device, dtype, results)
+    first = {}
+    for i, (ctx, cont) in enumerate(requests):  # the repeated requests take their first copy's answer
+        results[i] = results[first.setdefault((tuple(ctx), tuple(cont)), i)]
     return results
 
 

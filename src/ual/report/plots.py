@@ -96,3 +96,28 @@ def plot_reliability_grid(panels: dict[str, dict[str, list[dict]]], path: Path, 
         _reliability_axes(ax, curves, name)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_benchmarks(per_model: dict[str, dict[str, dict]], path: Path) -> Path:
+    """Accuracy per benchmark (one group of bars per task, one bar per model) with its 95% bootstrap interval
+    over the items, and the chance level of each task's choices as a dashed line where it is known."""
+    import numpy as np
+
+    tasks = list(dict.fromkeys(t for rows in per_model.values() for t in rows))
+    models = list(per_model)
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 1), 3.6))
+    for k, model in enumerate(models):
+        x = np.arange(len(tasks)) + (k - (len(models) - 1) / 2) * width
+        acc = [per_model[model].get(t, {}).get("acc") for t in tasks]
+        ci = [per_model[model].get(t, {}).get("acc_ci") or [a, a] for t, a in zip(tasks, acc)]
+        keep = [i for i, a in enumerate(acc) if a is not None]
+        err = np.array([[acc[i] - ci[i][0] for i in keep], [ci[i][1] - acc[i] for i in keep]])
+        ax.bar(x[keep], [acc[i] for i in keep], width, yerr=err, capsize=2, label=model)
+    ax.set_xticks(np.arange(len(tasks)), [f"{t}\n(n={max(r.get(t, {}).get('n', 0) for r in per_model.values())})"
+                                          for t in tasks], fontsize=8)
+    ax.set_ylabel("accuracy (95% CI over items)")
+    ax.set_ylim(0, 1)
+    ax.set_title("benchmarks, each choice scored as a continuation")
+    ax.legend(fontsize=8, ncol=len(models))
+    return _save(fig, path)

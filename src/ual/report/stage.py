@@ -12,7 +12,7 @@ from ual.config import ExperimentConfig
 from ual.io import read_json, read_jsonl, write_json, write_text
 from ual.modes import MODES
 from ual.report.html import markdown_to_html
-from ual.report.plots import plot_distributions, plot_loss_curves
+from ual.report.plots import plot_benchmarks, plot_distributions, plot_loss_curves
 from ual.runfolder import RunFolder
 
 MODEL_ORDER = ("base", *MODES)  # the base model, then the training modes in their declared order
@@ -100,6 +100,8 @@ def run_report(cfg: ExperimentConfig) -> str:
         if c.get("plot") and (run.scores_report / c["plot"]).exists():
             images.append((f"Scorers compared: {c['scorer_a']} vs {c['scorer_b']}", run.scores_report / c["plot"]))
     images += reliability_images(run, metrics)
+    if metrics.get("benchmark_items"):
+        images.append(("Benchmarks", plot_benchmarks(metrics["benchmark_items"], run.root / "benchmarks.png")))
     histories = training_histories(run, metrics)
     if histories:
         images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
