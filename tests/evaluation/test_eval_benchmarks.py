@@ -150,3 +150,9 @@ def test_real_smollm2_above_chance_as_continuations():
     assert summary["n"] == 40 and summary["acc_ci"][0] > 0.3  # measured here: 0.57 on 60 items
     preds = [r["pred"] for r in out["items"]["arc_easy"]]
     assert max(preds.count(k) for k in set(preds)) < 30  # not one position for every question
+
+
+def test_truthfulqa_mc1_and_mc2_subsets_are_the_same_questions():
+    rows = list(range(299))
+    assert benchmark_data.subset(rows, 50, "truthfulqa_mc1") == benchmark_data.subset(rows, 50, "truthfulqa_mc2")
+    assert benchmark_data.subset(rows, 50, "arc_challenge") != benchmark_data.subset(rows, 50, "truthfulqa_mc2")

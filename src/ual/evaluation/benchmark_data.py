@@ -20,8 +20,9 @@ TruthfulQA's multiple-choice set is in no wheel. BIG-bench 1.0.0's source distri
 (215 KB) under $UAL_HOME/benchmarks/, and drops the archive. MC1's choices are the best answer and the
 false answers, MC2's every true and false answer, as TruthfulQA's own MC tasks are built.
 
-`subset(n, rows, name)` picks n rows at random with a seed that depends only on the
+`subset(rows, n, name)` picks n rows at random with a seed that depends only on the
 task, so every model, run and training seed sees the same items; without n, all rows.
+TruthfulQA's MC1 and MC2 take the same questions (whose shared choices are scored once).
 """
 
 from __future__ import annotations
@@ -179,4 +180,5 @@ def subset(rows: list, n: int | None, task: str) -> list[int]:
     """Indices of n rows drawn with a seed of the task's name (all rows, in order, without n)."""
     if n is None or n >= len(rows):
         return list(range(len(rows)))
-    return sorted(random.Random(f"{SUBSET_SEED}:{task}").sample(range(len(rows)), n))
+    rows_of = "truthfulqa" if task.startswith("truthfulqa_") else task  # MC1 and MC2: the same questions
+    return sorted(random.Random(f"{SUBSET_SEED}:{rows_of}").sample(range(len(rows)), n))

@@ -365,4 +365,11 @@ def _language_model(model, adapter, tokenizer, batch_size: int, device: str, eng
 
         model = PeftModel.from_pretrained(model, str(adapter))
     cls = SharedContextHFLM if engine == "ual" else HFLM
-    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), None
+    # HFLM warns that a loaded model ignores its launch options (accelerate, parallelize): ual uses neither
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)
+    try:
+        return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), None
+    finally:
+        hf_log.setLevel(level)
