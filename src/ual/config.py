@@ -140,6 +140,13 @@ class TrainConfig(Checked):
     logging_steps: int = _f(1, "log the loss every N optimiser steps", ge=1)
     save_steps: int = _f(0, "checkpoint every N optimiser steps (0: only at the end)", ge=0)
     save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (null: all)", ge=1)
+    eval_strategy: Literal["no", "steps", "epoch"] = _f(
+        "no", "evaluate during training (training/curves.py): held-out NLL per source and training NLL before the "
+              "first step and every eval_steps optimiser steps (steps) or at each epoch's end (epoch), into "
+              "train/MODE/curve.jsonl, each point's adapter kept in train/MODE/points/")
+    eval_steps: int = _f(0, "optimiser steps between evaluations when eval_strategy is steps", ge=0)
+    eval_train_samples: int = _f(64, "training samples (a seeded subset) whose NLL gives the generalisation gap", ge=1)
+    keep_points: bool = _f(True, "keep each evaluated point's adapter (or model) for `ual eval --adapter`")
     resume: bool = _f(False, "resume each unfinished mode from its newest complete checkpoint (also: `ual train --resume`)")
     global_batch_size: int | None = _f(None, "effective batch (samples per optimiser step over all processes); when set, "
                                              "gradient_accumulation_steps = global / (batch_size x processes)", ge=1)
@@ -156,6 +163,8 @@ class TrainConfig(Checked):
             self.fail("epochs", f"expected more than 0 when max_steps is not set (> 0), got {self.epochs!r}")
         if self.lora and not self.lora_target_modules:
             self.fail("lora_target_modules", "expected at least one module name when lora is true, got []")
+        if self.eval_strategy == "steps" and self.eval_steps < 1:
+            self.fail("eval_steps", f"expected at least 1 when eval_strategy is steps, got {self.eval_steps}")
 
 
 @dataclass

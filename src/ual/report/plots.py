@@ -121,3 +121,19 @@ def plot_benchmarks(per_model: dict[str, dict[str, dict]], path: Path) -> Path:
     ax.set_title("benchmarks, each choice scored as a continuation")
     ax.legend(fontsize=8, ncol=len(models))
     return _save(fig, path)
+
+
+def plot_training_curves(curves: dict[str, list[dict]], path: Path) -> Path:
+    """Held-out NLL (solid) and training NLL (dashed) against the optimiser step, one colour per mode: where
+    the held-out curve turns up while the training one keeps falling, the mode overfits."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (mode, rows) in enumerate(curves.items()):
+        colour = f"C{k}"
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["heldout"].get("all") for r in rows], "-o", ms=3, color=colour, label=f"{mode} held-out")
+        ax.plot(steps, [r.get("train") for r in rows], "--", color=colour, alpha=0.7, label=f"{mode} train")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("NLL per response token")
+    ax.set_title("evaluation during training")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

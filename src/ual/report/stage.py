@@ -12,7 +12,9 @@ from ual.config import ExperimentConfig
 from ual.io import read_json, read_jsonl, write_json, write_text
 from ual.modes import MODES
 from ual.report.html import markdown_to_html
-from ual.report.plots import plot_benchmarks, plot_distributions, plot_loss_curves
+from ual.report.plots import plot_benchmarks, plot_distributions, plot_loss_curves, plot_training_curves
+from ual.report.training_curves import curves_section
+from ual.training.curves import read_curve
 from ual.runfolder import RunFolder
 
 MODEL_ORDER = ("base", *MODES)  # the base model, then the training modes in their declared order
@@ -28,6 +30,8 @@ def collect(cfg: ExperimentConfig) -> dict:
     out["train"] = {m: read_json(run.train_dir(m) / "result.json")
                     for m in MODEL_ORDER if (run.train_dir(m) / "result.json").exists()}
     out["eval"] = {m: read_json(run.eval_file(m)) for m in MODEL_ORDER if run.eval_file(m).exists()}
+    curves = {m: read_curve(run.train_dir(m) / "curve.jsonl") for m in MODEL_ORDER}
+    out["curves"] = {m: rows for m, rows in curves.items() if rows}
     if (run.root / "timings.json").exists():
         out["timings"] = read_json(run.root / "timings.json")
     if run.tasks_dir.is_dir():
@@ -105,6 +109,8 @@ def run_report(cfg: ExperimentConfig) -> str:
     histories = training_histories(run, metrics)
     if histories:
         images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
+    if metrics.get("curves"):
+        images.append(("Evaluation during training", plot_training_curves(metrics["curves"], run.root / "curves.png")))
     text = render_markdown(metrics, [(title, path.relative_to(run.root)) for title, path in images])
     write_text(run.report, text)
     write_text(run.root / "report.html", markdown_to_html(text, run.root, f"UAL run {cfg.name}"))
@@ -151,6 +157,8 @@ def render_markdown(m: dict, images) -> str:
         lines += ["", "Train losses include each mode's own smoothing term, so they are not comparable across modes; "
                   "the plain NLL term logged beside them (left panel of the loss plot) and the held-out NLL below are.",
                   ""]
+    if m.get("curves"):
+        lines += curves_section(m["curves"])
     if m["eval"]:
         lines += ["## Evaluation", ""] + eval_table(m["eval"]) + [""]
         lines += calibration_section(m["eval"])

@@ -64,6 +64,15 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
     weights = sample_weights(run, samples, cfg.train.weight_column)  # checked before anything loads
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     encoded = [encode_sample(tokenizer, s.messages, cfg.data.max_length, cfg.data.train_on_prompt) for s in samples]
+    curve_inputs = None
+    if cfg.train.eval_strategy != "no":
+        from ual.training.curves import train_subset
+
+        heldout = run.load_samples("heldout")
+        if not heldout:
+            raise ValueError("train.eval_strategy: this run has no held-out samples to evaluate on "
+                             "(give the data sources a heldout count and run `ual data`)")
+        curve_inputs = (heldout, train_subset(samples, cfg.train.eval_train_samples, cfg.seed))
     results = {}
     for mode in cfg.train.modes:
         out = run.train_dir(mode)
@@ -72,12 +81,13 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
             results[mode] = read_json(out / "result.json")
             continue
         dataset = SmoothedDataset(encoded, eps_for_mode(mode, samples, cfg, smoothing, run), weights)
-        results[mode] = train_one(cfg, mode, dataset, tokenizer, out)
+        results[mode] = train_one(cfg, mode, dataset, tokenizer, out, curve_inputs)
     return results
 
 
-def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out) -> dict:
-    """Train one mode on a SmoothedDataset (its rows carry their eps and, if any, their loss weight)."""
+def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_inputs=None) -> dict:
+    """Train one mode on a SmoothedDataset (its rows carry their eps and, if any, their loss weight);
+    with curve_inputs (held-out samples, training subset), evaluated during training (curves.py)."""
     import torch
     from transformers import set_seed
 
@@ -105,6 +115,14 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out) -> dict
 
         eps_fn = PerplexitySmoothing(cfg.smoothing.target_mean, cfg.smoothing.eps_max)
         callbacks.append(ppl_callback(eps_fn))
+    if curve_inputs is not None:
+        from ual.training.curves import curve_callback
+
+        if sharding in ("fsdp", "fsdp2", "zero3"):
+            raise ValueError(f"train.eval_strategy: evaluating during {sharding} training is not supported (the "
+                             "main process alone cannot run a sharded model); keep checkpoints with train.save_steps "
+                             "and evaluate them with `ual eval --adapter`")
+        callbacks.append(curve_callback(cfg, mode, tokenizer, *curve_inputs, out, keep=tc.keep_points))
     trainer = UALTrainer(
         model=model,
         args=args,
@@ -157,6 +175,7 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out) -> dict
         "final_nll": losses[-1].get("nll") if losses else None,
         "seconds": seconds,
         "memory": memory,
+        "curve": str(out / "curve.jsonl") if curve_inputs is not None else None,
         "adapter": str(out / "adapter") if tc.lora else None,
         "model": str(out / "model") if not tc.lora else None,
     }
