@@ -28,6 +28,10 @@ def test_paper_hyperparameters(path):
     assert tc.learning_rate == 3e-4 and tc.global_batch_size == 64 and tc.bf16
     assert cfg.data.max_length == (1024 if cfg.model.startswith("meta-llama/Llama-2") else 768)
     assert cfg.chat_template == "vicuna" and cfg.score.scorer == "judge"
+    # the authors' schedule (finetune/ual.py, lora_train.py): warm-up over 10%, then constant; 10 epochs on
+    # LIMA, 6 on the 6k sets; micro-batches drawn with replacement
+    assert (tc.lr_scheduler, tc.warmup_ratio, tc.sampling, tc.max_steps) == ("constant_with_warmup", 0.1, "replacement", -1)
+    assert tc.epochs == (10 if "lima" in path.stem else 6)
     # Every field is commented: each `key: value` line of the file carries a comment.
     for line in path.read_text().splitlines():
         if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):

@@ -134,6 +134,9 @@ class TrainConfig(Checked):
     batch_size: int = _f(4, "samples per device per micro-batch", ge=1)
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step", ge=1)
     epochs: float = _f(1.0, "passes over the training set (ignored when max_steps > 0; else above 0)", ge=0)
+    sampling: Literal["shuffle", "replacement"] = _f(
+        "shuffle", "order of the training samples: shuffle (each epoch a permutation, the Trainer's default) | "
+                   "replacement (each draw at random with replacement, as the paper's reference code did)")
     max_steps: int = _f(-1, "optimiser steps (-1: use epochs)", ge=-1)
     loss: Loss = _f("auto", "auto (chunked where it can run, else naive) | chunked (from hidden states and the "
                            "output projection, never materialising all logits) | naive (full logits, for checking)")

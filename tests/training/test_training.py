@@ -128,3 +128,25 @@ def test_logged_nll_is_the_eps_zero_loss_of_the_same_batch(tiny_model_dir, token
     assert abs(logged[1]["loss"] - logged[1]["nll"]) > 1e-3 * nll_1  # eps > 0: the objective is not the NLL
     assert logged[2]["nll"] == pytest.approx(references[2], rel=1e-5)
     assert out.training_loss == pytest.approx((logged[1]["loss"] + logged[2]["loss"]) / 2, rel=1e-6)
+
+
+def test_sampling_with_replacement_is_seeded_and_repeats(tiny_model_dir, tokenizer, tmp_path):
+    """train.sampling replacement (the paper's reference code): each of an epoch's draws is uniform over the
+    samples, with repeats, and the same for the same data seed; shuffle is the Trainer's permutation."""
+    encoded = [encode_sample(tokenizer, s.messages, 64) for s in _samples() * 8]  # 32 samples
+
+    def order(sampling, seed):
+        args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, data_seed=seed,
+                                 seed=seed, remove_unused_columns=False)
+        trainer = UALTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                             train_dataset=SmoothedDataset(encoded, [0.0] * 32),
+                             data_collator=SmoothingCollator(tokenizer.pad_token_id), sampling=sampling)
+        return list(trainer._get_train_sampler())
+
+    drawn = order("replacement", 0)
+    assert len(drawn) == 32 and len(set(drawn)) < 32  # repeats (P(no repeat) = 32!/32^32 ~ 1e-13)
+    assert drawn == order("replacement", 0) and drawn != order("replacement", 1)
+    assert sorted(order("shuffle", 0)) == list(range(32))  # a permutation
+    with pytest.raises(ValueError, match="sampling must be shuffle or replacement"):
+        UALTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=TrainingArguments(
+            output_dir=str(tmp_path / "p"), report_to="none", use_cpu=True), sampling="bootstrap")

@@ -134,6 +134,7 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
         callbacks=callbacks,
         token_scale=mode_parts(mode)[1],
         eaft_topk=tc.eaft_topk,
+        sampling=tc.sampling,
     )
     resume = latest_checkpoint(out / "checkpoints", "ual_ppl_state.json" if eps_fn else None) if tc.resume else None
     if resume is not None:

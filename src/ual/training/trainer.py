@@ -189,10 +189,22 @@ class UALTrainer(UALLoss, Trainer):
     """A transformers Trainer whose loss is ual's (UALLoss): batches carry "eps" (and "weight")."""
 
     def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, token_scale: str = "none", eaft_topk: int = 20,
-                 **kwargs):
+                 sampling: str = "shuffle", **kwargs):
         self.check_loss_options(loss_impl, token_scale)
+        if sampling not in ("shuffle", "replacement"):
+            raise ValueError(f"sampling must be shuffle or replacement, not {sampling!r}")
+        self.sampling = sampling
         super().__init__(*args, **kwargs)
         self.init_loss(loss_impl, eps_fn, token_scale, eaft_topk)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        """`sampling: replacement` draws every sample of an epoch at random with replacement, as the paper's
+        reference code drew its micro-batches (seeded by data_seed); `shuffle` is the Trainer's own order."""
+        if self.sampling == "shuffle":
+            return super()._get_train_sampler(*args, **kwargs)
+        dataset = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
+        generator = torch.Generator().manual_seed(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=len(dataset), generator=generator)
 
 
 # Shardings under which the chunked loss cannot read the output projection: FSDP1 and ZeRO-3
