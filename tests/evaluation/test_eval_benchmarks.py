@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from ual.evaluation import benchmark_data, benchmarks as bm
+from ual.evaluation import benchmark_data
 
 pytest.importorskip("lm_eval")
 

@@ -9,7 +9,8 @@ import pytest
 
 from ual.cli import main
 from ual.io import read_json
-from ual.training.curves import best_point, read_curve, train_subset
+from ual.report.training_curves import best_point, read_curve
+from ual.training.curves import train_subset
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from ual.io import read_json, read_jsonl, write_json, write_text
 from ual.modes import MODES
 from ual.report.html import markdown_to_html
 from ual.report.plots import plot_benchmarks, plot_distributions, plot_loss_curves, plot_training_curves
-from ual.report.training_curves import curves_section
-from ual.training.curves import read_curve
+from ual.report.training_curves import curves_section, read_curve
 from ual.runfolder import RunFolder
 
 MODEL_ORDER = ("base", *MODES)  # the base model, then the training modes in their declared order

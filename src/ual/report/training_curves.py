@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from ual.training.curves import best_point
+from pathlib import Path
+
+from ual.io import read_jsonl
+
+
+def read_curve(path: Path) -> list[dict]:
+    """train/MODE/curve.jsonl's rows (none when the mode was not evaluated during training)."""
+    return read_jsonl(path) if path.exists() else []
+
+
+def best_point(rows: list[dict]) -> dict | None:
+    """The row with the lowest held-out NLL over all sources (the first of equals)."""
+    scored = [r for r in rows if r.get("heldout", {}).get("all") is not None]
+    return min(scored, key=lambda r: r["heldout"]["all"]) if scored else None
 
 
 def curves_section(curves: dict[str, list[dict]]) -> list[str]:

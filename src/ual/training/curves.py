@@ -19,12 +19,11 @@ mode back. Rows of a resumed run replace the rows after its checkpoint's step.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
-from ual.io import write_jsonl
+from ual.io import read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +33,6 @@ def train_subset(samples: list, n: int, seed: int) -> list:
     if n >= len(samples):
         return list(samples)
     return [samples[i] for i in sorted(random.Random(f"curve:{seed}").sample(range(len(samples)), n))]
-
-
-def read_curve(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def best_point(rows: list[dict]) -> dict | None:
-    """The row with the lowest held-out NLL over all sources (the first of equals)."""
-    scored = [r for r in rows if r.get("heldout", {}).get("all") is not None]
-    return min(scored, key=lambda r: r["heldout"]["all"]) if scored else None
 
 
 def curve_callback(cfg, mode: str, tokenizer, heldout: list, train_samples: list, out: Path, keep: bool = True):
@@ -68,7 +55,8 @@ def curve_callback(cfg, mode: str, tokenizer, heldout: list, train_samples: list
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             # a resumed run keeps the rows up to its checkpoint and measures again from there
-            self.rows = [r for r in read_curve(path) if r["step"] < state.global_step]
+            earlier = read_jsonl(path) if path.exists() else []
+            self.rows = [r for r in earlier if r["step"] < state.global_step]
             self._point(args, state, model)
             return control
 
