@@ -153,7 +153,8 @@ def resolve_tasks(specs: list[str], work_dir: Path, heldout=None, source: str = 
     return plan
 
 
-def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters", shuffle: bool = False) -> Path:
+def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters", shuffle: bool = False,
+                        limit: int | None = None) -> Path:
     """Data (normalised JSONL) and a multiple_choice task YAML for `name` in task_dir; with `shuffle`,
     each question's choices in the same seeded order as `ual eval`'s own multiple choice."""
     from ual.evaluation.multiple_choice import LETTERS, letter_prompt
@@ -162,7 +163,7 @@ def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters",
         raise ValueError(f"mc style must be 'letters' or 'text', not {style!r}")
     from ual.evaluation.multiple_choice import load_questions
 
-    questions = load_questions(spec, shuffle)
+    questions = load_questions(spec, shuffle)[:limit]
     data = task_dir / f"{name}.jsonl"
     with data.open("w", encoding="utf-8") as fh:
         for q in questions:
@@ -186,8 +187,8 @@ def write_local_mc_task(task_dir: Path, name: str, spec, style: str = "letters",
     return path
 
 
-def write_local_gsm8k_task(task_dir: Path, name: str, data_file) -> Path:
-    """lm-eval's own gsm8k.yaml over a local GSM8K-layout JSONL, zero-shot."""
+def write_local_gsm8k_task(task_dir: Path, name: str, data_file, limit: int | None = None) -> Path:
+    """lm-eval's own gsm8k.yaml over a local GSM8K-layout JSONL (its first `limit` rows), zero-shot."""
     lm_eval = require_lm_eval()
     data_file = Path(data_file)
     if not data_file.exists():
@@ -201,6 +202,10 @@ def write_local_gsm8k_task(task_dir: Path, name: str, data_file) -> Path:
                         raise ValueError(f"{data_file}:{lineno}: missing field '{key}'")
                 if "####" not in row["answer"]:
                     raise ValueError(f"{data_file}:{lineno}: field 'answer': no '#### N' final answer line")
+    if limit is not None:
+        rows = [line for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
+        data_file = task_dir / f"{name}.first{limit}.jsonl"
+        data_file.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     base = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"
     config = yaml.safe_load(base.read_text(encoding="utf-8"))
     for key in ("tag", "dataset_name", "training_split", "fewshot_split"):
@@ -250,7 +255,7 @@ def run_harness(
     local_gsm8k: dict | None = None,
     mc_style: str = "letters",
     batch_size: int = 8,
-    limit: int | float | None = None,
+    limit: int | None = None,
     device: str = "cpu",
     num_fewshot: int | None = None,
     apply_chat_template: bool = False,
@@ -286,9 +291,9 @@ def run_harness(
         task_dir = Path(tmp)
         items = {name: bm.write_packaged_task(task_dir, name, n) for name, n in benchmarks.items()}
         for name, spec in local_mc.items():
-            write_local_mc_task(task_dir, name, spec, style=mc_style, shuffle=mc_shuffle)
+            write_local_mc_task(task_dir, name, spec, style=mc_style, shuffle=mc_shuffle, limit=limit)
         for name, path in local_gsm8k.items():
-            write_local_gsm8k_task(task_dir, name, path)
+            write_local_gsm8k_task(task_dir, name, path, limit=limit)
         # Indexing lm-eval's ~10,000 built-in task files takes a while: only when hub tasks are named.
         local = bool(local_mc or local_gsm8k or benchmarks)
         manager = TaskManager(include_path=str(task_dir) if local else None, include_defaults=bool(tasks or hub_tasks))
@@ -297,7 +302,9 @@ def run_harness(
         try:
             raw = lm_eval.simple_evaluate(
                 model=lm, model_args=lm_args, tasks=all_tasks, num_fewshot=num_fewshot, batch_size=batch_size,
-                limit=limit if not hub_tasks else (limit or _hub_limit(hub_benchmarks)), task_manager=manager,
+                # local tasks hold exactly their items (limits applied in their files); lm-eval's limit (its
+                # first N) is for hub tasks only
+                limit=(limit or _hub_limit(hub_benchmarks)) if (tasks or hub_tasks) else None, task_manager=manager,
                 apply_chat_template=apply_chat_template,
                 # per-question answers: the position statistics and the benchmarks' per-item results
                 log_samples=bool(local_mc or benchmarks or hub_tasks),
