@@ -119,6 +119,8 @@ def _score_rows(model, head, rows, requests, pad, device, dtype, results) -> Non
         logp[here] = chunk[local, tokens[here]].double()
         greedy[here] = chunk[local].argmax(-1) == tokens[here]
     request = torch.tensor([i for i, *_ in wanted])
+    # per request: the sum of its tokens' log-probabilities, and whether every one was the argmax
+    sums = torch.zeros(len(results), dtype=torch.float64).index_add_(0, request, logp)
+    misses = torch.zeros(len(results), dtype=torch.long).index_add_(0, request, (~greedy).long())
     for i in request.unique().tolist():
-        sel = request == i
-        results[i] = (float(logp[sel].sum()), bool(greedy[sel].all()))
+        results[i] = (float(sums[i]), bool(misses[i] == 0))
