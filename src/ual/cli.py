@@ -25,6 +25,7 @@ continues each unfinished mode from its newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import logging
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             result = importlib.import_module(COMMANDS[args.stage][0]).run(args)
         else:
             cfg = config_from_args(args)
+            settings = copy.deepcopy(cfg)  # what a successful stage may record: not this command's --tasks, --adapter
             if getattr(args, "resume", False):
                 cfg.train.resume = True
             if getattr(args, "tasks", None):  # the benchmarks alone, not the built-in evaluations
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 result = dry_run(cfg)
             else:
-                result = run_stage(args.stage, cfg, force=args.force)
+                result = run_stage(args.stage, cfg, force=args.force, settings=settings)
     except (ConfigError, MissingExtra, FileNotFoundError, ValueError) as exc:
         print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
         return 2

@@ -331,12 +331,6 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    from ual.io import write_text
-
-    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
-
-
 def _join(field: str, key) -> str:
     return f"{field}.{key}" if field else str(key)
 

@@ -15,8 +15,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from ual.config import ExperimentConfig
+from ual.config import ExperimentConfig, to_dict
 from ual.io import write_json, write_jsonl
+from ual.lineage import Lineage, map_record
 from ual.runfolder import RunFolder, read_scores
 from ual.smoothing import fit_scale, map_to_smoothing, normalize_scores
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 def run_map(cfg: ExperimentConfig) -> dict:
     run = RunFolder(cfg.run_path)
-    run.discard("map")  # config.yaml now describes this run: no earlier smoothing may outlive a failure
     samples = run.load_samples("train")
     scores = read_scores(run.require(run.scores, "score"))
     scores.require_known({s.id for s in samples})
@@ -57,7 +57,6 @@ def run_map(cfg: ExperimentConfig) -> dict:
     if scores.repeated:
         log.warning("%s: %d rows repeat an earlier row of the same id (identical; counted once)",
                     scores.path, scores.repeated)
-    write_jsonl(run.smoothing, rows)
 
     by_source = defaultdict(list)
     for r in rows:
@@ -79,5 +78,10 @@ def run_map(cfg: ExperimentConfig) -> dict:
         # How far apart the sources end up: AUC of their scores, ratio of their mean eps.
         "separation": separation([r for r in rows if r["score"] is not None], eps_key="eps"),
     }
+    # Written once everything is computed (a failure leaves the last smoothing and config.yaml as they were);
+    # the stats last, so smoothing_stats.json never describes another smoothing.jsonl than the one beside it.
+    run.smoothing_stats.unlink(missing_ok=True)
+    write_jsonl(run.smoothing, rows)
     write_json(run.smoothing_stats, stats)
+    Lineage(run.root).put("map", map_record(to_dict(cfg), run.root))
     return stats

@@ -23,7 +23,8 @@ import copy
 import logging
 import time
 
-from ual.config import ConfigError, ExperimentConfig, run_dir_origin, save_config
+from ual.config import ConfigError, ExperimentConfig, run_dir_origin, to_dict
+from ual.lineage import announce_differences, record_settings
 from ual.io import write_json, write_text
 from ual.optional import require
 from ual.training.ablate import (SEED_SHARED_FILES, across_seed_table, comparison, render, render_seeds,
@@ -43,14 +44,25 @@ STAGES = {
 }
 
 
-def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False):
+def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False, settings: ExperimentConfig | None = None):
+    """Run one stage on cfg's run folder. The folder's config.yaml is updated only once the stage has
+    succeeded, with the settings that define its outputs (ual/lineage.py: the contract); `settings` is
+    the config to record when cfg carries changes for this command only (`ual eval --tasks`)."""
     check_extras(stage, cfg)
+    now, folder_config = to_dict(settings or cfg), cfg.run_path / "config.yaml"
     try:
         cfg.run_path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run_path / "config.yaml")
     except OSError as exc:
         raise ConfigError(f"{run_dir_origin(cfg)}: cannot write the run folder {cfg.run_path} "
                           f"({exc.strerror or exc})") from None
+    announce_differences(stage, folder_config, now)
+    result = _run_stage(stage, cfg, force)
+    if not (stage == "score" and cfg.score.dry_run):
+        record_settings(stage, folder_config, now)
+    return result
+
+
+def _run_stage(stage: str, cfg: ExperimentConfig, force: bool):
     if stage == "data":
         from ual.data.stage import build_dataset
 

@@ -113,9 +113,15 @@ def seed_stale(good_run, tmp_path):
     return run
 
 
-def assert_no_stale(run):
-    left = [name for name in STALE if (run / name).exists()]
-    assert not left, f"a failed rerun left outputs of the last run: {left}"
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_untouched(run, good_run):
+    """A failed rerun leaves the folder as it was: config.yaml and every output byte-identical (ual/lineage.py)."""
+    before, after = snapshot(good_run), snapshot(run)
+    changed = sorted(k for k in {**before, **after} if before.get(k) != after.get(k))
+    assert not changed, f"a failed rerun changed the run folder: {changed}"
 
 
 # --------------------------------------------------------------------------- fatal: exit 2, file, line, field
@@ -254,7 +260,7 @@ def test_bad_file_is_a_clear_error(tmp_path, capsys, good_run, name, content, op
     for fragment in fragments:
         assert fragment.format(f=src) in message
     assert src.read_bytes() == content
-    assert_no_stale(run)
+    assert_untouched(run, good_run)
 
 
 @pytest.mark.parametrize("case", ["directory", "directory-named-jsonl", "missing-file"])
@@ -269,10 +275,10 @@ def test_a_path_that_is_not_a_file_says_what_it_is(tmp_path, capsys, good_run, c
     assert f"{path}: {'no such file' if case == 'missing-file' else 'is a directory'}" in err
     if case != "missing-file":
         assert [p.name for p in path.iterdir()] == ["part-0.jsonl"] and (path / "part-0.jsonl").read_bytes() == jsonl(M)
-    assert_no_stale(run)
+    assert_untouched(run, good_run)
 
 
-def test_a_symlink_loop_is_a_clear_error_and_discards_the_last_outputs(tmp_path, capsys, good_run):
+def test_a_symlink_loop_is_a_clear_error_and_leaves_the_folder_as_it_was(tmp_path, capsys, good_run):
     loop = tmp_path / "loop.jsonl"
     loop.symlink_to(tmp_path / "loop2.jsonl")
     (tmp_path / "loop2.jsonl").symlink_to(loop)
@@ -280,7 +286,7 @@ def test_a_symlink_loop_is_a_clear_error_and_discards_the_last_outputs(tmp_path,
     code, err = ual(capsys, "data", write_config(tmp_path, loop))
     assert code == 2 and "Traceback" not in err
     assert f"{loop}: cannot read (Too many levels of symbolic links)" in err
-    assert_no_stale(run)
+    assert_untouched(run, good_run)
 
 
 @pytest.mark.parametrize("how", ["same-path", "same-path-two-labels", "symlink-to-it"])
@@ -301,7 +307,7 @@ def test_one_file_given_as_two_sources_is_refused(tmp_path, capsys, good_run, ho
     assert code == 2 and "Traceback" not in err
     assert "data.sources[0] and data.sources[1] both read" in err and str(src) in err
     assert src.read_bytes() == content
-    assert_no_stale(run)
+    assert_untouched(run, good_run)
 
 
 def test_overlapping_files_never_train_on_a_held_out_conversation(tmp_path, capsys, caplog):
@@ -441,7 +447,7 @@ def test_a_conversation_the_chat_template_refuses_names_its_line(tmp_path, capsy
         assert code == 2
         [message] = [x for x in err.splitlines() if x.startswith("ual data: error: ")]
         assert f"{src}:4: the chat template of" in message and "Conversation roles must alternate" in message
-        assert_no_stale(run)
+        assert_untouched(run, good_run)
     else:
         assert code == 0, err
         stats = read_json(run / "data_stats.json")["sources"]["chat"]
@@ -479,9 +485,9 @@ def test_turns_after_the_last_reply_are_dropped_and_counted(tmp_path, capsys, ca
 
 # --------------------------------------------------------------------------- the run folder after a failed rerun
 
-def test_failed_rerun_leaves_no_outputs_of_the_last_run(tmp_path, capsys, good_run):
-    """config.yaml is rewritten when the stage starts: the old samples, stats and everything derived
-    from them (scores, smoothing) must go, whether the data or the tokenizer is what fails."""
+def test_failed_rerun_leaves_the_folder_as_it_was(tmp_path, capsys, good_run):
+    """Settings are recorded only when a stage succeeds: a rerun that fails, on its data or on its tokenizer,
+    leaves config.yaml, the samples and everything derived from them (scores, smoothing) byte-identical."""
     run = seed_stale(good_run, tmp_path)
     src = tmp_path / "good.jsonl"
     src.write_bytes(jsonl(*(good("messages", i) for i in range(8))))
@@ -489,12 +495,8 @@ def test_failed_rerun_leaves_no_outputs_of_the_last_run(tmp_path, capsys, good_r
     bad.write_bytes(jsonl(M, {"instruction": "x"}))
     code, err = ual(capsys, "data", write_config(tmp_path, bad))
     assert code == 2 and f"{bad}:2" in err
-    assert_no_stale(run)
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["sources"][0]["name"] == str(bad)
-    # the same config as the good run rebuilds the same samples
-    assert ual(capsys, "data", write_config(tmp_path, src, heldout=2))[0] == 0
-    assert [r["id"] for r in read_jsonl(run / "samples.jsonl")] == [r["id"] for r in read_jsonl(good_run / "samples.jsonl")]
-    # a model whose tokenizer cannot load fails after config.yaml is written, before any data is read
+    assert_untouched(run, good_run)
+    # a model whose tokenizer cannot load fails before any data is read
     empty_model = tmp_path / "no-model"
     empty_model.mkdir()
     try:
@@ -502,7 +504,15 @@ def test_failed_rerun_leaves_no_outputs_of_the_last_run(tmp_path, capsys, good_r
     except Exception:  # noqa: BLE001 - how the tokenizer's failure surfaces is not this test's business
         code = 1
     assert code != 0
-    assert_no_stale(run)
+    assert_untouched(run, good_run)
+    # the same config as the good run rebuilds the same samples, and keeps the scores and smoothing made from them
+    assert ual(capsys, "data", write_config(tmp_path, src, heldout=2))[0] == 0
+    assert [r["id"] for r in read_jsonl(run / "samples.jsonl")] == [r["id"] for r in read_jsonl(good_run / "samples.jsonl")]
+    assert (run / "smoothing.jsonl").read_bytes() == (good_run / "smoothing.jsonl").read_bytes()
+    # other samples: the scores and smoothing that name the old ones by id go, once the new samples are in place
+    assert ual(capsys, "data", write_config(tmp_path, src, heldout=3))[0] == 0
+    assert not any((run / n).exists() for n in ("scores.jsonl", "smoothing.jsonl", "smoothing_stats.json"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["sources"][0]["heldout"] == 3
 
 
 def test_a_source_that_is_an_output_is_refused_and_kept(tmp_path, capsys, good_run):
@@ -511,4 +521,4 @@ def test_a_source_that_is_an_output_is_refused_and_kept(tmp_path, capsys, good_r
     code, err = ual(capsys, "data", write_config(tmp_path, run / "samples.jsonl"))
     assert code == 2 and "is also an output of `ual data`" in err
     assert (run / "samples.jsonl").read_bytes() == content
-    assert not any((run / n).exists() for n in STALE if n != "samples.jsonl")
+    assert_untouched(run, good_run)

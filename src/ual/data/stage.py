@@ -20,16 +20,15 @@ A conversation the model's chat template refuses to render (Llama-2 and Mistral 
 raise on turns that do not alternate) is an error naming its file and line, or under
 `on_error: skip` skipped and counted like a malformed row (kind "chat template").
 
-A rerun first discards the outputs of the last one, and what was derived from them (the
-current scores and smoothing; runfolder.py says why): config.yaml is already rewritten
-when the stage starts, so a rerun that fails must leave no samples of another config.
-The three outputs are written one after another, each atomically; if a later one fails,
-the earlier ones are removed again, so the folder never holds samples without their stats.
+A rerun replaces the three outputs together once everything is built (a failure leaves the
+last run's outputs and config.yaml as they were: ual/lineage.py); when the samples changed, the
+scores and smoothing derived from the old ones are removed (they name samples by id).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -133,13 +132,10 @@ def _resolved(path: Path) -> Path | None:
         return None
 
 
-def discard_outputs(cfg: ExperimentConfig) -> None:
-    """Remove the last run's outputs (and what derives from them) before anything can fail, keeping
-    any the user gave as a source file, and refusing (after the rest is gone) to write over one."""
-    inputs = [p for p in (input_path(s) for s in cfg.data.sources) if p is not None and _resolved(p) is not None]
-    RunFolder(cfg.run_path).discard("data", keep=tuple(inputs))
+def refuse_overwriting_inputs(cfg: ExperimentConfig) -> None:
+    """A source file that is also one of this stage's outputs would be overwritten: refused before anything."""
     outs = {(cfg.run_path / name).resolve() for name in OUTPUTS}
-    for path in inputs:
+    for path in (p for p in (input_path(s) for s in cfg.data.sources) if p is not None and _resolved(p) is not None):
         if path.resolve() in outs:
             raise DataError(f"source file {path} is also an output of `ual data` in {cfg.run_path}; "
                             "it would be overwritten: use another run folder or move the file")
@@ -168,24 +164,45 @@ def check_distinct_files(cfg: ExperimentConfig) -> None:
 
 
 def _write_outputs(out: Path, train: list[Sample], held: list[Sample], stats: dict) -> None:
-    """samples.jsonl, heldout.jsonl, data_stats.json; a failure part-way removes those already written."""
-    written = []
+    """samples.jsonl, heldout.jsonl, data_stats.json, all three or none: each is written beside its final
+    name first and the three renamed into place together, so a failure leaves the last run's outputs.
+    When the samples changed (other ids), what was derived from the old ones (scores, smoothing) is removed after."""
+    from ual.lineage import Lineage
+
+    names = ("samples.jsonl", "heldout.jsonl", "data_stats.json")
+    before = [_ids(out / n) for n in names[:2]]
+    staged = {n: out / f".{n}.new" for n in names}
     try:
-        for name, rows in (("samples.jsonl", train), ("heldout.jsonl", held)):
-            write_jsonl(out / name, (s.to_dict() for s in rows))
-            written.append(out / name)
-        write_json(out / "data_stats.json", stats)
-    except BaseException:
-        for path in written:
+        write_jsonl(staged["samples.jsonl"], (s.to_dict() for s in train))
+        write_jsonl(staged["heldout.jsonl"], (s.to_dict() for s in held))
+        write_json(staged["data_stats.json"], stats)
+        for n in names:
+            os.replace(staged[n], out / n)
+    finally:
+        for path in staged.values():
             path.unlink(missing_ok=True)
-        raise
+    if before != [[s.id for s in train], [s.id for s in held]]:
+        removed = RunFolder(out).discard("score")  # the scores and smoothing name other samples by id
+        Lineage(out).drop("score", "map")
+        if removed:
+            log.info("data: the samples changed; removed what was derived from the old ones: %s",
+                     ", ".join(p.name for p in removed))
+
+
+def _ids(path: Path) -> list[str] | None:
+    """The sample ids of an earlier output, in order (an id hashes the source label and the conversation)."""
+    from ual.io import iter_jsonl
+
+    try:
+        return [row.get("id") for _, row in iter_jsonl(path)] if path.exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: bool = False) -> dict:
     """Run the data stage for `cfg`; returns (and writes) the data statistics. With a tokenizer (or
-    `model_tokenizer`: cfg.model's, loaded once the last run's outputs are gone, so a failed load
-    leaves none of them), samples with no supervised token are dropped and lengths counted."""
-    discard_outputs(cfg)
+    `model_tokenizer`: cfg.model's), samples with no supervised token are dropped and lengths counted."""
+    refuse_overwriting_inputs(cfg)
     if model_tokenizer:
         from ual.models import load_tokenizer
 

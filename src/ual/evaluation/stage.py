@@ -13,8 +13,9 @@ clustering (eval/features/MODEL.npz) and answers for the pairwise comparison
                      intervals over the held-out items (compare.py)
 Per-item results come first (eval/items/: per held-out sample, token, question, prompt);
 every aggregate and interval is computed from them. And, with eval.tasks, lm-eval benchmarks per model in eval/tasks/MODEL.json.
-A model whose eval file exists is skipped on rerun (delete it or use --force);
-benchmarks are redone only when the task list or its settings change.
+A model whose eval file exists is skipped on rerun (--force redoes it) unless the model, the held-out
+data or the settings that shape its metrics changed since (lineage.json): then it is evaluated again,
+saying what changed; benchmarks likewise when the task list, its settings or the model change.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ual.config import ExperimentConfig
+from ual.config import ExperimentConfig, to_dict
+from ual.config_checks import close_matches
 from ual.io import atomic_open, read_json, write_json, write_jsonl
+from ual.lineage import Lineage, eval_record, record_of
 from ual.config import split_pair
 from ual.runfolder import RunFolder, model_key
 
@@ -61,6 +64,20 @@ def load_for_eval(cfg: ExperimentConfig, name: str):
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
+def check_models(models: list[str], run: RunFolder) -> None:
+    """Every name in eval.models stands for a model: base, a mode trained in this folder, or a folder path.
+    A name with nothing trained under it is an error naming what is there, whatever metrics are on."""
+    trained = sorted(p.name for p in (run.root / "train").glob("*")
+                     if (p / "result.json").exists() or (p / "adapter").exists() or (p / "model").exists())
+    for name in models:
+        if name == "base" or model_key(name) != name or name in trained:
+            continue
+        near = close_matches(name, trained + ["base"], n=1)
+        raise ValueError(f"eval.models: nothing is trained under {name!r} in {run.root}"
+                         + (f" (did you mean {near[0]}?)" if near else "")
+                         + f"; trained there: {', '.join(trained) or 'none'} (or base, or an adapter folder's path)")
+
+
 def _pairwise_models(cfg) -> set[str]:
     return {m for pair in cfg.eval.pairwise for m in split_pair(pair)}
 
@@ -74,6 +91,7 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
 
     run = RunFolder(cfg.run_path)
     ec = cfg.eval
+    check_models(ec.models, run)
     heldout = run.load_samples("heldout") if needs_heldout(ec) else []
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     for a, b in map(split_pair, ec.pairwise):
@@ -87,16 +105,25 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
 
         run.tasks_dir.mkdir(parents=True, exist_ok=True)
         task_plan = resolve_tasks(ec.tasks, run.tasks_dir, heldout, source=ec.tasks_source)
-    results = {}
+    results, lineage, now = {}, Lineage(run.root), to_dict(cfg)
+    if not builtin and task_plan is None:
+        log.info("eval: nothing to evaluate (every built-in evaluation is off and no eval.tasks are given)")
     for name in ec.models:
         key = model_key(name)
         path, tasks_path = run.eval_file(key), run.tasks_file(key)
-        do_builtin = builtin and (force or not path.exists())
-        do_tasks = task_plan is not None and (force or not _same_tasks(tasks_path, ec))
+        record = eval_record(now, run.root, name)
+        changed = lineage.stale(f"eval/{key}", record) if builtin and path.exists() and not force else None
+        if changed:
+            log.info("%s: evaluated with other settings or inputs (%s); evaluating it again", key, "; ".join(changed))
+        tasks_record = record_of({"tasks": _task_settings(ec)}, {"model": record["inputs"]["model"]})
+        do_builtin = builtin and (force or not path.exists() or bool(changed))
+        do_tasks = task_plan is not None and (force or not _same_tasks(tasks_path, ec)
+                                              or bool(lineage.stale(f"tasks/{key}", tasks_record)))
         if path.exists() and not do_builtin:
             results[key] = read_json(path)
         if not (do_builtin or do_tasks):
-            log.info("%s: evaluated already; skipping (--force redoes it)", key)
+            if builtin or task_plan is not None:
+                log.info("%s: evaluated already; skipping (--force redoes it)", key)
             continue
         start = time.time()
         model = load_for_eval(cfg, name)
@@ -104,9 +131,11 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
             metrics = evaluate_model(cfg, key, model, tokenizer, inputs, run)
             metrics["seconds"] = time.time() - start
             write_json(path, metrics)
+            lineage.put(f"eval/{key}", {**record, "of": name})
             results[key] = metrics
         if do_tasks:
             results.setdefault(key, {})["tasks"] = run_tasks(cfg, name, model, tokenizer, task_plan, tasks_path)
+            lineage.put(f"tasks/{key}", {**tasks_record, "of": name})
         del model
     if ec.clustering and inputs.cluster_texts:
         results["clustering"] = run_clustering(cfg, tokenizer, run, len(inputs.cluster_texts))

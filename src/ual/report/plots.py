@@ -137,3 +137,26 @@ def plot_training_curves(curves: dict[str, list[dict]], path: Path) -> Path:
     ax.set_title("evaluation during training")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def plot_seed_curves(modes: dict[str, dict], path: Path) -> Path:
+    """Across training seeds (training_curves.seed_curve_summary's "modes"): per mode the mean held-out NLL
+    (solid) and training NLL (dashed) against the optimiser step, each in its shaded 95% t band across seeds."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (mode, summary) in enumerate(modes.items()):
+        colour = f"C{k}"
+        for key, style, alpha, label in (("heldout", "-o", 0.2, "held-out"), ("train", "--", 0.1, "train")):
+            cells = [(p["step"], p["heldout"].get("all") if key == "heldout" else p["train"]) for p in summary["points"]]
+            cells = [(x, c) for x, c in cells if c and c.get("estimate") is not None]
+            if not cells:
+                continue
+            ax.plot([x for x, _ in cells], [c["estimate"] for _, c in cells], style, ms=3, color=colour,
+                    alpha=1.0 if key == "heldout" else 0.7, label=f"{mode} {label} ({len(summary['seeds'])} seeds)")
+            band = [(x, c["low"], c["high"]) for x, c in cells if c.get("low") is not None and c.get("high") is not None]
+            if band:  # one seed gives no interval, hence no band
+                ax.fill_between(*zip(*band), color=colour, alpha=alpha, linewidth=0)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("NLL per response token")
+    ax.set_title("evaluation during training: mean over seeds, 95% t band")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ual.config import ExperimentConfig
+from ual.config import ExperimentConfig, to_dict
 from ual.io import read_json, read_jsonl, write_json, write_text
 from ual.modes import MODES
+from ual.lineage import read_folder_settings
 from ual.report.html import markdown_to_html
-from ual.report.plots import plot_benchmarks, plot_distributions, plot_loss_curves, plot_training_curves
-from ual.report.training_curves import curves_section, read_curve
+from ual.report.plots import (plot_benchmarks, plot_distributions, plot_loss_curves, plot_seed_curves,
+                              plot_training_curves)
+from ual.report.training_curves import (curves_section, read_curve, read_seed_curves, seed_curve_summary,
+                                        seed_curves_section)
+from ual.report.provenance import provenance, provenance_section, stale_warning
 from ual.runfolder import RunFolder
 
 MODEL_ORDER = ("base", *MODES)  # the base model, then the training modes in their declared order
@@ -54,6 +58,8 @@ def collect(cfg: ExperimentConfig) -> dict:
     if (run.root / "seeds.json").exists():
         out["seeds"] = read_json(run.root / "seeds.json")
         out["seeds_md"] = (run.root / "seeds.md").read_text(encoding="utf-8")
+        out["seed_curves"] = read_seed_curves(run.root, out["seeds"].get("seeds", []), MODEL_ORDER)
+    out["provenance"] = provenance(run.root, read_folder_settings(run.config) or to_dict(cfg))
     return out
 
 
@@ -110,6 +116,9 @@ def run_report(cfg: ExperimentConfig) -> str:
         images.append(("Training loss", plot_loss_curves(histories, run.root / "loss.png")))
     if metrics.get("curves"):
         images.append(("Evaluation during training", plot_training_curves(metrics["curves"], run.root / "curves.png")))
+    if metrics.get("seed_curves"):
+        images.append(("Evaluation during training, across seeds", plot_seed_curves(
+            seed_curve_summary(metrics["seed_curves"])["modes"], run.root / "seed_curves.png")))
     text = render_markdown(metrics, [(title, path.relative_to(run.root)) for title, path in images])
     write_text(run.report, text)
     write_text(run.root / "report.html", markdown_to_html(text, run.root, f"UAL run {cfg.name}"))
@@ -122,6 +131,7 @@ def render_markdown(m: dict, images) -> str:
     lines = [f"# UAL run `{m['name']}`", "", f"Model: `{m['model']}`, seed {m['seed']}"
              + (f"; training seeds {', '.join(map(str, m['seeds']['seeds']))} (RUN/seeds/)" if m.get("seeds") else "")
              + ".", ""]
+    lines += stale_warning(m.get("provenance", {}))  # before the verdict: which tables mix different runs
     if m.get("comparisons"):
         lines += render_verdict(m["comparisons"], m.get("seeds"))
     if "data" in m:
@@ -158,6 +168,8 @@ def render_markdown(m: dict, images) -> str:
                   ""]
     if m.get("curves"):
         lines += curves_section(m["curves"])
+    if m.get("seed_curves"):
+        lines += seed_curves_section(m["seed_curves"])
     if m["eval"]:
         lines += ["## Evaluation", ""] + eval_table(m["eval"]) + [""]
         lines += calibration_section(m["eval"])
@@ -204,6 +216,7 @@ def render_markdown(m: dict, images) -> str:
         t = m["timings"]
         lines += ["## Time per stage", "", "| " + " | ".join(t) + " | total |", "|" + "---:|" * (len(t) + 1),
                   "| " + " | ".join(f"{v:.0f} s" for v in t.values()) + f" | {sum(t.values()) / 60:.1f} min |", ""]
+    lines += provenance_section(m.get("provenance", {}))
     for title, path in images:
         lines += [f"### {title}", "", f"![{title}]({Path(path).as_posix()})", ""]
     return "\n".join(lines)

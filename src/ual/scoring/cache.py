@@ -52,12 +52,21 @@ _CHUNK = 500  # ids per IN (...) query, well under SQLite's variable limit
 
 
 class JudgeCache:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
+        """read_only (a dry run): look answers up without creating or changing a file; a cache that does not
+        exist yet reads as empty."""
         self.path = Path(path)
+        self._lock = threading.Lock()  # one connection, possibly shared by threads
+        if read_only:
+            # immutable: no lock, journal or -shm file is written beside the database
+            target = f"{self.path.resolve().as_uri()}?immutable=1" if self.path.exists() else "file::memory:"
+            self._conn = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False)
+            if not self.path.exists():
+                self._conn.execute(_SCHEMA)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, each put is its own committed transaction.
         self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()  # one connection, possibly shared by threads
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")

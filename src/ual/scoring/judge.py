@@ -106,7 +106,7 @@ class JudgeScorer:
             raise ValueError("score.n_samples and score.concurrency must be >= 1, score.max_retries >= 0")
         self.cfg, self.opts = cfg, options or JudgeOptions.from_config(cfg)
         self.prompt = prompt or load_prompt(cfg.prompt_file)
-        self.cache = JudgeCache(cache_path)
+        self.cache = JudgeCache(cache_path, read_only=cfg.dry_run)  # a dry run writes nothing
         self.model = cfg.model
         self.name = f"judge:{self.model}:{self.prompt.version}"
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None}

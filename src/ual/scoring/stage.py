@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from ual.config import SCORERS, ExperimentConfig
+from ual.config import SCORERS, ExperimentConfig, to_dict
 from ual.config_checks import choice_problem
 from ual.io import write_jsonl
+from ual.lineage import Lineage, score_record
 from ual.runfolder import RunFolder, read_scores
 
 log = logging.getLogger(__name__)
@@ -47,36 +48,34 @@ def build_scorer(cfg: ExperimentConfig):
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
-    try:
-        splits = {"train": run.load_samples("train")}
-        if cfg.score.heldout and run.heldout.exists():
-            splits["heldout"] = run.load_samples("heldout")
-        scorer = build_scorer(cfg)
-    except Exception:
-        if not cfg.score.dry_run:
-            run.discard("score")  # see below: a failed rerun keeps no scores of another config
-        raise
+    splits = {"train": run.load_samples("train")}
+    if cfg.score.heldout and run.heldout.exists():
+        splits["heldout"] = run.load_samples("heldout")
+    scorer = build_scorer(cfg)
     everything = [s for samples in splits.values() for s in samples]
     if cfg.score.dry_run:
         # Plan only: nothing is sent and scores.jsonl is left as it is.
         if not hasattr(scorer, "plan"):
             raise ValueError(f"--score.dry_run plans paid judge requests; scorer {cfg.score.scorer!r} has nothing to plan")
         return {"dry_run": scorer.plan(everything)}
-    if "heldout" not in splits and run.heldout_scores.exists():
-        run.heldout_scores.unlink()  # another scorer's: evaluation must not bucket by it
     reused = {"scorer": scorer.name, "scored": len(everything), "failed": 0, "reused": True}
-    if not force and all(_complete_scores(run.scores if split == "train" else run.heldout_scores, samples, scorer.name)
+    record = score_record(to_dict(cfg), run.root)
+    changed = Lineage(run.root).stale("score", record)
+    if changed:  # same scorer name, other settings (length, prompt file, samples): its kept rows do not apply
+        log.info("scores were made with other settings or inputs (%s); scoring again", "; ".join(changed))
+    fresh = force or bool(changed)
+    if not fresh and all(_complete_scores(run.scores if split == "train" else run.heldout_scores, samples, scorer.name)
                          for split, samples in splits.items()):
         log.info("%s already scored every sample; reused (use --force to rescore)", scorer.name)
+        Lineage(run.root).put("score", record)
         return reused  # the current scores are this scorer's: they, and the smoothing mapped from them, stay
-    # The current scores are about to be replaced, and config.yaml already describes this scorer: the
-    # last scorer's scores (and the smoothing mapped from them) must not outlive a failure. The rows kept
-    # per scorer in scores/ are a cache and stay, so the same scorer again costs no model call.
-    run.discard("score")
-    if not force:
+    # The current scores are replaced only once the new ones exist (a failure leaves them, the smoothing and
+    # config.yaml as they were); the rows kept per scorer in scores/ are a cache, so the same scorer again
+    # costs no model call.
+    if not fresh:
         stored = _stored_rows(run, scorer.name, splits)
         if stored is not None:  # scored before another scorer replaced them
-            _write_rows(run, scorer.name, stored)
+            _write_rows(run, scorer.name, stored, record)
             log.info("%s already scored every sample; restored from scores/ (use --force to rescore)", scorer.name)
             return reused
     results, derived = None, None
@@ -95,7 +94,7 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
             for r in results]
     n_train = len(splits["train"])
     _write_rows(run, scorer.name, {"train": rows[:n_train], "heldout": rows[n_train:]} if "heldout" in splits
-                else {"train": rows})
+                else {"train": rows}, record)
     failed = [r for r in results[:n_train] if r.score is None]
     summary = {"scorer": scorer.name, "scored": n_train - len(failed), "failed": len(failed),
                "heldout_scored": sum(r.score is not None for r in results[n_train:]) if "heldout" in splits else None,
@@ -106,13 +105,17 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     return summary
 
 
-def _write_rows(run: RunFolder, scorer_name: str, rows: dict[str, list[dict]]) -> None:
-    """The current scores (what `ual map` and evaluation read), a copy kept per scorer, and the report."""
+def _write_rows(run: RunFolder, scorer_name: str, rows: dict[str, list[dict]], record: dict) -> None:
+    """The current scores (what `ual map` and evaluation read), a copy kept per scorer, and the report.
+    The smoothing mapped from the scores they replace goes (it would describe other scores)."""
+    run.discard("score")
+    Lineage(run.root).drop("score", "map")
     for split, split_rows in rows.items():
         current = run.scores if split == "train" else run.heldout_scores
         write_jsonl(run.scorer_scores(scorer_name, split), split_rows)
         write_jsonl(current, split_rows)
     write_scores_report(run)
+    Lineage(run.root).put("score", record)
 
 
 def _stored_rows(run: RunFolder, scorer_name: str, splits: dict) -> dict[str, list[dict]] | None:

@@ -11,17 +11,21 @@ The modes differ only in each sample's eps and each token's scale (ual.loss):
 With train.weight_column, every mode also weights each sample's loss by that field of its meta
 (training/columns.py); modes trained on the same run then share the weights.
 The data order is fixed by the seed, so every mode sees the same batches.
-A finished mode (train/MODE/result.json) is skipped on rerun.
+A finished mode (train/MODE/result.json) is skipped on rerun, unless the settings or input files it was
+trained from (lineage.json) have changed since: then it is trained again, saying what changed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
+from contextlib import contextmanager
 
-from ual.config import ExperimentConfig, TrainConfig
+from ual.config import ExperimentConfig, TrainConfig, to_dict
 from ual.io import read_json, write_json
+from ual.lineage import Lineage, train_record
 from ual.runfolder import RunFolder
 from ual.training.columns import mapped_samples, read_smoothing, sample_weights, smoothing_rows
 from ual.training.memory import estimate_and_measure_end, estimate_and_measure_start
@@ -73,16 +77,45 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
             raise ValueError("train.eval_strategy: this run has no held-out samples to evaluate on "
                              "(give the data sources a heldout count and run `ual data`)")
         curve_inputs = (heldout, train_subset(samples, cfg.train.eval_train_samples, cfg.seed))
-    results = {}
+    results, lineage, now = {}, Lineage(run.root), to_dict(cfg)
     for mode in cfg.train.modes:
         out = run.train_dir(mode)
+        record = train_record(now, run.root, mode)
         if (out / "result.json").exists() and not force:
-            log.info("train/%s already done; skipping (use --force to retrain)", mode)
-            results[mode] = read_json(out / "result.json")
-            continue
+            changed = lineage.stale(f"train/{mode}", record)
+            if not changed:  # current, or made before records were kept
+                log.info("train/%s already done; skipping (use --force to retrain)", mode)
+                results[mode] = read_json(out / "result.json")
+                continue
+            log.info("train/%s was made from other settings or inputs (%s); training it again", mode, "; ".join(changed))
         dataset = SmoothedDataset(encoded, eps_for_mode(mode, samples, cfg, smoothing, run), weights)
-        results[mode] = train_one(cfg, mode, dataset, tokenizer, out, curve_inputs)
+        with set_aside(out) as old:  # a retrained mode starts clean; a failure puts the old one back
+            results[mode] = train_one(cfg, mode, dataset, tokenizer, out, curve_inputs)
+            lineage.put(f"train/{mode}", record)
+        if old:
+            log.info("train/%s: retrained; the earlier model was replaced", mode)
     return results
+
+
+@contextmanager
+def set_aside(out):
+    """A finished mode's folder moved aside while it is trained again (none of the old model's points,
+    checkpoints or curve may mix with the new one's), removed once the new one is done, and put back
+    if training fails or is interrupted, so a failed retraining leaves the folder as it was.
+    Yields whether there was one."""
+    if not (out / "result.json").exists():
+        yield False
+        return
+    aside = out.with_name(f".{out.name}.replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    out.rename(aside)
+    try:
+        yield True
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        aside.rename(out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_inputs=None) -> dict:
