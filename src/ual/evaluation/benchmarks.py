@@ -163,17 +163,18 @@ def _softmax(lls: list[float]) -> np.ndarray:
 
 
 def summarize_items(records: list[dict], n_bins: int = 15) -> dict:
-    """Means of the per-item measures, ECE over the items, and a bootstrap interval of acc."""
+    """Means of the per-item measures, ECE over the items, and bootstrap intervals of acc and acc_norm."""
     from ual.evaluation.stats import ece, paired_mean_difference
 
     out: dict = {"n": len(records)}
     for key in GRADED:
         values = [r[key] for r in records if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
-    acc = np.array([r["acc"] for r in records], dtype=float)
-    if acc.size:
-        ci = paired_mean_difference(acc, np.zeros_like(acc), n_boot=2000, seed=0)
-        out["acc_ci"] = [ci.low, ci.high]
+    for key in ("acc", "acc_norm"):
+        values = np.array([r[key] for r in records if r.get(key) is not None], dtype=float)
+        if values.size:
+            ci = paired_mean_difference(values, np.zeros_like(values), n_boot=2000, seed=0)
+            out[f"{key}_ci"] = [ci.low, ci.high]
     out["ece"] = ece([r["confidence"] for r in records], [r["correct"] for r in records], n_bins) if records else None
     return out
 
