@@ -99,16 +99,12 @@ def announce_differences(stage: str, folder_config: Path, now: dict) -> None:
 
 def record_settings(stage: str, folder_config: Path, now: dict) -> None:
     """After `stage` succeeded: the folder's config.yaml with this stage's settings from `now` (a new folder:
-    all of `now`, its per-invocation fields at their defaults). Written only when it changes."""
-    from ual.config import ExperimentConfig, to_dict
-
+    all of `now`, but never a dry run or a resume). Written only when it changes."""
     recorded = read_folder_settings(folder_config)
-    if recorded is None:
+    if recorded is None:  # the folder's first settings: the config file's, as given (a dry run records nothing)
         new = copy.deepcopy(now)
-        defaults = flatten(to_dict(ExperimentConfig()))
-        for dotted in flatten(now):
-            if under(dotted, PER_INVOCATION) and not under(dotted, ("eval", "train.modes", "device")):
-                _set(new, dotted, defaults.get(dotted))
+        for dotted in ("score.dry_run", "train.resume"):
+            _set(new, dotted, False)
     else:
         new = copy.deepcopy(recorded)
         for dotted, value in flatten(now).items():

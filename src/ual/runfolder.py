@@ -1,7 +1,8 @@
 """The run folder: the contract between stages (see README, "Run folder").
 
     runs/NAME/
-      config.yaml            resolved config of the last stage run
+      config.yaml            the folder's settings, recorded by each stage that succeeds (ual/lineage.py)
+      lineage.json           what each output was made from: its settings and its input files' sha256
       samples.jsonl          training samples (Sample.to_dict), heldout.jsonl for evaluation
       data_stats.json        per-source counts (read, skipped, truncated, train, heldout)
       scores.jsonl           id, source, score, scorer, details (the scores `ual map` uses: the last scorer run)
@@ -20,16 +21,15 @@
 Every stage reads its inputs from here and writes its outputs atomically, so a
 stage can be rerun alone and a crashed run resumed where it stopped.
 
-Outputs never disagree with each other or with config.yaml. config.yaml is written when a
-stage starts, so a stage that fails must not leave the outputs of an earlier run beside
-it: `ual data` and `ual map` first discard what they are about to rewrite, and `ual data`
-also what was derived from the samples (the current scores, their report, the smoothing),
-since those name samples by id (RunFolder.discard). A failed rerun thus leaves a folder
-whose later stages say "run `ual data` first", never one whose samples came from another
-config. The per-scorer copies in scores/ are a cache keyed by sample id and scorer, not
-current outputs: they stay, and `ual score` restores scores.jsonl from them without a model
-call when the samples are the same. train/ and eval/ are not removed (hours of work):
-a finished mode is reused on rerun as those stages decide (`--force` redoes it).
+Outputs never disagree with each other or with config.yaml. config.yaml changes only when a
+stage succeeds (a failed or dry run leaves the folder byte-identical: ual/lineage.py), and a stage
+replaces its outputs only once the new ones exist; what derives from replaced outputs goes with
+them (`ual data` with other samples removes the scores and smoothing, which name samples by id;
+`ual score` removes the smoothing: RunFolder.discard). The per-scorer copies in scores/ are a
+cache keyed by sample id and scorer, not current outputs: they stay, and `ual score` restores
+scores.jsonl from them without a model call when the samples and settings are the same. train/
+and eval/ outputs are redone when lineage.json says their settings or inputs changed, and reused
+otherwise (`--force` redoes them anyway).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class RunFolder:
 
     def discard(self, stage: str, keep: tuple[Path, ...] = ()) -> list[Path]:
         """Remove `stage`'s outputs and those derived from them (see the module docstring), except
-        the paths in `keep`; returns what was removed. Called before the stage can fail."""
+        the paths in `keep`; returns what was removed."""
         keep_set = {p.resolve() for p in keep}
         removed = []
         for name in (n for s in (stage, *DERIVED[stage]) for n in STAGE_OUTPUTS[s]):

@@ -145,3 +145,40 @@ def test_sigkill_midrun_then_rerun(server, tmp_path):
             assert r.details["cached"] and r.details["score_0_99"] == rows[(h, 0)]["score"]
     print(json.dumps({"first_run_requests": len(first_run), "answered_before_kill": len(answered),
                       "lost_in_flight": len(lost), "second_run_requests": len(second_run)}))
+
+
+def test_the_readme_judge_commands_in_order_score_on_the_second(server, tmp_path, tiny_model_dir):
+    """README, "Uncertainty from a judge LLM": a dry run, then the real run with rate limits. The dry run
+    changes no file (not config.yaml, no cache), so the second command scores; its one-off limits are not
+    recorded, its scorer is."""
+    import yaml
+
+    from ual.cli import main
+    from ual.io import read_jsonl
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name a colour #{i}"},
+                                                     {"role": "assistant", "content": "Blue."}]}) + "\n"
+                            for i in range(3)))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": str(tiny_model_dir),
+                                   "data": {"sources": [{"name": str(chat), "train": 3, "heldout": 0}]},
+                                   "score": {"heldout": False, "timeout_s": 600}}))
+    run = tmp_path / "run"
+    assert main(["data", str(cfg)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    judge = ["--judge", "openai", "--model", MODEL, "--base-url", server.base_url]
+    assert main(["score", str(run), *judge, "--dry-run"]) == 0
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert main(["score", str(run), *judge, "--score.concurrency", "2", "--score.requests_per_minute", "500"]) == 0
+    rows = read_jsonl(run / "scores.jsonl")
+    assert len(rows) == 3 and all(r["scorer"] == f"judge:{MODEL}:{default_prompt().version}" for r in rows)
+    assert sum(r["score"] is not None for r in rows) >= 2  # a 135M judge may refuse one; never a default
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["score"]
+    assert recorded["scorer"] == "judge" and recorded["model"] == MODEL and recorded["dry_run"] is False
+    assert recorded["concurrency"] == ScoreConfig().concurrency and recorded["requests_per_minute"] is None
+    with JudgeCache(run / "judge_cache.sqlite") as cache:
+        answered = cache.count(judge=MODEL)
+    assert main(["score", str(run)]) == 0  # the folder's scorer again: every answer is cached, nothing is asked
+    with JudgeCache(run / "judge_cache.sqlite") as cache:
+        assert cache.count(judge=MODEL) == answered
