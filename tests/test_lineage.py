@@ -183,3 +183,46 @@ def test_a_command_says_which_settings_differ_before_it_works(run, caplog):
     line = next(r.getMessage() for r in caplog.records if "settings differ from" in r.getMessage())
     assert "recorded if it succeeds: smoothing.target_mean 0.1 -> 0.15" in line
     assert "this command only: eval.nll true -> false" in line
+
+
+def test_one_off_tasks_do_not_change_the_next_plain_eval(run, caplog):
+    config = (run / "config.yaml").read_bytes()
+    assert ual("eval", run, "--tasks", "arc_easy:4", "--eval.models", "[base]") == 0
+    assert (run / "eval" / "tasks" / "base.json").exists() and (run / "config.yaml").read_bytes() == config
+    caplog.clear()
+    assert ual("eval", run) == 0  # the folder's evaluation: held-out NLL, no benchmark
+    assert "lm-eval tasks" not in caplog.text and "base: evaluated already" in caplog.text
+
+
+def test_changed_scores_remove_the_smoothing_and_redo_what_used_them(run, caplog):
+    assert ual("score", run, "--score.scorer", "perplexity") == 0
+    assert not (run / "smoothing.jsonl").exists()  # mapped from the scores just replaced
+    assert ual("train", run, "--train.modes", "[ual]") == 2  # refused: no smoothing to train from
+    assert ual("map", run) == 0
+    caplog.clear()
+    assert ual("train", run, "--train.modes", "[ual]") == 0
+    assert "train/ual was made from other settings or inputs (smoothing.jsonl changed)" in caplog.text
+    caplog.clear()
+    assert ual("eval", run, "--eval.models", "[base]") == 0  # its u buckets come from the held-out scores
+    assert "base: evaluated with other settings or inputs (heldout_scores.jsonl changed)" in caplog.text
+
+
+def test_a_changed_adapter_folder_is_evaluated_again(run, tmp_path, caplog):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "train" / "sft" / "adapter", adapter)
+    assert ual("eval", run, "--adapter", adapter) == 0
+    first = read_json(run / "eval" / "adapter.json")["nll"]["all"]["nll"]
+    caplog.clear()
+    assert ual("eval", run, "--adapter", adapter) == 0
+    assert "adapter: evaluated already" in caplog.text
+    shutil.rmtree(adapter)
+    shutil.copytree(run / "train" / "ual" / "adapter", adapter)  # other weights under the same name
+    caplog.clear()
+    assert ual("eval", run, "--adapter", adapter) == 0
+    assert "adapter: evaluated with other settings or inputs (model changed)" in caplog.text
+    # the tiny model barely moves in 2 steps: sft's and ual's NLL differ in the 9th digit
+    assert read_json(run / "eval" / "adapter.json")["nll"]["all"]["nll"] == pytest.approx(
+        read_json(run / "eval" / "ual.json")["nll"]["all"]["nll"], abs=1e-12)
+    assert first == pytest.approx(read_json(run / "eval" / "sft.json")["nll"]["all"]["nll"], abs=1e-12)
