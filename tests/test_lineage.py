@@ -226,3 +226,11 @@ def test_a_changed_adapter_folder_is_evaluated_again(run, tmp_path, caplog):
     assert read_json(run / "eval" / "adapter.json")["nll"]["all"]["nll"] == pytest.approx(
         read_json(run / "eval" / "ual.json")["nll"]["all"]["nll"], abs=1e-12)
     assert first == pytest.approx(read_json(run / "eval" / "sft.json")["nll"]["all"]["nll"], abs=1e-12)
+
+
+def test_training_refuses_a_smoothing_made_from_other_settings(run, capsys):
+    before = snapshot(run)
+    assert ual("train", run, "--train.modes", "[ual]", "--smoothing.target_mean", "0.3") == 2
+    err = capsys.readouterr().err
+    assert "smoothing.jsonl was made from other scores or settings (smoothing.target_mean 0.1 -> 0.3)" in err
+    assert "run `ual map`" in err and changed_files(before, snapshot(run)) == []

@@ -2,8 +2,9 @@
 
 Every case starts from a run folder holding the real outputs of a good `ual data` + `ual map`
 run, then replaces scores.jsonl with a bad one. For each: exit 2 with one line naming the file,
-the line, the id and the field; scores.jsonl and samples.jsonl byte-for-byte unchanged; and no
-smoothing.jsonl / smoothing_stats.json of the earlier run left beside the new config.yaml.
+the line, the id and the field; scores.jsonl and samples.jsonl byte-for-byte unchanged; and the
+folder's config.yaml, smoothing.jsonl and smoothing_stats.json as they were (a failed stage records
+nothing: ual/lineage.py; the report and `ual train` say the smoothing was made from other scores).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def good_run(tmp_path_factory, tokenizer):
     assert main(["map", str(cfg)]) == 0
     assert (run / "smoothing.jsonl").exists() and (run / "smoothing_stats.json").exists()
     return run
+
+
+def assert_map_outputs_as_before(run, good_run):
+    for name in ("config.yaml", "smoothing.jsonl", "smoothing_stats.json", "lineage.json"):
+        assert (run / name).read_bytes() == (good_run / name).read_bytes(), name
 
 
 def good_rows(run) -> list:
@@ -126,13 +132,13 @@ def test_bad_score_file_is_a_clear_error(tmp_path, capsys, good_run, make, flags
     [message] = [x for x in err.splitlines() if x.startswith("ual map: error: ")]
     for fragment in fragments:
         assert fragment.format(f=run / "scores.jsonl", id0=rows[0]["id"], id1=rows[1]["id"]) in message
-    assert not (run / "smoothing.jsonl").exists() and not (run / "smoothing_stats.json").exists()
+    assert_map_outputs_as_before(run, good_run)
 
 
 def test_missing_score_file_says_which_stage_to_run(tmp_path, capsys, good_run):
     run, code, err = run_map(capsys, tmp_path, good_run, None)
     assert code == 2 and f"{run / 'scores.jsonl'} not found: run `ual score`" in err
-    assert not (run / "smoothing.jsonl").exists() and not (run / "smoothing_stats.json").exists()
+    assert_map_outputs_as_before(run, good_run)
 
 
 def test_identical_repeated_rows_are_counted_once(tmp_path, capsys, caplog, good_run):
@@ -150,7 +156,7 @@ def test_unscored_samples_follow_the_missing_policy(tmp_path, capsys, good_run):
     content = lines(with_row(rows, 1, score=None))
     run, code, err = run_map(capsys, tmp_path, good_run, content)
     assert code == 2 and "1 of 6 training samples have no score" in err
-    assert not (run / "smoothing.jsonl").exists()
+    assert_map_outputs_as_before(run, good_run)
     run, code, err = run_map(capsys, tmp_path / "drop", good_run, content, ["--smoothing.missing", "drop"])
     assert code == 0, err
     assert read_json(run / "smoothing_stats.json")["missing"] == 1

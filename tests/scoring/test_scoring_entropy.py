@@ -167,14 +167,15 @@ def test_prior_scorer_and_its_refusal(tmp_path, tiny_model_dir, capsys):
     assert "no value for source(s) ['mix']" in capsys.readouterr().err
     assert main(["score", str(cfg), "--score.prior", "{mix: 0.7}"]) == 0
     assert {r["score"] for r in read_jsonl(tmp_path / "run" / "scores.jsonl")} == {0.7}
-    # A failed rerun leaves no scores of the previous config beside the new config.yaml (nor a
-    # smoothing mapped from them); the same scorer again restores its rows from the cache.
+    # A failed rerun leaves the folder as it was: config.yaml, the scores and the smoothing mapped from them.
     run = tmp_path / "run"
     assert main(["map", str(cfg), "--score.prior", "{mix: 0.7}"]) == 0 and (run / "smoothing.jsonl").exists()
+    before = {n: (run / n).read_bytes() for n in ("config.yaml", "scores.jsonl", "smoothing.jsonl", "lineage.json")}
     assert main(["score", str(cfg), "--score.prior", "{chat: 0.9}"]) == 2
-    assert not (run / "scores.jsonl").exists() and not (run / "smoothing.jsonl").exists()
-    assert main(["score", str(cfg), "--score.prior", "{mix: 0.7}"]) == 0
-    assert {r["score"] for r in read_jsonl(run / "scores.jsonl")} == {0.7}
+    assert {n: (run / n).read_bytes() for n in before} == before
+    # other prior values replace the scores, and the smoothing made from the old ones goes
+    assert main(["score", str(cfg), "--score.prior", "{mix: 0.4}"]) == 0
+    assert {r["score"] for r in read_jsonl(run / "scores.jsonl")} == {0.4} and not (run / "smoothing.jsonl").exists()
 
 
 def test_separation_on_a_constructed_case():

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 from ual.config import ExperimentConfig, TrainConfig, to_dict
 from ual.io import read_json, write_json
-from ual.lineage import Lineage, train_record
+from ual.lineage import Lineage, map_record, train_record
 from ual.runfolder import RunFolder
 from ual.training.columns import mapped_samples, read_smoothing, sample_weights, smoothing_rows
 from ual.training.memory import estimate_and_measure_end, estimate_and_measure_start
@@ -63,6 +63,11 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
     samples = run.load_samples("train")
     smoothing = read_smoothing(run) if any(map(uses_smoothing_map, cfg.train.modes)) else None
+    if smoothing is not None:
+        changed = Lineage(run.root).stale("map", map_record(to_dict(cfg), run.root))
+        if changed:  # the smoothing would train ual from other scores or a target other than ls's
+            raise ValueError(f"{run.smoothing} was made from other scores or settings ({'; '.join(changed)}): "
+                             "run `ual map` on this run folder first")
     if smoothing is not None and cfg.smoothing.missing == "drop":
         samples = mapped_samples(samples, smoothing)
     weights = sample_weights(run, samples, cfg.train.weight_column)  # checked before anything loads
