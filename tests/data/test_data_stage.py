@@ -102,17 +102,21 @@ def test_sharegpt_in_a_build_reads_only_what_it_needs(tmp_path):
     assert stats["read"] < 100
 
 
-def test_a_write_that_fails_part_way_leaves_no_samples_without_stats(tmp_path, monkeypatch):
+def test_a_write_that_fails_part_way_leaves_the_last_outputs(tmp_path, monkeypatch):
+    """The three outputs are swapped in together: a disk that fills while the stats are written leaves the
+    last run's samples, held-out samples and stats, and no staged file."""
     import ual.data.stage
 
     path = chat_file(tmp_path / "facts.jsonl")
     cfg = ExperimentConfig(run_dir=str(tmp_path / "run"), data=DataConfig(sources=[SourceConfig(name=str(path), heldout=5)]))
     build_dataset(cfg)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ual.data.stage, "write_json", full_disk)
+    cfg.data.sources[0].heldout = 4  # other samples: they must not replace the last ones without their stats
     with pytest.raises(OSError, match="No space left"):
         build_dataset(cfg)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
