@@ -91,7 +91,6 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
 
     run = RunFolder(cfg.run_path)
     ec = cfg.eval
-    check_models(ec.models, run)
     heldout = run.load_samples("heldout") if needs_heldout(ec) else []
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     for a, b in map(split_pair, ec.pairwise):
@@ -105,6 +104,7 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
 
         run.tasks_dir.mkdir(parents=True, exist_ok=True)
         task_plan = resolve_tasks(ec.tasks, run.tasks_dir, heldout, source=ec.tasks_source)
+    check_models(ec.models, run)  # after the tasks: a benchmark the command asked for is named first
     results, lineage, now = {}, Lineage(run.root), to_dict(cfg)
     if not builtin and task_plan is None:
         log.info("eval: nothing to evaluate (every built-in evaluation is off and no eval.tasks are given)")
