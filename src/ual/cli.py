@@ -9,6 +9,8 @@
     ual report  --config ...                    report.md, metrics.json, plots
     ual demo    [--config ...]                  all of the above on the built-in default
     ual ablate  CONFIG [--sweep 0.1,0.2] [--eval]  sft, ls, ual and ppl side by side, one comparison table
+    ual score   RUN --judge openai --model M --score.via batch   the same judge through the Batch API (half price)
+    ual batch   status|cancel RUN               the judge batches still in flight
     ual select  --source ... --n 6000 --out F   DEITA-style selection (complexity x quality, then diversity)
     ual export  CONFIG --mode ual --out DIR     merge a LoRA adapter into a standalone model folder
     ual export-data RUN --format parquet --out F  samples with score, u, eps, weight as dataset columns
@@ -37,6 +39,7 @@ from ual.config_flags import add_config_flags, config_from_args
 from ual.optional import MissingExtra
 from ual.pipeline import STAGES, run_ablation, run_seeds, run_stage
 from ual.runfolder import RunFolder
+from ual.scoring.batch import EXIT_PENDING, BatchesPending
 
 
 
@@ -45,6 +48,8 @@ COMMANDS = {
     "ablate": ("ual.training.ablate", "train sft, ls, ual and ppl with the same seed, order and steps; one comparison "
                                       "table (and evaluation with --eval); --sweep for the target mean"),
     "select": ("ual.scoring.deita", "DEITA-style selection: complexity x quality from a judge, then an embedding diversity filter"),
+    "batch": ("ual.scoring.batch_command", "the judge batches of `ual score --score.via batch` still in flight: "
+                                           "`ual batch status RUN`, `ual batch cancel RUN`"),
     "export": ("ual.training.export", "merge a trained LoRA adapter into a standalone model folder"),
     "export-data": ("ual.training.export_data", "the run's training samples with their score, u, eps and loss "
                                                 "weight as dataset columns (jsonl, parquet or a datasets folder), "
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MissingExtra, FileNotFoundError, ValueError) as exc:
         print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
         return 2
+    except BatchesPending as exc:  # not an error: the answers are not in yet
+        print(f"ual {args.stage}: {exc}", file=sys.stderr)
+        return EXIT_PENDING
     except OSError as exc:  # the machine, not the input: a full disk, an I/O error, a permission
         logging.getLogger("ual").debug("%s failed", args.stage, exc_info=True)  # the traceback with -v
         print(f"ual {args.stage}: error: {exc}", file=sys.stderr)

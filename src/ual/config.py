@@ -98,6 +98,21 @@ class ScoreConfig(Checked):
     max_tokens: int = _f(16, "judge answer budget in tokens: room for 'Score: 73'; a reasoning judge (OpenAI "
                          "o-series, gpt-5) thinks first and needs thousands", ge=1)
     dry_run: bool = _f(False, "print the request count and estimated tokens/cost, send nothing")
+    via: Literal["chat", "batch", "vllm"] = _f(
+        "chat", "how judge requests are sent: chat (one request each, concurrently) | batch (the provider's Batch "
+                "API: half price, results within 24 h, resumable) | vllm (request files for `vllm run-batch`, read "
+                "back on the next run); docs in the README's judge section")
+    batch_wait: bool = _f(True, "batch: poll until every batch has finished (false: submit and collect what is done, "
+                                "then exit with status 75; run again to go on)")
+    batch_poll_s: float = _f(30.0, "batch: seconds between status checks", gt=0)
+    batch_max_lines: int = _f(50_000, "batch: request lines per batch file (OpenAI's limit: 50,000)", ge=1)
+    batch_max_bytes: int = _f(200_000_000, "batch: bytes per batch file (OpenAI's limit: 200 MB)", ge=1)
+    batch_max_queued_tokens: int | None = _f(None, "batch: estimated tokens in batches queued at once (your tier's "
+                                                  "enqueued-token limit; null: none)", ge=1)
+    batch_rounds: int = _f(3, "batch: rounds per run; a request that failed in a way that may pass (429, 5xx, an "
+                              "expired or cancelled batch) goes in the next round's batch", ge=1)
+    batch_fallback: Literal["fail", "chat"] = _f("fail", "batch: what is still unanswered after the last round: "
+                                                         "fail (listed as failures) | chat (sent through the chat path)")
 
 
 @dataclass

@@ -81,6 +81,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_open(path) as fh:
         json.dump(obj, fh, indent=2, ensure_ascii=False, sort_keys=False)

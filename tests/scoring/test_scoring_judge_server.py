@@ -10,7 +10,6 @@ installed; set UAL_REQUIRE_JUDGE_SERVER=1 to make that a failure instead (CI).
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from judge_server import FaultProxy, LlamaServer, llama_server_missing, request_key, small_dataset
+from judge_server import FaultProxy, request_key, small_dataset
 from ual.config import ScoreConfig
 from ual.scoring.cache import JudgeCache
 from ual.scoring.judge import JudgeOptions, JudgeScorer, _content_hash
@@ -29,17 +28,6 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-q4_1"
 # the server runs one request at a time and this machine may be busy: generous time-outs
 OPTS = JudgeOptions(progress=False, timeout_s=600, backoff_base_s=0.2, backoff_max_s=2)
-
-
-@pytest.fixture(scope="module")
-def server():
-    why = llama_server_missing()
-    if why:
-        if os.environ.get("UAL_REQUIRE_JUDGE_SERVER"):
-            pytest.fail(why)
-        pytest.skip(why)
-    with LlamaServer() as srv:
-        yield srv
 
 
 def keys_of(samples):

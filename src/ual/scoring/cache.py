@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS answers (
 ) WITHOUT ROWID
 """
 
-_UPSERT = """
+UPSERT_ANSWER = """
 INSERT INTO answers (judge, prompt_version, content_hash, draw, ok, score, record, updated)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (judge, prompt_version, content_hash, draw) DO UPDATE SET
@@ -94,7 +94,7 @@ class JudgeCache:
             ok: bool, score: float | None, record: dict) -> None:
         """Commit one answer now (a success is never replaced by a failure)."""
         with self._lock:
-            self._conn.execute(_UPSERT, (judge, prompt_version, content_hash, draw, int(ok), score,
+            self._conn.execute(UPSERT_ANSWER, (judge, prompt_version, content_hash, draw, int(ok), score,
                                          json.dumps(record, ensure_ascii=False), time.time()))
 
     def count(self, judge: str | None = None, ok: bool | None = None) -> int:

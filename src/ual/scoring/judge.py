@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ual.config import ScoreConfig
+from ual.scoring.batch_files import BATCH_DISCOUNT
 from ual.sample import Sample
 from ual.scoring.base import ScoreResult
 from ual.scoring.cache import JudgeCache
@@ -49,7 +50,7 @@ from ual.scoring.judge_http import JudgeFatalError  # noqa: F401 - the error a r
 from ual.scoring.judge_calls import (RateLimiter, UnusableAnswer, ask_with_retries, endpoint_error, estimate_tokens,
                                      run_async)
 from ual.scoring.judge_http import RequestFields, open_client, post_chat, read_api_key, redact
-from ual.scoring.prompt import JudgePrompt, load_prompt, parse_answer, expected_score
+from ual.scoring.prompt import JudgePrompt, answer_record, load_prompt
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,19 @@ class JudgeScorer:
             raise ValueError("score.n_samples and score.concurrency must be >= 1, score.max_retries >= 0")
         self.cfg, self.opts = cfg, options or JudgeOptions.from_config(cfg)
         self.prompt = prompt or load_prompt(cfg.prompt_file)
+        self.cache_path = Path(cache_path)
         self.cache = JudgeCache(cache_path, read_only=cfg.dry_run)  # a dry run writes nothing
         self.model = cfg.model
         self.name = f"judge:{self.model}:{self.prompt.version}"
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None}
         self.last_plan: dict | None = None
         self._fields = RequestFields(logprobs=self.opts.logprobs)  # learns what the endpoint refuses
-        self._key = read_api_key()
+        self.key = read_api_key()
+        self.price = price_for(self.model)
+
+    def scrub(self, text: str) -> str:
+        """`text` without the API key (nothing kept or shown may hold it)."""
+        return redact(text, self.key)
 
     # ------------------------------------------------------------------ public
 
@@ -124,6 +131,13 @@ class JudgeScorer:
         if self.cfg.dry_run:
             print(_plan_text(self._plan(rendered, todo, cached)))
             return [ScoreResult(s.id, None, {"error": "dry run: nothing sent"}) for s in samples]
+        if todo and self.cfg.via != "chat":
+            from ual.scoring.batch import BatchRun
+
+            todo = BatchRun(self, self.cache_path).run(todo, rendered, hashes)  # the rest, for the chat path
+            rows.update(self.cache.lookup(self.model, self.prompt.version, hashes))
+        elif todo:
+            self._refuse_beside_batches()
         if todo:
             await self._run(todo, rendered, hashes, rows)
         return [self._result(s, h, rows, cut, h in cached) for s, h, (_, cut) in zip(samples, hashes, rendered)]
@@ -136,12 +150,41 @@ class JudgeScorer:
     def _plan(self, rendered, todo, cached) -> dict:
         tin = sum(estimate_tokens(rendered[i][0], 0, self.opts.chars_per_token) for i, _ in todo)
         tout = self.opts.max_tokens * len(todo)
-        price = price_for(self.model)
-        self.last_plan = {"judge": self.model, "prompt_version": self.prompt.version, "requests": len(todo),
-                          "samples_cached": len(cached), "est_prompt_tokens": int(tin),
+        price = self.price
+        discount = 1.0 if self.cfg.via == "chat" else BATCH_DISCOUNT  # vLLM: no bill, but the same tokens
+        self.last_plan = {"judge": self.model, "prompt_version": self.prompt.version, "via": self.cfg.via,
+                          "requests": len(todo), "samples_cached": len(cached), "est_prompt_tokens": int(tin),
                           "est_completion_tokens": int(tout),
-                          "est_cost_usd": (tin * price[0] + tout * price[1]) / 1e6 if price else None}
+                          "est_cost_usd": (tin * price[0] + tout * price[1]) * discount / 1e6 if price else None}
+        if self.cfg.via != "chat" and todo:
+            from ual.scoring.batch_files import custom_id, cut_shards, request_line
+
+            sizes = [(len(request_line(custom_id("0" * 64, d), self.request_body(rendered[i][0], 0.0))),
+                      estimate_tokens(rendered[i][0], self.opts.max_tokens, self.opts.chars_per_token))
+                     for i, d in todo]
+            cuts = cut_shards(sizes, self.cfg.batch_max_lines, self.cfg.batch_max_bytes,
+                              self.cfg.batch_max_queued_tokens)
+            self.last_plan["shards"] = [{"requests": b - a, "bytes": sum(s for s, _ in sizes[a:b]),
+                                         "est_tokens": int(sum(t for _, t in sizes[a:b]))} for a, b in cuts]
         return self.last_plan
+
+    def request_body(self, messages: list[dict], temperature: float) -> dict:
+        """The chat request for these messages, as this endpoint takes it (the batch path sends the same)."""
+        return self._fields.build(self.model, messages, self.opts.max_tokens, temperature, self.opts.top_logprobs)
+
+    def drop_field(self, field: str, reason: str) -> None:
+        """Go without a field the endpoint refused, for every later request (and say so, once)."""
+        if self._fields.drop(field):
+            log.warning("judge %s: %s", self.model, reason)
+
+    def _refuse_beside_batches(self) -> None:
+        from ual.scoring.batch import in_flight
+
+        n = in_flight(self.cache_path, self.model, self.prompt.version)
+        if n:
+            raise ValueError(f"{n} batch(es) of judge {self.model} are still in flight for this cache: collect them "
+                             "with `ual score RUN --score.via batch` (or `ual batch cancel RUN`), so no request is "
+                             "paid for twice")
 
     def _todo(self, samples: Sequence[Sample]):
         """Render, hash, look up the cache; the (sample index, draw) pairs still to ask, once per content."""
@@ -161,7 +204,7 @@ class JudgeScorer:
         from tqdm.auto import tqdm
 
         # the deadline of each request is post_chat's (total); the client's own only backs it up
-        client = open_client(self._key, self.cfg.base_url, self.opts.timeout_s)
+        client = open_client(self.key, self.cfg.base_url, self.opts.timeout_s)
         limiter = RateLimiter(self.opts.requests_per_minute, self.opts.tokens_per_minute)
         queue: asyncio.Queue = asyncio.Queue()
         for job in todo:
@@ -211,15 +254,14 @@ class JudgeScorer:
         async def ask(messages: list[dict]):
             await limiter.acquire(est)
             temperature = 0.0 if draw == 0 and unparseable == 0 else self.opts.extra_temperature
-            kwargs = self._fields.build(self.model, messages, self.opts.max_tokens, temperature,
-                                        self.opts.top_logprobs)
+            kwargs = self.request_body(messages, temperature)
             self.stats["requests"] += 1
             try:
                 reply = await post_chat(client, kwargs, self.opts.timeout_s)
             except Exception as exc:  # time-outs, HTTP errors, dropped connections, malformed bodies
                 # a wrong key, no access or an unknown model raises JudgeFatalError here, with one line;
                 # a field the endpoint refuses (log-probabilities, max_tokens, temperature) is dropped
-                raise endpoint_error(exc, self._key, self.cfg.base_url, self.model, limiter, self._fields,
+                raise endpoint_error(exc, self.key, self.cfg.base_url, self.model, limiter, self._fields,
                                      kwargs) from None
             self.stats["prompt_tokens"] += reply.usage[0]
             self.stats["completion_tokens"] += reply.usage[1]
@@ -228,15 +270,11 @@ class JudgeScorer:
         def accept(answer) -> dict:
             nonlocal unparseable
             (text, content, usage), temperature = answer
-            parsed = parse_answer(text)
-            if parsed.value is None:
+            record, why = answer_record(text, content, usage, temperature, self.scrub)
+            if record is None:
                 unparseable += 1
-                raise UnusableAnswer(redact(f"unparseable answer: {parsed.error}", self._key)[:300])
-            exp = expected_score(content, text, parsed.span) if content else None
-            return {"ok": True, "score": exp["expected"] if exp else parsed.value, "sampled": parsed.value,
-                    "expected": exp and exp["expected"], "numeric_mass": exp and exp["numeric_mass"],
-                    "strict": parsed.strict, "answer": redact(text, self._key)[:200], "temperature": temperature,
-                    "usage": list(usage)}
+                raise UnusableAnswer(why)
+            return record
 
         answer = await ask_with_retries(ask, msgs, self.cfg.max_retries + 1, accept, self.opts.backoff_base_s,
                                         self.opts.backoff_max_s)
@@ -284,9 +322,14 @@ def _content_hash(msgs: list[dict]) -> str:
 
 def _plan_text(plan: dict) -> str:
     cost = f"~${plan['est_cost_usd']:.4f}" if plan["est_cost_usd"] is not None else "cost unknown (model not in price table)"
-    return (f"dry run: judge {plan['judge']} ({plan['prompt_version']}): {plan['requests']} requests to send, "
-            f"{plan['samples_cached']} samples already cached; est. {plan['est_prompt_tokens']} prompt + "
-            f"{plan['est_completion_tokens']} completion tokens, {cost}; nothing sent")
+    if plan["via"] == "batch" and plan["est_cost_usd"] is not None:
+        cost += " at the batch price (half the chat price)"
+    shards = plan.get("shards")
+    sizes = ", ".join(f"{s['requests']} requests, {s['bytes'] / 1e6:.1f} MB" for s in (shards or [])[:5])
+    files = f" in {len(shards)} batch file(s) ({sizes}{', ...' if len(shards) > 5 else ''})" if shards else ""
+    return (f"dry run: judge {plan['judge']} ({plan['prompt_version']}), via {plan['via']}: {plan['requests']} "
+            f"requests to send{files}, {plan['samples_cached']} samples already cached; est. "
+            f"{plan['est_prompt_tokens']} prompt + {plan['est_completion_tokens']} completion tokens, {cost}; nothing sent")
 
 
 def build_judge_scorer(cfg: ScoreConfig, run_dir: str | Path, options: JudgeOptions | None = None) -> JudgeScorer:

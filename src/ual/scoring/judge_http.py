@@ -101,6 +101,18 @@ def open_client(key: str, base_url: str | None, deadline_s: float):
     return AsyncOpenAI(api_key=key, base_url=base_url, max_retries=0, timeout=deadline_s + 5)
 
 
+def open_sync_client(key: str, base_url: str | None, timeout_s: float):
+    """A blocking OpenAI client for the batch path's files and batches calls (batch.py): few, small
+    requests, each retried twice by the client itself (a create is sent with retries off: a batch
+    created twice is paid twice)."""
+    from openai import OpenAI
+
+    key = key or (NO_KEY_PLACEHOLDER if base_url else "")
+    if not key:
+        raise JudgeFatalError("OPENAI_API_KEY is not set (it is read from the environment only)")
+    return OpenAI(api_key=key, base_url=base_url, max_retries=2, timeout=timeout_s)
+
+
 async def post_chat(client, kwargs: dict, deadline_s: float) -> Completion:
     """One chat completion through the openai client, under a total deadline of deadline_s.
 
@@ -307,20 +319,26 @@ def classify(exc: BaseException, sent=(), scrub=lambda text: text) -> tuple[str,
     if isinstance(exc, openai.APITimeoutError):  # the client's own per-read time-out, before the deadline
         return "timed out (no data within score.timeout_s)", "retry"
     if isinstance(exc, openai.APIStatusError):
-        status, reason = exc.status_code, http_reason(exc, scrub)
-        if status in (401, 403, 404):
-            return reason, "fatal"
-        field = refused_field(exc, reason, sent) if status == 400 else None
-        if field:
-            return f"endpoint refused {field}; asking {INSTEAD[field]} ({reason})", f"refused:{field}"
-        if 400 <= status < 500 and status not in (408, 409, 429):
-            return reason, "final"
-        return reason, "retry"
+        return status_verdict(exc, sent, scrub)
     if isinstance(exc, openai.APIConnectionError):  # refused, reset, closed without an answer
         cause = exc.__cause__ or exc.__context__
         detail = f"{type(cause).__name__}: {cause}" if cause is not None and str(cause) else str(exc)
         return f"connection failed ({one_line(scrub(detail))})", "retry"
     return f"{type(exc).__name__}: {one_line(scrub(str(exc)))}", "retry"  # anything else: as before, retried
+
+
+def status_verdict(exc, sent=(), scrub=lambda text: text) -> tuple[str, str]:
+    """classify's (reason, verdict) for an error status. exc: an APIStatusError, or anything with its
+    status_code, body (the error object) and message: a batch output line's error (batch_files.py)."""
+    status, reason = exc.status_code, http_reason(exc, scrub)
+    if status in (401, 403, 404):
+        return reason, "fatal"
+    field = refused_field(exc, reason, sent) if status == 400 else None
+    if field:
+        return f"endpoint refused {field}; asking {INSTEAD[field]} ({reason})", f"refused:{field}"
+    if 400 <= status < 500 and status not in (408, 409, 429):
+        return reason, "final"
+    return reason, "retry"
 
 
 def http_reason(exc, scrub=lambda text: text) -> str:

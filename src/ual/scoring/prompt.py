@@ -253,3 +253,20 @@ def _continuation(entry: dict) -> tuple[float, dict[int, float]]:
     if z <= 0:
         return 1.0, {}
     return p_end / z, {d: q / z for d, q in units.items()}
+
+
+def answer_record(text: str, content: list[dict] | None, usage, temperature, scrub) -> tuple[dict | None, str | None]:
+    """A judge's answer as the record the answer cache keeps, or (None, why) when it holds no score.
+
+    The chat path (judge.py) and the batch path (batch.py) both keep this record, so a sample's score is
+    the same whichever way it was asked. With log-probabilities the score is their expectation over the
+    numbers (expected_score); the sampled number is kept beside it. scrub(text) removes the API key.
+    """
+    parsed = parse_answer(text)
+    if parsed.value is None:
+        return None, scrub(f"unparseable answer: {parsed.error}")[:300]
+    exp = expected_score(content, text, parsed.span) if content else None
+    return {"ok": True, "score": exp["expected"] if exp else parsed.value, "sampled": parsed.value,
+            "expected": exp and exp["expected"], "numeric_mass": exp and exp["numeric_mass"],
+            "strict": parsed.strict, "answer": scrub(text)[:200], "temperature": temperature,
+            "usage": list(usage)}, None

@@ -1,0 +1,127 @@
+"""Batch request files: the judge's requests as JSONL lines, cut into shards, and their answers read back.
+
+OpenAI's Batch API (and the OpenAI-shaped batch endpoints of other providers) and `vllm run-batch` take
+the same file: one line per request, `{"custom_id", "method", "url", "body"}`, where body is exactly the
+chat request the chat path sends (judge_http.RequestFields builds both). They answer with one line per
+request, in any order: `{"custom_id", "response": {"status_code", "body"}, "error"}`. This module is the
+pure part of batch.py: no state, no network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Iterable
+
+from ual.scoring.judge_http import AnswerCutShort, MalformedResponse, one_line, parse_completion, status_verdict
+from ual.scoring.prompt import answer_record
+
+BATCH_ENDPOINT = "/v1/chat/completions"
+BATCH_DISCOUNT = 0.5  # OpenAI's Batch API bills half the chat price (check your provider's page)
+TERMINAL = ("completed", "failed", "expired", "cancelled")  # a batch in any other status may still answer
+
+
+def custom_id(content_hash: str, draw: int) -> str:
+    """A request line's id, from its answer-cache key (the judge and prompt version are the run's): an
+    answer maps straight back to its cache row, and no file can ask the same thing twice."""
+    return f"{content_hash}-{draw}"
+
+
+def cache_key(cid: str) -> tuple[str, int]:
+    content_hash, _, draw = cid.rpartition("-")
+    return content_hash, int(draw)
+
+
+def request_line(cid: str, body: dict) -> bytes:
+    return (json.dumps({"custom_id": cid, "method": "POST", "url": BATCH_ENDPOINT, "body": body},
+                       ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def cut_shards(sizes: Iterable[tuple[int, float]], max_lines: int, max_bytes: int,
+               max_tokens: float | None = None) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive lines per shard, from each line's (bytes, estimated tokens): none over
+    max_lines lines, max_bytes bytes or max_tokens tokens (a provider's limits per file, and the queued-token
+    limit a batch must fit under). A single line over a limit cannot be sent: ValueError naming it."""
+    shards, start, n_bytes, n_tokens = [], 0, 0, 0.0
+    i = -1
+    for i, (size, tokens) in enumerate(sizes):
+        if size > max_bytes or (max_tokens is not None and tokens > max_tokens):
+            raise ValueError(f"request {i + 1} alone is over a batch limit ({size} bytes, ~{tokens:.0f} tokens; "
+                             f"score.batch_max_bytes {max_bytes}, score.batch_max_queued_tokens {max_tokens})")
+        if i > start and (i - start >= max_lines or n_bytes + size > max_bytes
+                          or (max_tokens is not None and n_tokens + tokens > max_tokens)):
+            shards.append((start, i))
+            start, n_bytes, n_tokens = i, 0, 0.0
+        n_bytes += size
+        n_tokens += tokens
+    if i >= start:
+        shards.append((start, i + 1))
+    return shards
+
+
+@dataclass
+class LineOutcome:
+    """What one answered (or unanswered) request line came to.
+
+    kind: "ok" (record holds the score), "unusable" (an answer with no score in it, or a malformed body:
+    asked again, at a small temperature, and counted as an attempt, as on the chat path), "retry" (a
+    429, 5xx, an expired or cancelled batch: may pass in the next round), "refused:FIELD" (the endpoint
+    does not take FIELD: asked again without it), "final" (this request would fail the same way again).
+    """
+
+    kind: str
+    record: dict | None = None
+    reason: str | None = None
+    usage: tuple[int, int] = (0, 0)
+
+
+def line_outcome(line: dict, temperature: float | None, sent: Iterable[str],
+                 scrub: Callable[[str], str]) -> LineOutcome:
+    """The outcome of one output or error line (OpenAI's and vLLM's layout); sent: the request's field names."""
+    response, error = line.get("response"), line.get("error")
+    if not isinstance(response, dict):
+        if isinstance(error, dict):
+            code, message = error.get("code"), error.get("message")
+            return LineOutcome("retry", reason=scrub(one_line(f"batch line error {code}: {message}")))
+        return LineOutcome("retry", reason="the batch returned no response for this request")
+    status, body = response.get("status_code"), response.get("body")
+    if status != 200:
+        return _error_outcome(status, body, sent, scrub)
+    try:
+        reply = parse_completion(json.dumps(body).encode("utf-8"))
+    except AnswerCutShort as exc:
+        return LineOutcome("final", reason=str(exc))
+    except MalformedResponse as exc:
+        return LineOutcome("unusable", reason=scrub(f"malformed response: {exc}")[:300])
+    record, why = answer_record(reply.text, reply.content, reply.usage, temperature, scrub)
+    return LineOutcome("ok" if record else "unusable", record, why, reply.usage)
+
+
+def _error_outcome(status, body, sent, scrub) -> LineOutcome:
+    """A line the endpoint answered with an error status, judged as the chat path judges that status."""
+    if not isinstance(status, int):
+        return LineOutcome("retry", reason=f"a response line with no status code ({status!r})")
+    detail = body.get("error", body) if isinstance(body, dict) else body
+    error = SimpleNamespace(status_code=status, body=detail, message=one_line(json.dumps(detail, default=str)))
+    reason, verdict = status_verdict(error, tuple(sent), scrub=scrub)
+    reason = scrub(reason)[:300]
+    if verdict == "fatal":  # 401/403/404 on one line: that line fails; the run goes on with the others
+        return LineOutcome("final", reason=reason)
+    return LineOutcome(verdict, reason=reason)
+
+
+def read_lines(raw: bytes, where: str) -> list[dict]:
+    """The JSON objects of an output or error file; a line that is not one is a ValueError naming it."""
+    out = []
+    for n, text in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{where}, line {n}: not JSON ({one_line(text, 80)!r})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+            raise ValueError(f"{where}, line {n}: no custom_id")
+        out.append(obj)
+    return out

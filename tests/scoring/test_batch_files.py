@@ -1,0 +1,101 @@
+"""Batch request files (ual.scoring.batch_files): shards within every limit, each kind of output line judged as
+the chat path judges it, and the batch dry run through the real CLI (fast: nothing is sent)."""
+
+import json
+
+import pytest
+import yaml
+
+from judge_server import completion
+from ual.scoring.batch_files import cache_key, custom_id, cut_shards, line_outcome, read_lines, request_line
+
+
+def test_custom_id_is_the_cache_key_and_lines_are_the_chat_request():
+    cid = custom_id("ab" * 32, 3)
+    assert cache_key(cid) == ("ab" * 32, 3)
+    line = json.loads(request_line(cid, {"model": "m", "messages": [{"role": "user", "content": "é"}]}))
+    assert line == {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": "é"}]}}
+
+
+@pytest.mark.parametrize("limits, expected", [
+    ((2, 10_000, None), [(0, 2), (2, 4), (4, 5)]),          # lines per file
+    ((50, 250, None), [(0, 2), (2, 4), (4, 5)]),             # bytes per file: 100 each, 250 at most
+    ((50, 10_000, 25.0), [(0, 2), (2, 4), (4, 5)]),          # queued tokens: 10 each, 25 at most
+    ((50, 10_000, None), [(0, 5)]),
+])
+def test_shards_respect_every_limit(limits, expected):
+    assert cut_shards([(100, 10.0)] * 5, *limits) == expected
+
+
+def test_a_request_over_a_limit_on_its_own_is_named():
+    with pytest.raises(ValueError, match="request 2 alone is over a batch limit"):
+        cut_shards([(10, 1.0), (500, 1.0)], 10, 100)
+    assert cut_shards([], 10, 100) == []
+
+
+def ok_line(text="Score: 80", logprobs=None):
+    return {"custom_id": "x-0", "response": {"status_code": 200, "body": completion(text, logprobs)}, "error": None}
+
+
+def err_line(status, message, param=None):
+    return {"custom_id": "x-0", "error": None, "response": {"status_code": status, "body": {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}}}
+
+
+SENT = ("model", "messages", "max_tokens", "temperature", "logprobs", "top_logprobs")
+
+
+@pytest.mark.parametrize("line, kind, reason", [
+    (ok_line(), "ok", None),
+    (ok_line("I cannot rate this."), "unusable", "unparseable answer"),
+    (err_line(429, "Rate limit reached"), "retry", "HTTP 429"),
+    (err_line(500, "The server had an error"), "retry", "HTTP 500"),
+    (err_line(400, "Invalid 'messages'"), "final", "HTTP 400"),
+    (err_line(400, "logprobs are not supported with this model", "logprobs"), "refused:logprobs", "logprobs"),
+    (err_line(404, "The model `x` does not exist"), "final", "HTTP 404"),
+    ({"custom_id": "x-0", "response": None, "error": {"code": "batch_expired", "message": "not run in time"}},
+     "retry", "batch_expired"),
+    ({"custom_id": "x-0", "response": {"status_code": 200, "body": {"choices": []}}, "error": None},
+     "unusable", "empty choices"),
+])
+def test_each_kind_of_line_is_judged_as_the_chat_path_judges_it(line, kind, reason):
+    got = line_outcome(line, 0.0, SENT, lambda text: text)
+    assert got.kind == kind
+    if reason:
+        assert reason in got.reason
+    else:
+        assert got.record["score"] == 80 and got.record["temperature"] == 0.0 and got.usage == (100, 2)
+
+
+def test_an_output_file_that_is_not_json_lines_is_named_with_its_line():
+    with pytest.raises(ValueError, match=r"out.jsonl, line 2: not JSON"):
+        read_lines(b'{"custom_id": "a-0"}\n{oops\n', "out.jsonl")
+    with pytest.raises(ValueError, match=r"line 1: no custom_id"):
+        read_lines(b'{"id": 1}\n', "out.jsonl")
+
+
+def test_the_batch_dry_run_prints_files_and_the_batch_price_and_changes_nothing(tmp_path, tiny_model_dir, capsys):
+    from ual.cli import main
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name a colour #{i}"},
+                                                     {"role": "assistant", "content": "Blue."}]}) + "\n"
+                            for i in range(5)))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": str(tiny_model_dir),
+                                   "data": {"sources": [{"name": str(chat), "train": 5, "heldout": 0}]},
+                                   "score": {"heldout": False}}))
+    run = tmp_path / "run"
+    assert main(["data", str(cfg)]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    judge = ["--judge", "openai", "--model", "gpt-4o-mini", "--base-url", "http://127.0.0.1:9/v1"]
+    assert main(["score", str(run), *judge, "--dry-run", "--score.via", "batch", "--score.batch_max_lines", "2"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.rindex('{\n  "dry_run"'):])["dry_run"]
+    assert plan["via"] == "batch" and plan["requests"] == 5 and [s["requests"] for s in plan["shards"]] == [2, 2, 1]
+    assert main(["score", str(run), *judge, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    chat_plan = json.loads(out[out.rindex('{\n  "dry_run"'):])["dry_run"]
+    assert plan["est_cost_usd"] == pytest.approx(chat_plan["est_cost_usd"] / 2)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
