@@ -17,7 +17,8 @@ Faults, plain attributes a test may set at any time (one-shot ones are taken by 
   line_status      {custom_id: HTTP status}: that line gets that error instead of asking upstream (used once)
   hold             while True, in-progress batches run no lines (cancel them, kill a client mid-batch)
 Accounting: batches (id -> BatchState), files (id -> file object, its bytes under "content"), created (batch ids
-in creation order), upstream_calls (custom_ids sent upstream, i.e. paid for), uploads (files uploaded).
+in creation order), upstream_calls (custom_ids sent upstream, i.e. paid for), uploads (files uploaded), chat_calls
+(requests to POST /v1/chat/completions, which it also serves, as OpenAI does, by asking upstream).
 In request_counts, `failed` counts every line that ends in the error file (an error answer, expired, cancelled).
 """
 
@@ -106,6 +107,7 @@ class BatchServer(_Base):
         self.created: list[str] = []
         self.upstream_calls: list[str] = []
         self.uploads = 0
+        self.chat_calls = 0  # requests through the chat path (POST /v1/chat/completions), at the chat price
         owner = self
 
         class Handler(self.httpd.RequestHandlerClass):  # _Base's, for its quiet log, reply() and drop()
@@ -142,6 +144,9 @@ class BatchServer(_Base):
         url = urlsplit(h.path)
         parts = url.path.strip("/").split("/")[1:] if url.path.startswith("/v1/") else []
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if method == "POST" and parts == ["chat", "completions"]:  # the chat path, as OpenAI serves it beside batches
+            self.chat_calls += 1
+            return h.reply(*self.call_upstream("/v1/chat/completions", json.loads(body)))
         with self.lock:
             if method == "POST" and parts == ["files"]:
                 return h.reply(*self.upload(h.headers.get("Content-Type", ""), body))

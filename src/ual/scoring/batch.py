@@ -49,6 +49,7 @@ EXIT_PENDING = 75  # EX_TEMPFAIL: nothing is wrong, the answers are not in yet; 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_shards (
     shard TEXT PRIMARY KEY, judge TEXT NOT NULL, prompt_version TEXT NOT NULL, via TEXT NOT NULL,
+    base_url TEXT,                  -- where its batch lives (null: the OpenAI API)
     state TEXT NOT NULL,            -- built, submitted, downloaded, collected
     n_lines INTEGER NOT NULL, est_tokens REAL NOT NULL, input_path TEXT NOT NULL,
     input_file_id TEXT, batch_id TEXT, status TEXT, counts TEXT, reason TEXT,
@@ -151,6 +152,7 @@ class BatchRun:
         self.dir = Path(cache_path).parent / "batches"
         self.vllm = self.cfg.via == "vllm"
         self._client = None
+        self._shown: dict[str, tuple[str, float]] = {}  # the status line last printed per shard, and when
 
     # ------------------------------------------------------------------ the rounds
 
@@ -211,7 +213,7 @@ class BatchRun:
             path = self.dir / f"{name}.input.jsonl"
             write_bytes(path, b"".join(lines[start:stop]))
             self.store.add_shard({"shard": name, "judge": self.judge, "prompt_version": self.version,
-                                  "via": self.cfg.via, "state": "built", "n_lines": stop - start,
+                                  "via": self.cfg.via, "base_url": self.cfg.base_url, "state": "built", "n_lines": stop - start,
                                   "est_tokens": sum(it[3] for it in items[start:stop]), "input_path": str(path)},
                                  [it[:3] for it in items[start:stop]])
         log.info("batch round %d: %d requests in %d shard(s) under %s", round_no + 1, len(cids), len(cuts), self.dir)
@@ -377,8 +379,12 @@ class BatchRun:
         cost = (f"${(tin * price[0] + tout * price[1]) * BATCH_DISCOUNT / 1e6:.4f} at the batch price" if price
                 else "cost n/a")
         for s in active:
-            print(f"batch {s['batch_id'] or '-'} [{s['shard']}]: {s['status'] or s['state']}, "
-                  f"{_progress(s)}; so far {tin} + {tout} tokens, {cost}", file=sys.stderr)
+            line = f"{s['status'] or s['state']}, {_progress(s)}"
+            if self._shown.get(s["shard"], ("", 0.0))[0] == line and time.time() - self._shown[s["shard"]][1] < 300:
+                continue  # a line when something changed, or every 5 minutes
+            self._shown[s["shard"]] = (line, time.time())
+            print(f"batch {s['batch_id'] or '-'} [{s['shard']}]: {line}; so far {tin} + {tout} tokens, {cost}",
+                  file=sys.stderr)
 
     def _vllm_commands(self, active) -> str:
         runs = [f"  vllm run-batch -i {s['input_path']} -o {s['input_path'].replace('.input.jsonl', '.output.jsonl')}"

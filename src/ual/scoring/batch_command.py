@@ -32,17 +32,18 @@ def run(args) -> dict:
     store = BatchStore(cache)
     try:
         rows = store.conn.execute("SELECT * FROM batch_shards WHERE state != 'collected' ORDER BY created").fetchall()
-        key, client, out = read_api_key(), None, []
+        key, clients, out = read_api_key(), {}, []
         for row in rows:
             entry = {"shard": row["shard"], "batch": row["batch_id"], "judge": row["judge"], "state": row["state"],
                      "requests": row["n_lines"], "status": row["status"]}
             if row["state"] == "submitted":
-                client = client or open_sync_client(key, cfg.score.base_url, cfg.score.timeout_s)
+                url = row["base_url"]  # where this batch was created
+                client = clients.get(url) or clients.setdefault(url, open_sync_client(key, url, cfg.score.timeout_s))
                 try:
                     batch = (client.batches.cancel if args.action == "cancel" else client.batches.retrieve)(
                         row["batch_id"])
                 except Exception as exc:
-                    reason, _ = judge_failure(exc, key, cfg.score.base_url, row["judge"])  # raises if fatal
+                    reason, _ = judge_failure(exc, key, url, row["judge"])  # raises if fatal
                     entry["error"] = reason
                 else:
                     entry["status"] = batch.status
