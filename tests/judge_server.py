@@ -413,6 +413,26 @@ def small_dataset(n: int = 6, tag: str = ""):
     return out
 
 
+def chat_run_folder(tmp_path: Path, model_dir, questions: list[str], name: str = "run") -> Path:
+    """A run folder made by the real `ual data` from one chat source ("mix": the same sample ids in every
+    folder made from the same questions), scored without held-out samples."""
+    import yaml
+
+    from ual.cli import main
+
+    data = tmp_path / "data" / name / "mix.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": "Here you are."}]}) + "\n"
+                            for q in questions))
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / name), "model": str(model_dir),
+                                   "data": {"sources": [{"name": str(data), "train": len(questions), "heldout": 0}]},
+                                   "score": {"heldout": False, "timeout_s": 600}}))
+    assert main(["data", str(cfg)]) == 0
+    return tmp_path / name
+
+
 def _main(argv=None) -> None:
     import argparse
 

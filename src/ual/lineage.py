@@ -9,8 +9,9 @@ apply to that command; when the stage succeeds, the settings that define its out
   eval, report   nothing (an evaluation is per command; each result records the settings it was made with)
 
 Flags about one invocation never persist, whatever the stage: a dry run, --force, --resume, the
-judge's concurrency and rate limits, --tasks, --adapter, the device. A dry run, --help, or a command
-that fails or is interrupted records nothing, so it leaves config.yaml exactly as it was.
+judge's concurrency and rate limits, how it is asked (score.via, score.batch_*), --tasks, --adapter,
+the device. A dry run, --help, or a command that fails or is interrupted records nothing, so it leaves
+config.yaml exactly as it was.
 
 lineage.json maps each output (score, map, train/MODE, eval/MODEL, comparisons) to what made it: the
 settings that shape it and a sha256 of each input file. A stage compares that record with what it would

@@ -4,9 +4,8 @@ the chat path judges it, and the batch dry run through the real CLI (fast: nothi
 import json
 
 import pytest
-import yaml
 
-from judge_server import completion
+from judge_server import chat_run_folder, completion
 from ual.scoring.batch_files import cache_key, custom_id, cut_shards, line_outcome, read_lines, request_line
 
 
@@ -78,16 +77,7 @@ def test_an_output_file_that_is_not_json_lines_is_named_with_its_line():
 def test_the_batch_dry_run_prints_files_and_the_batch_price_and_changes_nothing(tmp_path, tiny_model_dir, capsys):
     from ual.cli import main
 
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name a colour #{i}"},
-                                                     {"role": "assistant", "content": "Blue."}]}) + "\n"
-                            for i in range(5)))
-    cfg = tmp_path / "exp.yaml"
-    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": str(tiny_model_dir),
-                                   "data": {"sources": [{"name": str(chat), "train": 5, "heldout": 0}]},
-                                   "score": {"heldout": False}}))
-    run = tmp_path / "run"
-    assert main(["data", str(cfg)]) == 0
+    run = chat_run_folder(tmp_path, tiny_model_dir, [f"Name a colour #{i}" for i in range(5)])
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     judge = ["--judge", "openai", "--model", "gpt-4o-mini", "--base-url", "http://127.0.0.1:9/v1"]
     assert main(["score", str(run), *judge, "--dry-run", "--score.via", "batch", "--score.batch_max_lines", "2"]) == 0

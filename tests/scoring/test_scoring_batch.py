@@ -17,9 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from batch_server import BatchServer
+from judge_server import chat_run_folder
 from ual.cli import main
 from ual.io import read_jsonl
 from ual.scoring.batch_files import custom_id
@@ -40,17 +40,7 @@ def batches(server):
 
 
 def make_run(tmp_path: Path, tiny_model_dir, n: int, name: str = "run") -> Path:
-    data = tmp_path / "data" / name / "mix.jsonl"  # one source name for every folder: the same sample ids
-    data.parent.mkdir(parents=True)
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": "Here you are."}]}) + "\n"
-                            for q in QUESTIONS[:n]))
-    cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / name), "model": str(tiny_model_dir),
-                                   "data": {"sources": [{"name": str(data), "train": n, "heldout": 0}]},
-                                   "score": {"heldout": False, "timeout_s": 600}}))
-    assert main(["data", str(cfg)]) == 0
-    return tmp_path / name
+    return chat_run_folder(tmp_path, tiny_model_dir, QUESTIONS[:n], name)
 
 
 def judge_args(url: str) -> list[str]:
@@ -77,8 +67,9 @@ def test_batch_and_vllm_files_give_the_chat_paths_scores(server, batches, tmp_pa
     by_vllm = make_run(tmp_path, tiny_model_dir, 6, "vllm")
     assert main(["score", str(by_chat), *judge_args(server.base_url)]) == 0
     created = len(batches.created)
-    assert main(["score", str(by_batch), *batch_args(batches.url)]) == 0  # output lines come back shuffled
-    assert len(batches.created) - created >= 1
+    # two shards (4 + 2 requests) in flight at once; output lines come back shuffled
+    assert main(["score", str(by_batch), *batch_args(batches.url, "--score.batch_max_lines", "4")]) == 0
+    assert [len(batches.batches[b].requests) for b in batches.created[created:created + 2]] == [4, 2]
     # vLLM: the first run writes the request files and exits 75 with the commands; `vllm run-batch` is played
     # by answering each line through the same llama.cpp server, in vLLM's output layout, in random order
     assert main(["score", str(by_vllm), *judge_args(server.base_url), "--score.via", "vllm"]) == 75

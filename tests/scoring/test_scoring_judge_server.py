@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from judge_server import FaultProxy, request_key, small_dataset
+from judge_server import FaultProxy, chat_run_folder, request_key, small_dataset
 from ual.config import ScoreConfig
 from ual.scoring.cache import JudgeCache
 from ual.scoring.judge import JudgeOptions, JudgeScorer, _content_hash
@@ -144,16 +144,7 @@ def test_the_readme_judge_commands_in_order_score_on_the_second(server, tmp_path
     from ual.cli import main
     from ual.io import read_jsonl
 
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name a colour #{i}"},
-                                                     {"role": "assistant", "content": "Blue."}]}) + "\n"
-                            for i in range(3)))
-    cfg = tmp_path / "exp.yaml"
-    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "model": str(tiny_model_dir),
-                                   "data": {"sources": [{"name": str(chat), "train": 3, "heldout": 0}]},
-                                   "score": {"heldout": False, "timeout_s": 600}}))
-    run = tmp_path / "run"
-    assert main(["data", str(cfg)]) == 0
+    run = chat_run_folder(tmp_path, tiny_model_dir, [f"Name a colour #{i}" for i in range(3)])
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     judge = ["--judge", "openai", "--model", MODEL, "--base-url", server.base_url]
     assert main(["score", str(run), *judge, "--dry-run"]) == 0

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from ual.io import write_bytes
-from ual.scoring.batch_files import (BATCH_DISCOUNT, BATCH_ENDPOINT, TERMINAL, cache_key, custom_id, cut_shards,
+from ual.scoring.batch_files import (BATCH_DISCOUNT, BATCH_ENDPOINT, TERMINAL, ShardCutter, cache_key, custom_id,
                                      line_outcome, read_lines, request_line)
 from ual.scoring.cache import UPSERT_ANSWER
 from ual.scoring.judge_calls import estimate_tokens
@@ -196,27 +196,33 @@ class BatchRun:
         """Request lines for cids, cut into shards within the provider's limits; each shard and its items are
         committed (and its file written) before anything is sent."""
         unusable = self.store.unusable_counts(cids)
-        lines, items = [], []
+        cutter = ShardCutter(self.cfg.batch_max_lines, self.cfg.batch_max_bytes, self.cfg.batch_max_queued_tokens)
+        lines, items, shards = [], [], 0
         for cid in cids:
             i, draw = wanted[cid]
-            again = unusable.get(cid, 0)
-            temperature = 0.0 if draw == 0 and again == 0 else self.opts.extra_temperature
+            temperature = 0.0 if draw == 0 and unusable.get(cid, 0) == 0 else self.opts.extra_temperature
             body = self.scorer.request_body(rendered[i][0], temperature)
-            lines.append(request_line(cid, body))
-            items.append((cid, body.get("temperature"), json.dumps(sorted(body)),
-                          estimate_tokens(rendered[i][0], self.opts.max_tokens, self.opts.chars_per_token)))
-        cuts = cut_shards(((len(b), it[3]) for b, it in zip(lines, items)), self.cfg.batch_max_lines,
-                          self.cfg.batch_max_bytes, self.cfg.batch_max_queued_tokens)
-        for start, stop in cuts:
-            name = "ual-" + hashlib.sha256(f"{self.judge}|{self.version}|{time.time_ns()}|{cids[start]}|{stop}"
-                                           .encode()).hexdigest()[:20]
-            path = self.dir / f"{name}.input.jsonl"
-            write_bytes(path, b"".join(lines[start:stop]))
-            self.store.add_shard({"shard": name, "judge": self.judge, "prompt_version": self.version,
-                                  "via": self.cfg.via, "base_url": self.cfg.base_url, "state": "built", "n_lines": stop - start,
-                                  "est_tokens": sum(it[3] for it in items[start:stop]), "input_path": str(path)},
-                                 [it[:3] for it in items[start:stop]])
-        log.info("batch round %d: %d requests in %d shard(s) under %s", round_no + 1, len(cids), len(cuts), self.dir)
+            line = request_line(cid, body)
+            tokens = estimate_tokens(rendered[i][0], self.opts.max_tokens, self.opts.chars_per_token)
+            if cutter.starts_shard(len(line), tokens):
+                self._add_shard(lines, items)
+                lines, items, shards = [], [], shards + 1
+            lines.append(line)
+            items.append((cid, body.get("temperature"), json.dumps(sorted(body)), tokens))
+        if lines:
+            self._add_shard(lines, items)
+            shards += 1
+        log.info("batch round %d: %d requests in %d shard(s) under %s", round_no + 1, len(cids), shards, self.dir)
+
+    def _add_shard(self, lines: list[bytes], items: list[tuple]) -> None:
+        """A shard's file, then its record and items in one transaction (before anything is sent)."""
+        name = "ual-" + hashlib.sha256(f"{self.judge}|{self.version}|{time.time_ns()}|{items[0][0]}|{len(items)}"
+                                       .encode()).hexdigest()[:20]
+        path = write_bytes(self.dir / f"{name}.input.jsonl", b"".join(lines))
+        self.store.add_shard({"shard": name, "judge": self.judge, "prompt_version": self.version, "via": self.cfg.via,
+                              "base_url": self.cfg.base_url, "state": "built", "n_lines": len(items),
+                              "est_tokens": sum(it[3] for it in items), "input_path": str(path)},
+                             [it[:3] for it in items])
 
     def _watch(self) -> set[str]:
         """Submit, poll and collect until no shard is active (or once, without score.batch_wait); returns the

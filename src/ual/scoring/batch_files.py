@@ -38,26 +38,39 @@ def request_line(cid: str, body: dict) -> bytes:
                        ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
+class ShardCutter:
+    """Consecutive request lines into shards, none over max_lines lines, max_bytes bytes or max_tokens
+    estimated tokens (a provider's limits per file, and the queued-token limit a batch must fit under),
+    one line at a time, so a writer never holds more than one shard."""
+
+    def __init__(self, max_lines: int, max_bytes: int, max_tokens: float | None = None):
+        self.limits = (max_lines, max_bytes, max_tokens)
+        self.lines, self.bytes, self.tokens, self.seen = 0, 0, 0.0, 0
+
+    def starts_shard(self, size: int, tokens: float) -> bool:
+        """Take one line; True when it begins a new shard (the lines before it are a full one). A line over
+        a limit on its own cannot be sent: ValueError naming it."""
+        max_lines, max_bytes, max_tokens = self.limits
+        self.seen += 1
+        if size > max_bytes or (max_tokens is not None and tokens > max_tokens):
+            raise ValueError(f"request {self.seen} alone is over a batch limit ({size} bytes, ~{tokens:.0f} tokens; "
+                             f"score.batch_max_bytes {max_bytes}, score.batch_max_queued_tokens {max_tokens})")
+        new = self.lines > 0 and (self.lines >= max_lines or self.bytes + size > max_bytes
+                                  or (max_tokens is not None and self.tokens + tokens > max_tokens))
+        if new:
+            self.lines, self.bytes, self.tokens = 0, 0, 0.0
+        self.lines, self.bytes, self.tokens = self.lines + 1, self.bytes + size, self.tokens + tokens
+        return new
+
+
 def cut_shards(sizes: Iterable[tuple[int, float]], max_lines: int, max_bytes: int,
                max_tokens: float | None = None) -> list[tuple[int, int]]:
-    """[start, stop) of consecutive lines per shard, from each line's (bytes, estimated tokens): none over
-    max_lines lines, max_bytes bytes or max_tokens tokens (a provider's limits per file, and the queued-token
-    limit a batch must fit under). A single line over a limit cannot be sent: ValueError naming it."""
-    shards, start, n_bytes, n_tokens = [], 0, 0, 0.0
-    i = -1
-    for i, (size, tokens) in enumerate(sizes):
-        if size > max_bytes or (max_tokens is not None and tokens > max_tokens):
-            raise ValueError(f"request {i + 1} alone is over a batch limit ({size} bytes, ~{tokens:.0f} tokens; "
-                             f"score.batch_max_bytes {max_bytes}, score.batch_max_queued_tokens {max_tokens})")
-        if i > start and (i - start >= max_lines or n_bytes + size > max_bytes
-                          or (max_tokens is not None and n_tokens + tokens > max_tokens)):
-            shards.append((start, i))
-            start, n_bytes, n_tokens = i, 0, 0.0
-        n_bytes += size
-        n_tokens += tokens
-    if i >= start:
-        shards.append((start, i + 1))
-    return shards
+    """[start, stop) of the lines of each shard, from each line's (bytes, estimated tokens) (ShardCutter)."""
+    cutter, starts, n = ShardCutter(max_lines, max_bytes, max_tokens), [], 0
+    for n, (size, tokens) in enumerate(sizes, 1):
+        if cutter.starts_shard(size, tokens) or n == 1:
+            starts.append(n - 1)
+    return list(zip(starts, starts[1:] + [n]))
 
 
 @dataclass
