@@ -114,6 +114,11 @@ class ScoreConfig(Checked):
     batch_fallback: Literal["fail", "chat"] = _f("fail", "batch: what is still unanswered after the last round: "
                                                          "fail (listed as failures) | chat (sent through the chat path)")
 
+    def check(self) -> None:
+        if self.via != "chat" and self.scorer != "judge":  # the other scorers ask no endpoint
+            self.fail("via", f"batch files are for a judge endpoint (score.scorer judge, or --judge openai); "
+                             f"scorer {self.scorer!r} runs here: leave score.via as chat")
+
 
 @dataclass
 class SmoothingConfig(Checked):

@@ -89,3 +89,7 @@ def test_the_batch_dry_run_prints_files_and_the_batch_price_and_changes_nothing(
     chat_plan = json.loads(out[out.rindex('{\n  "dry_run"'):])["dry_run"]
     assert plan["est_cost_usd"] == pytest.approx(chat_plan["est_cost_usd"] / 2)
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a scorer that asks no endpoint has nothing to batch: one line, not a silent chat run
+    assert main(["score", str(run), "--score.scorer", "entropy", "--score.via", "batch"]) == 2
+    assert "score.via: batch files are for a judge endpoint" in capsys.readouterr().err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
