@@ -131,8 +131,13 @@ def test_truthfulqa_mc1_mc2(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_truthfulqa_fetched_once_from_the_package_index():
-    """The real BIG-bench 1.0.0 source distribution from PyPI (once per $UAL_HOME): 299 questions."""
-    rows = benchmark_data.truthfulqa_rows()
+    """The real BIG-bench 1.0.0 source distribution from PyPI (once per $UAL_HOME): 299 questions. Where the
+    index no longer lists it (this machine's, since 2026-12), one line that says so and where the file goes."""
+    try:
+        rows = benchmark_data.truthfulqa_rows()
+    except FileNotFoundError as exc:
+        assert "bigbench==1.0.0" in str(exc) and "put BIG-bench's truthful_qa/questions.json at" in str(exc)
+        pytest.skip(f"the package index does not serve it: {exc}")
     assert len(rows) == 299
     assert all(r["mc1_targets"]["labels"][0] == 1 and sum(r["mc1_targets"]["labels"]) == 1 for r in rows)
     assert benchmark_data.truthfulqa_questions().stat().st_size < 300_000  # only the questions were kept

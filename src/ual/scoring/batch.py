@@ -291,12 +291,12 @@ class BatchRun:
         log.info("batch %s: shard %s submitted (%d requests)", existing.id, name, shard["n_lines"])
 
     def _find_batch(self, name: str, created: float):
-        """The batch already created for this shard, if any: the provider's list, newest first, back to the
-        shard's own creation."""
+        """The batch already created for this shard, if any: the provider's list, newest first, back to a day
+        before the shard was made."""
         for batch in self._remote(lambda c: c.batches.list(limit=100)):
             if (batch.metadata or {}).get("ual_shard") == name:
                 return batch
-            if batch.created_at < created - 600:
+            if batch.created_at < created - 86_400:  # a day before the shard: well past any clock skew
                 return None
         return None
 
