@@ -185,6 +185,20 @@ def test_a_command_says_which_settings_differ_before_it_works(run, caplog):
     assert "this command only: eval.nll true -> false" in line
 
 
+def test_a_setting_newer_than_the_folder_is_not_called_a_difference(run, caplog):
+    """A folder written before a setting existed names no value for it: that is its default, not a change."""
+    import yaml
+
+    settings = yaml.safe_load((run / "config.yaml").read_text())
+    del settings["score"]["via"], settings["train"]["lora_dropout"]
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    caplog.clear()
+    assert ual("map", run, "--train.lora_dropout", "0.2") == 0
+    line = next(r.getMessage() for r in caplog.records if "settings differ from" in r.getMessage())
+    assert "train.lora_dropout null -> 0.2" not in line and "train.lora_dropout 0.1 -> 0.2" in line
+    assert "score.via" not in line
+
+
 def test_one_off_tasks_do_not_change_the_next_plain_eval(run, caplog):
     config = (run / "config.yaml").read_bytes()
     assert ual("eval", run, "--tasks", "arc_easy:4", "--eval.models", "[base]") == 0

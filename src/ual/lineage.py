@@ -83,13 +83,14 @@ def read_folder_settings(path: Path) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
-def announce_differences(stage: str, folder_config: Path, now: dict) -> None:
+def announce_differences(stage: str, folder_config: Path, now: dict, defaults: dict | None = None) -> None:
     """One line, before the stage works, naming the settings this command uses that differ from the
-    folder's, and which of them it will record."""
+    folder's, and which of them it will record. A setting the folder's config.yaml does not name (it was
+    written before the setting existed) counts as its default there, not as a difference."""
     recorded = read_folder_settings(folder_config)
     if recorded is None:
         return
-    changed = settings_diff(flatten(recorded), flatten(now))
+    changed = settings_diff({**flatten(defaults or {}), **flatten(recorded)}, flatten(now))
     if not changed:
         return
     keep = STAGE_SETTINGS.get(stage, ())

@@ -55,7 +55,7 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False, settings: 
     except OSError as exc:
         raise ConfigError(f"{run_dir_origin(cfg)}: cannot write the run folder {cfg.run_path} "
                           f"({exc.strerror or exc})") from None
-    announce_differences(stage, folder_config, now)
+    announce_differences(stage, folder_config, now, defaults=to_dict(ExperimentConfig()))
     result = _run_stage(stage, cfg, force)
     if not (stage == "score" and cfg.score.dry_run):
         record_settings(stage, folder_config, now)

@@ -57,6 +57,19 @@ def test_last_point_is_what_ual_eval_measures(run):
     assert read_curve(run / "train" / "sft" / "curve.jsonl")[1]["heldout"]["all"] == pytest.approx(mid, abs=1e-4)
 
 
+def test_a_point_evaluated_once_joins_the_clustering_table(run):
+    """`ual eval --adapter POINT` adds the point to clustering.json; it does not replace the folder's models.
+    A model whose features came from other held-out texts is left out, not compared."""
+    flags = ["--eval.clustering", "true", "--eval.clustering_top_k", "4", "--eval.nll", "false"]
+    assert main(["eval", str(run), *flags, "--eval.clustering_texts", "4"]) == 0
+    assert set(read_json(run / "clustering.json")["models"]) == {"sft"}
+    point = run / "train" / "sft" / "points" / "sft-step2"
+    assert main(["eval", str(run), "--adapter", str(point), *flags, "--eval.clustering_texts", "4"]) == 0
+    assert set(read_json(run / "clustering.json")["models"]) == {"sft", "sft-step2"}
+    assert main(["eval", str(run), "--adapter", str(point), *flags, "--eval.clustering_texts", "3"]) == 0
+    assert set(read_json(run / "clustering.json")["models"]) == {"sft-step2"}
+
+
 def test_report_shows_the_curves(run):
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()

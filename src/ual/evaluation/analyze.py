@@ -94,4 +94,4 @@ def analyze_clustering(cfg, force: bool = False) -> dict:
                                             progress=True)
         save_features(path, features, labels, texts)
         del model
-    return run_clustering(cfg, tokenizer, run, len(texts))
+    return run_clustering(cfg, tokenizer, run, texts)

@@ -138,7 +138,7 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
             lineage.put(f"tasks/{key}", {**tasks_record, "of": name})
         del model
     if ec.clustering and inputs.cluster_texts:
-        results["clustering"] = run_clustering(cfg, tokenizer, run, len(inputs.cluster_texts))
+        results["clustering"] = run_clustering(cfg, tokenizer, run, inputs.cluster_texts)
     if ec.pairwise and inputs.pair_prompts:
         results["pairwise"] = run_pairwise(cfg, run, force)
     if ec.compare:
@@ -317,18 +317,28 @@ def texts_fingerprint(texts: list[str]) -> str:
     return hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
 
 
-def run_clustering(cfg: ExperimentConfig, tokenizer, run: RunFolder, n_texts: int) -> dict:
+def run_clustering(cfg: ExperimentConfig, tokenizer, run: RunFolder, texts: list[str]) -> dict:
+    """clustering.json over this command's models and those already there: a one-off `ual eval --adapter`
+    adds its model rather than replacing the folder's table. An earlier model is kept only when its
+    features came from these same texts."""
     from ual.evaluation.clustering import clustering_from_features
 
+    path, fingerprint = run.root / "clustering.json", texts_fingerprint(texts)
+    current = list(map(model_key, cfg.eval.models))
+    earlier = [n for n in (read_json(path).get("models", {}) if path.exists() else []) if n not in current]
     collected = {}
-    for name in map(model_key, cfg.eval.models):
+    for name in current + earlier:
+        if name in earlier and not run.features_file(name).exists():
+            continue
         with np.load(run.features_file(name)) as data:
+            if name in earlier and ("texts_sha" not in data or str(data["texts_sha"]) != fingerprint):
+                continue  # its features came from other held-out texts: not comparable, left out
             collected[name] = (data["features"], data["labels"])
     selection = ("ual", "ls", 100) if {"ual", "ls"} <= set(collected) else None
     report = clustering_from_features(collected, tokenizer, top_k=cfg.eval.clustering_top_k, seed=cfg.seed,
                                       plot_path=run.root / "clustering.png", selection=selection,
-                                      n_texts=n_texts, max_length=cfg.data.max_length)
-    write_json(run.root / "clustering.json", report)
+                                      n_texts=len(texts), max_length=cfg.data.max_length)
+    write_json(path, report)
     return report["models"]
 
 
