@@ -425,9 +425,9 @@ def test_training_modes():
     assert [mode_parts(m) for m in ("sft", "ual", "dft", "eaft", "ual+dft", "ual+eaft")] == [
         ("sft", "none"), ("ual", "none"), ("sft", "dft"), ("sft", "eaft"), ("ual", "dft"), ("ual", "eaft")]
     assert [uses_smoothing_map(m) for m in ("sft", "dft", "ual", "ual+dft")] == [False, False, True, True]
-    samples = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+    samples = ["a", "b"]  # the samples' ids
     cfg = SimpleNamespace(smoothing=SimpleNamespace(target_mean=0.3))
-    assert eps_for_mode("dft", samples, cfg, None) == [0.0, 0.0]
-    assert eps_for_mode("eaft", samples, cfg, None) == [0.0, 0.0]
+    assert eps_for_mode("dft", samples, cfg, None).tolist() == [0.0, 0.0]
+    assert eps_for_mode("eaft", samples, cfg, None).tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="unknown training mode"):
         eps_for_mode("focal", samples, cfg, None)

@@ -51,15 +51,15 @@ def test_eps_join_per_mode(tmp_path):
     run_map(cfg)
     by_id = {r["id"]: r["eps"] for r in read_jsonl(run.smoothing)}
     table = read_smoothing(run)
-    order = list(reversed(samples))  # training order differs from the file's
-    assert eps_for_mode("sft", order, cfg, table, run) == [0.0] * 10
-    assert eps_for_mode("ls", order, cfg, table, run) == [0.2] * 10
-    assert eps_for_mode("ual", order, cfg, table, run) == [by_id[s.id] for s in order]
-    assert eps_for_mode("ual+dft", order, cfg, table, run) == [by_id[s.id] for s in order]
-    assert eps_for_mode("dft", order, cfg, table, run) == [0.0] * 10
+    order = [s.id for s in reversed(samples)]  # training order differs from the file's
+    assert eps_for_mode("sft", order, cfg, table, run).tolist() == [0.0] * 10
+    assert eps_for_mode("ls", order, cfg, table, run).tolist() == [0.2] * 10
+    assert eps_for_mode("ual", order, cfg, table, run).tolist() == [by_id[i] for i in order]
+    assert eps_for_mode("ual+dft", order, cfg, table, run).tolist() == [by_id[i] for i in order]
+    assert eps_for_mode("dft", order, cfg, table, run).tolist() == [0.0] * 10
     stranger = Sample.create("chat", [{"role": "user", "content": "new"}, {"role": "assistant", "content": "x"}])
-    with pytest.raises(ValueError, match="no eps"):
-        eps_for_mode("ual", order + [stranger], cfg, table, run)
+    with pytest.raises(ValueError, match=r"1 training samples have no eps .* \(first: " + stranger.id):
+        eps_for_mode("ual", order + [stranger.id], cfg, table, run)
     with pytest.raises(ValueError, match="unknown training mode"):
         eps_for_mode("nope", order, cfg, table, run)
     assert eps_for_mode("ppl", order, cfg, None) is None  # the trainer's eps_fn computes each batch's

@@ -63,6 +63,8 @@ class DataConfig(Checked):
     max_length: int = _f(256, "tokens per sample after the chat template; longer samples are truncated and counted", ge=1)
     train_on_prompt: bool = _f(False, "also supervise prompt (user/system) tokens; the paper's code did, the default does not")
     on_error: Literal["raise", "skip"] = _f("raise", "raise | skip: what a malformed row does (skip counts it in data_stats.json)")
+    num_proc: int | None = _f(None, "worker processes that tokenize (default: this machine's cores); the tokenized set "
+                                    "is the same whatever the count", ge=1)
 
 
 Scorer = Literal["entropy_ratio", "entropy", "nll_ratio", "perplexity", "judge", "local_judge", "prior"]

@@ -51,9 +51,9 @@ def response_token_stats(model, tokenizer, samples, max_length: int, batch_size:
     """TokenStats for each sample, in order (keep_tokens: also the per-token confidence and correctness).
 
     The model runs in eval mode with autograd off; its own mode comes back afterwards."""
-    from ual.data.tokenize import encode_sample
+    from ual.data.tokenize import encode_many
 
-    encoded = [encode_sample(tokenizer, s.messages, max_length, train_on_prompt) for s in samples]
+    encoded = encode_many(tokenizer, [s.messages for s in samples], max_length, train_on_prompt)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     device = next(model.parameters()).device
     results: list[TokenStats | None] = [None] * len(encoded)

@@ -3,14 +3,13 @@ adapter kept and evaluable, the curves in the report; through the real CLI on a 
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from ual.cli import main
 from ual.io import read_json
 from ual.report.training_curves import best_point, read_curve
-from ual.training.curves import train_subset
+from ual.training.curves import subset_indices
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +81,5 @@ def test_bad_settings(tmp_path, capsys):
     cfg.write_text("train: {eval_strategy: steps}\n")
     assert main(["train", str(cfg), "--train.max_steps", "1"]) == 2
     assert "train.eval_steps: expected at least 1 when eval_strategy is steps" in capsys.readouterr().err
-    samples = [json.dumps(i) for i in range(10)]
-    assert train_subset(samples, 4, 0) == train_subset(samples, 4, 0) and len(train_subset(samples, 4, 0)) == 4
-    assert train_subset(samples, 40, 0) == samples
+    assert subset_indices(10, 4, 0) == subset_indices(10, 4, 0) and len(set(subset_indices(10, 4, 0))) == 4
+    assert subset_indices(10, 4, 0) != subset_indices(10, 4, 1) and subset_indices(10, 40, 0) == list(range(10))

@@ -59,21 +59,35 @@ def split_source(samples: list[Sample], label: str, seed: int, heldout: int,
     return (rest if train is None else rest[:train]), held
 
 
-def length_stats(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool) -> dict:
-    """How many samples the max_length cut would truncate, and how many it leaves nothing to learn."""
-    from ual.data.tokenize import encode_sample
+def token_counts(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool) -> list:
+    """(tokens before the cut, supervised tokens after it) per sample, or the TemplateRefused the chat
+    template raised for it; encoded a batch at a time (one tokenizer call a batch)."""
+    from ual.data.tokenize import IGNORE, TemplateRefused, encode_batch
 
-    lengths, truncated, emptied = [], 0, 0
-    for s in samples:
-        enc = encode_sample(tokenizer, s.messages, None, train_on_prompt)
-        lengths.append(len(enc["input_ids"]))
-        if len(enc["input_ids"]) > max_length:
-            truncated += 1
-            if all(label == -100 for label in enc["labels"][:max_length]):
-                emptied += 1
+    out: list = []
+    for i in range(0, len(samples), 256):
+        chunk = [s.messages for s in samples[i : i + 256]]
+        try:
+            encoded = encode_batch(tokenizer, chunk, None, train_on_prompt)
+        except TemplateRefused:  # which ones: each alone
+            encoded = []
+            for messages in chunk:
+                try:
+                    encoded += encode_batch(tokenizer, [messages], None, train_on_prompt)
+                except TemplateRefused as exc:
+                    encoded.append(exc)
+        out += [e if isinstance(e, Exception) else (len(e[0]), int((e[1][:max_length] != IGNORE).sum()))
+                for e in encoded]
+    return out
+
+
+def length_stats(counts: list[tuple[int, int]], max_length: int) -> dict:
+    """How many samples the max_length cut would truncate, and how many it leaves nothing to learn
+    (`counts`: token_counts of the samples)."""
+    lengths = [n for n, _ in counts]
     return {
-        "truncated": truncated,
-        "no_supervised_tokens_after_truncation": emptied,
+        "truncated": sum(n > max_length for n in lengths),
+        "no_supervised_tokens_after_truncation": sum(n > max_length and kept == 0 for n, kept in counts),
         "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
         "tokens_max": max(lengths, default=0),
     }
@@ -94,25 +108,23 @@ def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on
                      on_error: str = "raise", stats: dict | None = None):
     """Samples whose response is cut away entirely by max_length teach nothing and cannot be
     scored (0 response tokens); they are dropped before the split and counted (the second value).
+    The third value: token_counts of the kept samples, by id (for length_stats).
 
     A sample the chat template refuses (TemplateRefused) is a DataError naming its origin, or under
     on_error "skip" left out and counted in `stats` like a bad row (kind "chat template"); when it
     refuses every sample, the first refusal is raised whatever on_error says.
     """
-    from ual.data.tokenize import TemplateRefused, encode_sample
-
-    kept, refused = [], []
-    for s in samples:
-        try:
-            labels = encode_sample(tokenizer, s.messages, max_length, train_on_prompt)["labels"]
-        except TemplateRefused as exc:
-            err = DataError(f"{s.meta.get('origin', s.id)}: {exc}", "chat template")
+    kept, refused, counts = [], [], {}
+    for s, c in zip(samples, token_counts(tokenizer, samples, max_length, train_on_prompt)):
+        if isinstance(c, Exception):
+            err = DataError(f"{s.meta.get('origin', s.id)}: {c}", "chat template")
             if on_error != "skip":
                 raise err from None
             refused.append(err)
             continue
-        if any(x != -100 for x in labels):
+        if c[1]:
             kept.append(s)
+            counts[s.id] = c
     if refused and len(refused) == len(samples):
         raise DataError(f"none of the {len(samples)} samples can be rendered by the chat template (first: "
                         f"{refused[0]})", "chat template")
@@ -120,7 +132,7 @@ def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on
         stats["kept"] = stats.get("kept", len(samples)) - len(refused)
         for err in refused:
             count_skipped(stats, err)
-    return kept, len(samples) - len(refused) - len(kept)
+    return kept, len(samples) - len(refused) - len(kept), counts
 
 
 def _resolved(path: Path) -> Path | None:
@@ -216,7 +228,7 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
 
     train_by: dict[str, list[Sample]] = {}
     held_by: dict[str, list[Sample]] = {}
-    per_source = {}
+    per_source, counts = {}, {}
     for spec, label in zip(cfg.data.sources, labels):
         need = spec.heldout + spec.train if spec.train is not None else None
         if need is not None and tokenizer is not None:
@@ -229,9 +241,10 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
             stats["duplicates_after_max_turns"] = len(samples) - len(unique)
             samples = list(unique.values())
         if tokenizer is not None:
-            samples, dropped = drop_unlearnable(tokenizer, samples, cfg.data.max_length, cfg.data.train_on_prompt,
-                                                cfg.data.on_error, stats)
+            samples, dropped, source_counts = drop_unlearnable(tokenizer, samples, cfg.data.max_length,
+                                                        cfg.data.train_on_prompt, cfg.data.on_error, stats)
             stats["dropped_no_response_tokens"] = dropped
+            counts.update(source_counts)
         train, held = split_source(samples, label, cfg.seed, spec.heldout, spec.train)
         for s in train:
             s.meta["split"] = "train"
@@ -268,8 +281,8 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
             train_by[label] = train
         held = held_by[label]
         if tokenizer is not None:
-            stats["train_lengths"] = length_stats(tokenizer, train, cfg.data.max_length, cfg.data.train_on_prompt)
-            stats["heldout_lengths"] = length_stats(tokenizer, held, cfg.data.max_length, cfg.data.train_on_prompt)
+            stats["train_lengths"] = length_stats([counts[s.id] for s in train], cfg.data.max_length)
+            stats["heldout_lengths"] = length_stats([counts[s.id] for s in held], cfg.data.max_length)
             stats["truncated"] = stats["train_lengths"]["truncated"] + stats["heldout_lengths"]["truncated"]
         log.info("data: %s: %d read, %d skipped, %d train, %d held-out", label,
                  stats["read"], stats["skipped"], len(train), len(held))

@@ -23,16 +23,28 @@ import logging
 import random
 from pathlib import Path
 
-from ual.io import read_jsonl, write_jsonl
+from ual.io import iter_jsonl, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
 
-def train_subset(samples: list, n: int, seed: int) -> list:
-    """n training samples drawn with the run's seed (all of them when there are fewer)."""
-    if n >= len(samples):
-        return list(samples)
-    return [samples[i] for i in sorted(random.Random(f"curve:{seed}").sample(range(len(samples)), n))]
+def subset_indices(count: int, n: int, seed: int) -> list[int]:
+    """Positions of n of `count` training samples, drawn with the run's seed (all of them when there are fewer)."""
+    if n >= count:
+        return list(range(count))
+    return sorted(random.Random(f"curve:{seed}").sample(range(count), n))
+
+
+def train_subset(run, ids: list[str], n: int, seed: int) -> list:
+    """The Samples at `subset_indices` of the training ids, read from samples.jsonl without holding the rest."""
+    from ual.sample import Sample
+
+    picked = [ids[i] for i in subset_indices(len(ids), n, seed)]
+    wanted, found = set(picked), {}
+    for _, row in iter_jsonl(run.samples):
+        if row.get("id") in wanted:
+            found[row["id"]] = Sample.from_dict(row)
+    return [found[i] for i in picked]
 
 
 def curve_callback(cfg, mode: str, tokenizer, heldout: list, train_samples: list, out: Path, keep: bool = True):

@@ -22,12 +22,13 @@ half-written dataset, and an existing output is never replaced unless --force.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
-from ual.io import atomic_path, write_jsonl
+from ual.io import atomic_path, iter_jsonl, write_jsonl
 from ual.runfolder import RunFolder
-from ual.training.columns import mapped_samples, read_smoothing, sample_weights, smoothing_rows
+from ual.training.columns import mapped_indices, read_smoothing, sample_weights, smoothing_rows
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,31 @@ def run(args) -> dict:
                        cfg.train.weight_column, missing=cfg.smoothing.missing, force=args.force)
 
 
-def training_rows(run: RunFolder, weight_column: str | None = None, missing: str = "error") -> list[dict]:
-    """The exported rows (COLUMNS), in samples.jsonl order. missing: the run's smoothing.missing
-    ("drop": the samples `ual map` left out are left out here too)."""
-    samples, table = run.load_samples("train"), read_smoothing(run)
-    if missing == "drop":
-        samples = mapped_samples(samples, table)
-    smoothing = smoothing_rows(run, samples, table)
-    weights = sample_weights(run, samples, weight_column) or [1.0] * len(samples)
-    return [{"messages": s.messages, "source": s.source, "id": s.id, "score": r.get("score"), "u": r.get("u"),
-             "eps": float(r["eps"]), "weight": float(w)} for s, r, w in zip(samples, smoothing, weights)]
+def training_rows(run: RunFolder, weight_column: str | None = None, missing: str = "error"):
+    """The exported rows (COLUMNS), in samples.jsonl order, one at a time (a million samples are never held
+    as rows). missing: the run's smoothing.missing ("drop": the samples `ual map` left out are left out here too).
+    Every column is checked before the first row is yielded, so a bad weight or a missing eps writes nothing."""
+    from ual.training.columns import sample_ids
+
+    table, weights = read_smoothing(run), sample_weights(run, weight_column)
+    ids = sample_ids(run)
+    keep = mapped_indices(ids, table) if missing == "drop" else range(len(ids))
+    rows = smoothing_rows(run, [ids[i] for i in keep], table)  # raises if a kept sample has no eps
+    del ids
+    eps, score, u = (rows[c].to_numpy() for c in ("eps", "score", "u"))
+    wanted = iter(keep)
+    want, k = next(wanted, None), 0
+    for position, (_, row) in enumerate(iter_jsonl(run.samples)):
+        if position != want:
+            continue
+        yield {"messages": row["messages"], "source": row["source"], "id": row["id"], "score": _number(score[k]),
+               "u": _number(u[k]), "eps": float(eps[k]), "weight": float(weights[position]) if weights is not None
+               else 1.0}
+        want, k = next(wanted, None), k + 1
+
+
+def _number(x) -> float | None:
+    return None if x is None or x != x else float(x)  # NaN: a null in smoothing.jsonl
 
 
 def export_data(run: RunFolder, fmt: str, out, weight_column: str | None = None, missing: str = "error",
@@ -77,17 +93,37 @@ def export_data(run: RunFolder, fmt: str, out, weight_column: str | None = None,
     if (out.exists() or out.is_symlink()) and not force:
         raise ValueError(f"{out} exists; pass --force to replace it")
     rows = training_rows(run, weight_column, missing)
-    if not rows:
+    first = next(rows, None)  # the checks run here, before anything is written
+    if first is None:
         raise ValueError(f"{run.samples}: no training samples to export")
+    totals = {"samples": 0, "eps": 0.0, "weight": 0.0}
+
+    def counted():
+        for row in itertools.chain([first], rows):
+            totals["samples"] += 1
+            totals["eps"] += row["eps"]
+            totals["weight"] += row["weight"]
+            yield row
+
     with atomic_path(out, folder=fmt == "hf") as tmp:
         if fmt == "jsonl":
-            write_jsonl(tmp, rows)
+            write_jsonl(tmp, counted())
         else:
-            from datasets import Dataset
+            import tempfile
+            import uuid
 
-            dataset = Dataset.from_list(rows)
-            dataset.to_parquet(str(tmp)) if fmt == "parquet" else dataset.save_to_disk(str(tmp))
-    log.info("export-data: %d samples -> %s (%s)", len(rows), out, fmt)
-    return {"out": str(out), "format": fmt, "samples": len(rows), "columns": list(COLUMNS),
-            "weight_column": weight_column, "mean_eps": sum(r["eps"] for r in rows) / len(rows),
-            "mean_weight": sum(r["weight"] for r in rows) / len(rows)}
+            from datasets import Dataset, Features, Value
+
+            text, number = Value("string"), Value("float64")
+            features = Features({"messages": [{"role": text, "content": text}], "source": text, "id": text,
+                                 "score": number, "u": number, "eps": number, "weight": number})
+            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{out.name}.cache-") as cache:
+                # written to Arrow in batches; the fingerprint is fresh, the rows are read once
+                dataset = Dataset.from_generator(counted, features=features, cache_dir=cache,
+                                                 fingerprint=uuid.uuid4().hex)
+                dataset.to_parquet(str(tmp)) if fmt == "parquet" else dataset.save_to_disk(str(tmp))
+                del dataset
+    n = totals["samples"]
+    log.info("export-data: %d samples -> %s (%s)", n, out, fmt)
+    return {"out": str(out), "format": fmt, "samples": n, "columns": list(COLUMNS), "weight_column": weight_column,
+            "mean_eps": totals["eps"] / n, "mean_weight": totals["weight"] / n}

@@ -27,52 +27,60 @@ from ual.config import ExperimentConfig, TrainConfig, to_dict
 from ual.io import read_json, write_json
 from ual.lineage import Lineage, map_record, train_record
 from ual.runfolder import RunFolder
-from ual.training.columns import mapped_samples, read_smoothing, sample_weights, smoothing_rows
+from ual.training.columns import mapped_indices, read_smoothing, sample_weights, smoothing_rows
 from ual.training.memory import estimate_and_measure_end, estimate_and_measure_start
 from ual.training.plan import MODES, accumulation_steps, mode_parts, sharding_from_env, uses_smoothing_map, world_size
 
 log = logging.getLogger(__name__)
 
 
-def eps_for_mode(mode: str, samples, cfg: ExperimentConfig, smoothing: dict[str, dict] | None,
-                 run: RunFolder | None = None) -> list[float] | None:
-    """Each sample's eps under `mode` (None for ppl: the trainer's eps_fn computes each batch's own).
-    `smoothing`: smoothing.jsonl by id (columns.read_smoothing), needed by the ual modes."""
+def eps_for_mode(mode: str, ids, cfg: ExperimentConfig, smoothing=None, run: RunFolder | None = None):
+    """Each sample's eps under `mode` (a float array in the order of `ids`, the samples' ids; None for
+    ppl: the trainer's eps_fn computes each batch's own). `smoothing`: smoothing.jsonl
+    (columns.read_smoothing), needed by the ual modes."""
+    import numpy as np
+
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; choose from {MODES}")
     base = mode_parts(mode)[0]
     if base == "sft":
-        return [0.0] * len(samples)
+        return np.zeros(len(ids))
     if base == "ls":
-        return [cfg.smoothing.target_mean] * len(samples)
+        return np.full(len(ids), cfg.smoothing.target_mean)
     if base == "ual":
         if smoothing is None:
             raise ValueError(f"train mode {mode} needs the smoothing map (smoothing.jsonl); none was read")
-        return [r["eps"] for r in smoothing_rows(run, samples, smoothing)]
+        return smoothing_rows(run, ids, smoothing)["eps"].to_numpy(dtype=np.float64)
     return None  # ppl
 
 
 def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
     """The eps of every sample reaches the loss in four hops: smoothing.jsonl -> `eps_for_mode` ->
     `SmoothedDataset` (one eps per row) -> `SmoothingCollator` (batch["eps"]) -> `UALLoss.compute_loss`
-    (ual.loss)."""
-    from ual.data.tokenize import encode_sample
+    (ual.loss). The token ids come from the run's tokenized set (ual.data.tokenized), memory-mapped:
+    built once, shared by every mode and seed."""
+    from ual.data.tokenized import tokenized_set
     from ual.models import load_tokenizer
     from ual.training.trainer import SmoothedDataset
 
     run = RunFolder(cfg.run_path)
-    samples = run.load_samples("train")
+    run.require(run.samples, "data")
     smoothing = read_smoothing(run) if any(map(uses_smoothing_map, cfg.train.modes)) else None
     if smoothing is not None:
         changed = Lineage(run.root).stale("map", map_record(to_dict(cfg), run.root))
         if changed:  # the smoothing would train ual from other scores or a target other than ls's
             raise ValueError(f"{run.smoothing} was made from other scores or settings ({'; '.join(changed)}): "
                              "run `ual map` on this run folder first")
-    if smoothing is not None and cfg.smoothing.missing == "drop":
-        samples = mapped_samples(samples, smoothing)
-    weights = sample_weights(run, samples, cfg.train.weight_column)  # checked before anything loads
+    weights = sample_weights(run, cfg.train.weight_column)  # checked before anything loads
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
-    encoded = [encode_sample(tokenizer, s.messages, cfg.data.max_length, cfg.data.train_on_prompt) for s in samples]
+    encoded = tokenized_set(run.root, "train", tokenizer, cfg.data.max_length, cfg.data.train_on_prompt,
+                            cfg.data.num_proc)
+    ids = encoded.data.column("id").to_pylist()
+    if smoothing is not None and cfg.smoothing.missing == "drop":
+        keep = mapped_indices(ids, smoothing)
+        if len(keep) < len(ids):
+            encoded, ids = encoded.select(keep), [ids[i] for i in keep]
+            weights = None if weights is None else weights[keep]
     curve_inputs = None
     if cfg.train.eval_strategy != "no":
         from ual.training.curves import train_subset
@@ -81,7 +89,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
         if not heldout:
             raise ValueError("train.eval_strategy: this run has no held-out samples to evaluate on "
                              "(give the data sources a heldout count and run `ual data`)")
-        curve_inputs = (heldout, train_subset(samples, cfg.train.eval_train_samples, cfg.seed))
+        curve_inputs = (heldout, train_subset(run, ids, cfg.train.eval_train_samples, cfg.seed))
     results, lineage, now = {}, Lineage(run.root), to_dict(cfg)
     for mode in cfg.train.modes:
         out = run.train_dir(mode)
@@ -93,7 +101,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
                 results[mode] = read_json(out / "result.json")
                 continue
             log.info("train/%s was made from other settings or inputs (%s); training it again", mode, "; ".join(changed))
-        dataset = SmoothedDataset(encoded, eps_for_mode(mode, samples, cfg, smoothing, run), weights)
+        dataset = SmoothedDataset(encoded, eps_for_mode(mode, ids, cfg, smoothing, run), weights)
         with set_aside(out) as old:  # a retrained mode starts clean; a failure puts the old one back
             results[mode] = train_one(cfg, mode, dataset, tokenizer, out, curve_inputs)
             lineage.put(f"train/{mode}", record)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer
@@ -34,24 +35,34 @@ log = logging.getLogger(__name__)
 
 class SmoothedDataset(Dataset):
     """Tokenised samples ({"input_ids", "labels"}), each with its eps and, if given, its loss weight.
-    eps None: the rows carry none, for a trainer whose eps_fn computes each batch's (the ppl mode)."""
 
-    def __init__(self, encoded: list[dict], eps: list[float] | None, weights: list[float] | None = None):
+    `encoded`: a list of such dicts, or a run's tokenized set (ual.data.tokenized: a memory-mapped
+    `datasets.Dataset`), read a row at a time as the loader asks; eps and weights are float arrays
+    beside it. eps None: the rows carry none, for a trainer whose eps_fn computes each batch's (the ppl mode).
+    """
+
+    def __init__(self, encoded, eps, weights=None):
         for name, column in (("smoothing values", eps), ("loss weights", weights)):
             if column is not None and len(column) != len(encoded):
                 raise ValueError(f"{len(encoded)} samples but {len(column)} {name}")
-        self.rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded]
-        for key, column in (("eps", eps), ("weight", weights)):
-            for row, value in zip(self.rows, column or ()):
-                row[key] = float(value)
-        self.mean_eps = sum(eps) / len(eps) if eps else None
-        self.mean_weight = sum(weights) / len(weights) if weights else 1.0
+        if hasattr(encoded, "select_columns"):  # a datasets.Dataset: only the columns a batch needs
+            encoded = encoded.select_columns(["input_ids", "labels"])
+        self.encoded = encoded
+        self.eps = None if eps is None else np.asarray(eps, dtype=np.float64)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        self.mean_eps = float(self.eps.mean()) if self.eps is not None and len(self.eps) else None
+        self.mean_weight = float(self.weights.mean()) if self.weights is not None and len(self.weights) else 1.0
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.encoded)
 
     def __getitem__(self, i):
-        return self.rows[i]
+        e = self.encoded[int(i)]
+        row = {"input_ids": e["input_ids"], "labels": e["labels"]}
+        for key, column in (("eps", self.eps), ("weight", self.weights)):
+            if column is not None:
+                row[key] = float(column[i])
+        return row
 
 
 @dataclass
