@@ -134,12 +134,24 @@ def jsonl_columns(path: str | os.PathLike, schema, check=None):
         return schema.empty_table()
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
+        _check_utf8(path)  # Arrow passes bytes that are not UTF-8 through (in fields it skips, unseen)
         return pj.read_json(path, parse_options=options)
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         for lineno, row in iter_jsonl(path):
             if check is not None:
                 check(lineno, row)
         raise ValueError(f"{path}: cannot be read as columns {schema.names} ({exc})") from None
+
+
+def _check_utf8(path) -> None:
+    """UnicodeDecodeError unless the whole file is UTF-8 (read in blocks: GB/s, flat memory)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            decoder.decode(block)
+    decoder.decode(b"", final=True)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

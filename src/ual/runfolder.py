@@ -211,29 +211,61 @@ def _score_value(value, where: str):
     return float(value)
 
 
-def read_scores(path: Path) -> Scores:
+def _score_row(path, lineno: int, row: dict) -> tuple[str, float | None]:
+    """One score file row's (id, score), or a ValueError naming the file, the line, the id and the field."""
+    if row.get("id") is None:
+        raise ValueError(f"{path}:{lineno}: field 'id': missing (each row scores the sample with this id)")
+    sid = row["id"]
+    if not isinstance(sid, str):
+        raise ValueError(f"{path}:{lineno}: field 'id': expected a string, got {type(sid).__name__} {sid!r}")
+    where = f"{path}:{lineno}: id '{sid}'"
+    if "score" not in row:
+        raise ValueError(f"{where}: field 'score': missing (null marks a sample the scorer could not score)")
+    return sid, _score_value(row["score"], where)
+
+
+def read_scores(path: Path, keep_rows: bool = True) -> Scores:
     """The one reader of score files (scores.jsonl, heldout_scores.jsonl, scores/SCORER.jsonl): each row
     {"id": str, "score": number in [0, 1] or null, ...}, every problem a ValueError naming the file,
     the line, the id and the field. An id given twice with different scores is an error naming both
-    lines (which one would be meant?); given twice identically, it is counted in `repeated`."""
+    lines (which one would be meant?); given twice identically, it is counted in `repeated`.
+    keep_rows False: the rows themselves are not kept (`row` stays empty), for files of a million rows."""
     out = Scores(Path(path))
     for lineno, row in iter_jsonl(path):
-        if row.get("id") is None:
-            raise ValueError(f"{path}:{lineno}: field 'id': missing (each row scores the sample with this id)")
-        sid = row["id"]
-        if not isinstance(sid, str):
-            raise ValueError(f"{path}:{lineno}: field 'id': expected a string, got {type(sid).__name__} {sid!r}")
-        where = f"{path}:{lineno}: id '{sid}'"
-        if "score" not in row:
-            raise ValueError(f"{where}: field 'score': missing (null marks a sample the scorer could not score)")
-        value = _score_value(row["score"], where)
+        sid, value = _score_row(path, lineno, row)
         if sid in out.line:
             if out.score[sid] != value:
                 raise ValueError(f"{path}: id '{sid}' is scored twice with different scores: "
                                  f"{out.score[sid]} at line {out.line[sid]} and {value} at line {lineno}")
             out.repeated += 1
             continue
-        out.score[sid], out.line[sid], out.row[sid] = value, lineno, row
+        out.score[sid], out.line[sid] = value, lineno
+        if keep_rows:
+            out.row[sid] = row
     if not out.line:
         raise ValueError(f"{path}: no score rows (empty file); rerun `ual score`")
     return out
+
+
+def read_score_column(path: Path):
+    """A score file as columns: (ids, scores as a float array, NaN where null, rows repeated identically),
+    under read_scores' rules. Arrow reads the common file (every id once, every score a number in [0, 1])
+    without a Python object a row; a file with anything else (a null, which Arrow cannot tell from a
+    missing field, an id given twice, a bad value) is read by read_scores, which names the problem."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    from ual.io import jsonl_columns
+
+    table = jsonl_columns(path, pa.schema([("id", pa.string()), ("score", pa.float64())]),
+                          check=lambda lineno, row: _score_row(path, lineno, row))
+    ids = table.column("id").to_pylist()
+    scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    clean = (table.num_rows and not table.column("id").null_count and not np.isnan(scores).any()
+             and ((scores >= 0) & (scores <= 1)).all() and not pd.Index(ids).has_duplicates)
+    if clean:
+        return ids, scores, 0
+    strict = read_scores(path, keep_rows=False)
+    return (list(strict.score), np.array([np.nan if v is None else v for v in strict.score.values()], dtype=np.float64),
+            strict.repeated)

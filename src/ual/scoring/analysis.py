@@ -181,24 +181,30 @@ def separation(rows: list[dict], eps_key: str | None = None, smoothing=None) -> 
     eps_max), under each normalisation (smoothing.NORMALIZATIONS) with the pure map.
     """
     import numpy as np
+
+    ok = [r for r in rows if r.get("score") is not None]
+    eps = {"applied": np.array([r[eps_key] for r in ok], dtype=float)} if eps_key is not None else None
+    return separation_arrays(np.array([r.get("source", "?") for r in ok], dtype=object),
+                             np.array([r["score"] for r in ok], dtype=float), eps, smoothing)
+
+
+def separation_arrays(source, scores, eps: dict | None = None, smoothing=None) -> list[dict]:
+    """`separation` on columns: each scored sample's source and score (no failures), and its eps per method
+    (`eps`: {"applied": array}) or, given `smoothing`, under each normalisation."""
+    import numpy as np
     from scipy.stats import rankdata
 
     from ual.smoothing import NORMALIZATIONS, map_to_smoothing, normalize_scores
 
-    ok = [r for r in rows if r.get("score") is not None]
-    eps = {}
-    if eps_key is not None:
-        eps["applied"] = np.array([r[eps_key] for r in ok], dtype=float)
-    elif smoothing is not None and ok:
-        raw = np.array([r["score"] for r in ok], dtype=float)
+    eps = dict(eps or {})
+    if not eps and smoothing is not None and len(scores):
         for method in NORMALIZATIONS:
             try:
-                eps[method] = map_to_smoothing(normalize_scores(raw, method), smoothing.target_mean, smoothing.eps_max)
+                eps[method] = map_to_smoothing(normalize_scores(scores, method), smoothing.target_mean, smoothing.eps_max)
             except ValueError:  # constant scores under minmax/rank, an unreachable target: no ratio to show
                 eps[method] = None
-    sources = sorted({r.get("source", "?") for r in ok})
-    index = {src: np.array([i for i, r in enumerate(ok) if r.get("source", "?") == src]) for src in sources}
-    scores = np.array([r["score"] for r in ok], dtype=float)
+    sources = sorted(set(source.tolist()))
+    index = {src: np.flatnonzero(source == src) for src in sources}
     out = []
     for i, a in enumerate(sources):
         for b in sources[i + 1:]:
