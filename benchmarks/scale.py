@@ -18,8 +18,10 @@ ru_maxrss; worker processes are listed apart):
             peak RSS to the moment the first step starts (the process ends there: the step is not measured)
   trl       TRL's SFTTrainer on the same samples.jsonl (LoRA, dataset_num_proc = cores, same model and
             max_length): first use and cached (its datasets cache), time and peak RSS to the first step
-The floor of tokenizing: one chat-template render a sample plus one batched fast-tokenizer call with
-offsets, in a process pool over all cores, on the same samples: `tokenize` is given as a ratio to it.
+The floor of tokenizing: the least program that does it on all cores: a pool of one worker a core, each
+loading the tokenizer, parsing its share of samples.jsonl, rendering each conversation once and tokenizing
+in batched fast-tokenizer calls with offsets, keeping and writing nothing. `tokenize` (the same samples
+into the run's Arrow set, from the same file, libraries imported beforehand in both) is a ratio to it.
 Growth exponents between sizes: log(t2/t1) / log(N2/N1), for time (goal ~1) and for peak RSS above
 the process's start (goal ~0).
 
@@ -129,6 +131,8 @@ def child_ual(argv: list[str]) -> dict:
 
 
 def child_tokenize(run: str, num_proc: int) -> dict:
+    import datasets  # noqa: F401 - imported before the clock starts, as transformers is in the `floor` child
+
     from ual.data.tokenized import tokenized_set
     from ual.models import load_tokenizer
 
@@ -152,26 +156,29 @@ def _floor_chunk(args):
         for i, line in enumerate(fh):
             if start <= i < stop:
                 convs.append(json.loads(line)["messages"])
-    t = time.perf_counter()
     for k in range(0, len(convs), 256):
         texts = tok.apply_chat_template(convs[k : k + 256], tokenize=False)
         tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return time.perf_counter() - t
+    return len(convs)
 
 
 def child_floor(run: str, num_proc: int) -> dict:
-    """The floor: one render a sample + batched offsets tokenization, a pool over all cores (reading the
-    file and loading the tokenizer not counted)."""
+    """The floor: the least program that tokenizes the file on all cores: a pool of num_proc workers, each
+    loading the tokenizer, reading and parsing its share of the lines, rendering each conversation once and
+    tokenizing it in batched fast-tokenizer calls with offsets (nothing kept, nothing written)."""
     from multiprocessing import get_context
+
+    import transformers  # noqa: F401 - imported before the clock starts, as in the `tokenize` child
 
     path = str(Path(run) / "samples.jsonl")
     with open(path) as fh:
         n = sum(1 for _ in fh)
     step = math.ceil(n / num_proc)
-    with get_context("spawn").Pool(num_proc) as pool:
-        busy = pool.map(_floor_chunk, [(path, i, min(n, i + step)) for i in range(0, n, step)])
-    seconds = max(busy)
-    return {"seconds": seconds, "samples": n, "samples_per_s": n / seconds}
+    start = time.perf_counter()
+    with get_context("fork").Pool(num_proc) as pool:
+        done = sum(pool.map(_floor_chunk, [(path, i, min(n, i + step)) for i in range(0, n, step)]))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "samples": done, "samples_per_s": done / seconds}
 
 
 def child_trl(run: str, num_proc: int, cache: str) -> dict:

@@ -47,20 +47,31 @@ class TokenStats:
 
 
 def response_token_stats(model, tokenizer, samples, max_length: int, batch_size: int = 8,
-                         train_on_prompt: bool = False, desc: str = "NLL", keep_tokens: bool = False) -> list[TokenStats]:
+                         train_on_prompt: bool = False, desc: str = "NLL", keep_tokens: bool = False,
+                         encoded=None) -> list[TokenStats]:
     """TokenStats for each sample, in order (keep_tokens: also the per-token confidence and correctness).
+    `encoded`: the samples already tokenized with these settings (the run's tokenized set,
+    ual.data.tokenized), read a batch at a time; else they are tokenized here.
 
     The model runs in eval mode with autograd off; its own mode comes back afterwards."""
     from ual.data.tokenize import encode_many
 
-    encoded = encode_many(tokenizer, [s.messages for s in samples], max_length, train_on_prompt)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    if encoded is None:
+        encoded = encode_many(tokenizer, [s.messages for s in samples], max_length, train_on_prompt)
+        lengths = [len(e["input_ids"]) for e in encoded]
+    else:
+        if len(encoded) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(encoded)} tokenized rows")
+        lengths = encoded["tokens"][:]
+        encoded = encoded.select_columns(["input_ids", "labels"])
+    order = sorted(range(len(encoded)), key=lambda i: lengths[i])
     device = next(model.parameters()).device
     results: list[TokenStats | None] = [None] * len(encoded)
     head = SupervisedHead(model)
     for idx in inference_batches(model, order, batch_size, desc, progress=True):
-        ids, mask = pad_batch([encoded[i]["input_ids"] for i in idx], pad_id(tokenizer))
-        labels = pad_sequences([encoded[i]["labels"] for i in idx], IGNORE_INDEX)
+        rows = [encoded[i] for i in idx]
+        ids, mask = pad_batch([r["input_ids"] for r in rows], pad_id(tokenizer))
+        labels = pad_sequences([r["labels"] for r in rows], IGNORE_INDEX)
         targets = shift_labels(labels).to(device)
         supervised = targets != IGNORE_INDEX
         row_of = supervised.nonzero()[:, 0].cpu()  # which batch row each supervised token belongs to

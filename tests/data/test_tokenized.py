@@ -112,3 +112,40 @@ def test_a_killed_builds_scratch_is_cleared_and_the_set_built(tmp_path, tokenize
     (scratch / "tokens.arrow").write_bytes(b"half")
     ds = tokenized_set(root, "train", tokenizer, 64, num_proc=1)
     assert len(ds) == 20 and not scratch.exists()
+
+
+def test_every_mode_seed_and_evaluation_reads_the_sets_built_once(tmp_path, tiny_model_dir, caplog):
+    """Through the CLI on the tiny model: `ual train` builds the training set once for all its modes, the
+    seeds of `ual ablate` read the root's set through their linked tokenized/, `ual eval` builds the
+    held-out set once for every model, and another max_length gets a set of its own."""
+    from ual.cli import main
+
+    rows = [{"messages": s.messages} for s in _samples(24)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+name: t
+run_dir: {tmp_path / 'run'}
+model: {tiny_model_dir}
+data: {{max_length: 48, num_proc: 2, sources: [{{name: {src}, label: chat, train: 20, heldout: 4}}]}}
+train: {{max_steps: 1, batch_size: 4, report_to: none}}
+eval: {{gsm8k: false, multiple_choice: false, clustering: false, pairwise: []}}
+""")
+    run = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="ual.data.tokenized")
+    assert main(["data", str(cfg)]) == 0
+    assert main(["train", str(cfg), "--train.modes", "sft,ls"]) == 0
+    assert caplog.text.count("tokenizing samples.jsonl") == 1
+    train_set = run / "tokenized" / set_name("train", 48, False)
+    assert train_set.is_dir() and f"tokenized/{train_set.name}" in read_json(run / "lineage.json")
+    caplog.clear()
+    assert main(["ablate", str(cfg), "--modes", "sft", "--seeds", "2"]) == 0
+    assert "tokenizing" not in caplog.text  # both seeds read the root's set
+    assert (run / "seeds" / "seed-1" / "tokenized").is_symlink()
+    caplog.clear()
+    assert main(["eval", str(cfg), "--eval.models", "base,sft,ls"]) == 0
+    assert caplog.text.count("tokenizing heldout.jsonl") == 1
+    caplog.clear()
+    assert main(["train", str(cfg), "--train.modes", "sft", "--data.max_length", "32"]) == 0
+    assert caplog.text.count("tokenizing samples.jsonl") == 1 and (run / "tokenized" / "train-L32").is_dir()

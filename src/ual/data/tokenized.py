@@ -7,8 +7,9 @@
         labels      int32, -100 where not supervised (ual.data.tokenize: assistant tokens only by default)
         tokens      len(input_ids); full_tokens: the length before the cut; supervised: labels != -100
 
-What a set is made from is recorded in lineage.json ("tokenized/SPLIT-LMAX") like any other output:
-the samples file's sha256, the tokenizer (its full definition and chat template, hashed), max_length
+What a set is made from is recorded in lineage.json ("tokenized/SPLIT-LMAX") like any other output,
+and in the set's own folder (ual_record.json, so a sub-run of `ual ablate` linking to the folder reuses
+it): the samples file's sha256, the tokenizer (its full definition and chat template, hashed), max_length
 and train_on_prompt. Training (every mode, every seed), the held-out NLL and the model scorers open
 the set that matches their settings; a change to any of them rebuilds it, saying what changed. A stage
 with its own max_length (score.max_length) gets its own folder, built once too.
@@ -31,14 +32,15 @@ import tempfile
 from pathlib import Path
 
 from ual.data.formats import DataError
-from ual.io import atomic_path
-from ual.lineage import Lineage, file_digest, record_of
+from ual.io import atomic_path, read_json, write_json
+from ual.lineage import Lineage, file_digest, record_changes, record_of
 from ual.data.tokenize import IGNORE
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the columns or their meaning change: every older set is rebuilt
 ROWS_PER_BATCH = 256  # conversations per tokenizer call (and per map batch)
+RECORD = "ual_record.json"  # in the set's folder: what it was made from (as in lineage.json)
 
 
 def default_num_proc() -> int:
@@ -80,22 +82,31 @@ def tokenized_set(root: Path, split: str, tokenizer, max_length: int | None, tra
     name = set_name(split, max_length, train_on_prompt)
     folder, lineage = root / "tokenized" / name, Lineage(root)
     record = tokenized_record(source, tokenizer, max_length, train_on_prompt)
-    changed = lineage.stale(f"tokenized/{name}", record)
-    if folder.exists() and changed == []:
+    own = _own_record(folder)  # the set carries its record: a sub-run linking to it (ablate) reuses it too
+    if own is not None and own.get("fingerprint") == record["fingerprint"]:
         try:
-            return load_from_disk(str(folder))
+            dataset = load_from_disk(str(folder))
+            lineage.put(f"tokenized/{name}", record)
+            return dataset
         except (OSError, ValueError) as exc:  # a folder damaged by hand: built again
             log.warning("tokenized/%s cannot be read (%s); building it again", name, exc)
     elif folder.exists():
         log.info("tokenized/%s was made from other inputs or settings (%s); building it again", name,
-                 "; ".join(changed or ["no record"]))
-    build(source, folder, tokenizer, max_length, train_on_prompt, num_proc)
+                 "; ".join(record_changes(own, record) if own else ["no record"]))
+    build(source, folder, tokenizer, max_length, train_on_prompt, num_proc, record)
     lineage.put(f"tokenized/{name}", record)
     return load_from_disk(str(folder))
 
 
+def _own_record(folder: Path) -> dict | None:
+    try:
+        return read_json(folder / RECORD)
+    except (OSError, ValueError):
+        return None
+
+
 def build(source: Path, folder: Path, tokenizer, max_length: int | None, train_on_prompt: bool,
-          num_proc: int | None = None) -> None:
+          num_proc: int | None = None, record: dict | None = None) -> None:
     from datasets import Dataset, Features, Sequence, Value
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
@@ -121,6 +132,7 @@ def build(source: Path, folder: Path, tokenizer, max_length: int | None, train_o
                            cache_file_name=str(scratch / "tokens.arrow"), desc=f"tokenizing {source.name}")
         with atomic_path(folder, folder=True) as tmp:
             tokens.save_to_disk(str(tmp))
+            write_json(tmp / RECORD, record or {})  # last: a set without it is never reused
         del lines, tokens
     finally:
         enable_progress_bar()

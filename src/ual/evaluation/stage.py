@@ -235,8 +235,12 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
     if ec.nll and inputs.heldout:
         from ual.token_stats import nll_by_source, response_token_stats
 
+        from ual.data.tokenized import tokenized_set
+
+        tokens = tokenized_set(run.root, "heldout", tokenizer, cfg.data.max_length, cfg.data.train_on_prompt,
+                               cfg.data.num_proc)  # built once, shared by every model evaluated
         stats = response_token_stats(model, tokenizer, inputs.heldout, cfg.data.max_length, ec.batch_size,
-                                     cfg.data.train_on_prompt, desc=f"NLL {name}", keep_tokens=True)
+                                     cfg.data.train_on_prompt, desc=f"NLL {name}", keep_tokens=True, encoded=tokens)
         write_jsonl(run.items_file(name, "nll"), [
             {"id": s.id, "source": s.source, "nll": st.nll, "entropy": st.entropy, "tokens": st.tokens}
             for s, st in zip(inputs.heldout, stats)])

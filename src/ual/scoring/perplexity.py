@@ -58,13 +58,18 @@ class ModelUncertaintyScorer:
         self.siblings = [scorer_name(m, model_name) for m, (_, alone) in MEASURES.items()
                          if m != measure and (alone is not None or not self.needs_alone)]
 
-    def score(self, samples: Sequence[Sample]) -> list[ScoreResult]:
+    # The scoring stage hands score() the run's tokenized samples (at self.max_length) when this scorer's
+    # tokenizer is the run's own: the first pass then tokenizes nothing.
+    reads_tokenized = True
+
+    def score(self, samples: Sequence[Sample], encoded=None) -> list[ScoreResult]:
         from ual.token_stats import response_token_stats
         from ual.models import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(self.model_name, self.trust_remote_code, self.chat_template)
         model = load_model(self.model_name, self.device, trust_remote_code=self.trust_remote_code)
-        stats = response_token_stats(model, tokenizer, samples, self.max_length, self.batch_size, desc=self.measure)
+        stats = response_token_stats(model, tokenizer, samples, self.max_length, self.batch_size, desc=self.measure,
+                                     encoded=encoded)
         details = [{"mean_nll": st.mean_nll, "mean_entropy": st.mean_entropy, "tokens": st.tokens}
                    if st.tokens else {"error": "no response tokens left after truncation"} for st in stats]
         if self.needs_alone:

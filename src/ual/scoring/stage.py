@@ -88,7 +88,7 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
             log.info("%s: derived from %s's kept details (same forward pass); no model call", scorer.name, sibling)
             break
     if results is None:
-        results = scorer.score(everything)
+        results = scorer.score(everything, **_tokenized(cfg, run, scorer, splits))
     by_id = {s.id: s for s in everything}
     rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
             for r in results]
@@ -103,6 +103,22 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     if failed:
         log.warning("%d samples could not be scored: %s", len(failed), summary["failure_reasons"])
     return summary
+
+
+def _tokenized(cfg: ExperimentConfig, run: RunFolder, scorer, splits: dict) -> dict:
+    """{"encoded": the splits' tokenized sets at score.max_length} for a model scorer that reads the run's
+    own tokenizer (ual.data.tokenized: built once, reused by every scorer of the same length); else {}."""
+    if not getattr(scorer, "reads_tokenized", False) or cfg.score.model not in (None, cfg.model):
+        return {}
+    from datasets import concatenate_datasets
+
+    from ual.data.tokenized import tokenized_set
+    from ual.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
+    max_length = cfg.score.max_length or cfg.data.max_length
+    sets = [tokenized_set(run.root, split, tokenizer, max_length, False, cfg.data.num_proc) for split in splits]
+    return {"encoded": concatenate_datasets(sets) if len(sets) > 1 else sets[0]}
 
 
 def _write_rows(run: RunFolder, scorer_name: str, rows: dict[str, list[dict]], record: dict) -> None:

@@ -83,17 +83,29 @@ def sub_run_dir(root: Path, mean: float) -> Path:
 
 def share_inputs(root: Path, sub: Path, names=SHARED_FILES) -> None:
     """Copy the shared data and scores into a sub-run (they are its inputs; a stale copy is replaced,
-    one the root no longer has is removed, so a sub-run never mixes inputs of two versions)."""
-    from ual.io import atomic_open
+    one the root no longer has is removed, so a sub-run never mixes inputs of two versions), compared
+    and copied a block at a time (a million samples are a GB). The tokenized sets are not copied: the
+    sub-run's tokenized/ is a link to the root's, so every seed and target mean reads the sets the root
+    built (ual.data.tokenized: a set is reused only while its own record matches)."""
+    import os
+    import shutil
+
+    from ual.io import atomic_path
+    from ual.lineage import file_digest
 
     sub.mkdir(parents=True, exist_ok=True)
     for name in names:
         src, dst = root / name, sub / name
-        if src.exists() and (not dst.exists() or dst.read_bytes() != src.read_bytes()):
-            with atomic_open(dst, "wb") as fh:
-                fh.write(src.read_bytes())
+        if src.exists() and (not dst.exists() or dst.stat().st_size != src.stat().st_size
+                             or file_digest(dst) != file_digest(src)):
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
         elif not src.exists() and dst.exists():
             dst.unlink()
+    tokenized = sub / "tokenized"
+    if not tokenized.exists() and not tokenized.is_symlink():
+        (root / "tokenized").mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(root / "tokenized", sub), tokenized)
 
 
 # --------------------------------------------------------------------------- seeds
