@@ -10,6 +10,8 @@
       heldout_scores.jsonl   the same scorer on the held-out samples (scores/heldout/SCORER.jsonl per scorer)
       scores_report/         histograms per source, failures with reasons, rank correlation between scorers
       smoothing.jsonl        id, source, score, eps (the UAL mode's per-sample smoothing)
+      tokenized/SPLIT-LMAX/  the tokenized training and held-out sets (datasets Arrow, memory-mapped), built
+                             once per samples file, tokenizer, template, max_length (ual/data/tokenized.py)
       train/MODE/            adapter (or model), log.json, result.json
       eval/MODEL.json        metrics of one model (base or a trained mode)
       eval/items/            per-item results of each model: MODEL.nll.jsonl (held-out sample), MODEL.tokens.npz

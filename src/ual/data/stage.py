@@ -22,7 +22,8 @@ raise on turns that do not alternate) is an error naming its file and line, or u
 
 A rerun replaces the three outputs together once everything is built (a failure leaves the
 last run's outputs and config.yaml as they were: ual/lineage.py); when the samples changed, the
-scores and smoothing derived from the old ones are removed (they name samples by id).
+scores and smoothing derived from the old ones are removed (they name samples by id), and so are the
+tokenized sets of the old samples (tokenized/: they would be rebuilt anyway, and take GBs at scale).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 
 from ual.config import ExperimentConfig
@@ -195,7 +197,12 @@ def _write_outputs(out: Path, train: list[Sample], held: list[Sample], stats: di
             path.unlink(missing_ok=True)
     if before != [[s.id for s in train], [s.id for s in held]]:
         removed = RunFolder(out).discard("score")  # the scores and smoothing name other samples by id
-        Lineage(out).drop("score", "map")
+        tokenized = out / "tokenized"
+        if tokenized.is_dir() and not tokenized.is_symlink():  # sets of the old samples: GBs at scale
+            shutil.rmtree(tokenized)
+            removed.append(tokenized)
+        lineage = Lineage(out)
+        lineage.drop("score", "map", *[k for k in lineage.read() if k.startswith("tokenized/")])
         if removed:
             log.info("data: the samples changed; removed what was derived from the old ones: %s",
                      ", ".join(p.name for p in removed))
