@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ual.config import ExperimentConfig
 from ual.data.formats import DataError, count_skipped
+from ual.data.tokenized import default_num_proc
 from ual.sample import Sample, content_id
 from ual.data.sources import input_path, load_source, source_label
 from ual.io import write_json, write_jsonl
@@ -61,26 +62,45 @@ def split_source(samples: list[Sample], label: str, seed: int, heldout: int,
     return (rest if train is None else rest[:train]), held
 
 
-def token_counts(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool) -> list:
+def token_counts(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool,
+                 num_proc: int = 1) -> list:
     """(tokens before the cut, supervised tokens after it) per sample, or the TemplateRefused the chat
-    template raised for it; encoded a batch at a time (one tokenizer call a batch)."""
+    template raised for it; encoded 256 at a time (one tokenizer call each), in num_proc processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+    from multiprocessing import get_context
+
+    chunks = [[s.messages for s in samples[i : i + 256]] for i in range(0, len(samples), 256)]
+    if num_proc <= 1 or len(chunks) < 2:
+        return [c for chunk in chunks for c in _counts(tokenizer, max_length, train_on_prompt, chunk)]
+    # Forked workers get the tokenizer with the process, once; only the conversations are sent.
+    with ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=get_context("fork"), initializer=_keep_tokenizer,
+                             initargs=(tokenizer,)) as pool:
+        parts = pool.map(partial(_counts, None, max_length, train_on_prompt), chunks)
+        return [c for part in parts for c in part]
+
+
+_WORKER_TOKENIZER: list = []  # a pool worker's tokenizer (set once by its initializer; never in the parent)
+
+
+def _keep_tokenizer(tokenizer) -> None:
+    _WORKER_TOKENIZER[:] = [tokenizer]
+
+
+def _counts(tokenizer, max_length: int, train_on_prompt: bool, chunk: list[list[dict]]) -> list:
     from ual.data.tokenize import IGNORE, TemplateRefused, encode_batch
 
-    out: list = []
-    for i in range(0, len(samples), 256):
-        chunk = [s.messages for s in samples[i : i + 256]]
-        try:
-            encoded = encode_batch(tokenizer, chunk, None, train_on_prompt)
-        except TemplateRefused:  # which ones: each alone
-            encoded = []
-            for messages in chunk:
-                try:
-                    encoded += encode_batch(tokenizer, [messages], None, train_on_prompt)
-                except TemplateRefused as exc:
-                    encoded.append(exc)
-        out += [e if isinstance(e, Exception) else (len(e[0]), int((e[1][:max_length] != IGNORE).sum()))
-                for e in encoded]
-    return out
+    tokenizer = tokenizer or _WORKER_TOKENIZER[0]
+    try:
+        encoded = encode_batch(tokenizer, chunk, None, train_on_prompt)
+    except TemplateRefused:  # which ones: each alone
+        encoded = []
+        for messages in chunk:
+            try:
+                encoded += encode_batch(tokenizer, [messages], None, train_on_prompt)
+            except TemplateRefused as exc:
+                encoded.append(exc)
+    return [e if isinstance(e, Exception) else (len(e[0]), int((e[1][:max_length] != IGNORE).sum())) for e in encoded]
 
 
 def length_stats(counts: list[tuple[int, int]], max_length: int) -> dict:
@@ -107,7 +127,7 @@ def first_exchanges(sample: Sample, max_turns: int) -> Sample:
 
 
 def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool,
-                     on_error: str = "raise", stats: dict | None = None):
+                     on_error: str = "raise", stats: dict | None = None, num_proc: int = 1):
     """Samples whose response is cut away entirely by max_length teach nothing and cannot be
     scored (0 response tokens); they are dropped before the split and counted (the second value).
     The third value: token_counts of the kept samples, by id (for length_stats).
@@ -117,7 +137,7 @@ def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on
     refuses every sample, the first refusal is raised whatever on_error says.
     """
     kept, refused, counts = [], [], {}
-    for s, c in zip(samples, token_counts(tokenizer, samples, max_length, train_on_prompt)):
+    for s, c in zip(samples, token_counts(tokenizer, samples, max_length, train_on_prompt, num_proc)):
         if isinstance(c, Exception):
             err = DataError(f"{s.meta.get('origin', s.id)}: {c}", "chat template")
             if on_error != "skip":
@@ -249,7 +269,8 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
             samples = list(unique.values())
         if tokenizer is not None:
             samples, dropped, source_counts = drop_unlearnable(tokenizer, samples, cfg.data.max_length,
-                                                        cfg.data.train_on_prompt, cfg.data.on_error, stats)
+                                                               cfg.data.train_on_prompt, cfg.data.on_error, stats,
+                                                               cfg.data.num_proc or default_num_proc())
             stats["dropped_no_response_tokens"] = dropped
             counts.update(source_counts)
         train, held = split_source(samples, label, cfg.seed, spec.heldout, spec.train)
