@@ -51,9 +51,11 @@ def test_unreadable_lines_cost_only_their_requests_and_a_deleted_file_is_fetched
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{saved} is gone; downloading it again" in again.stderr and saved.exists()
     err = killed.stderr + again.stderr
-    note = re.search(r"2 unreadable line\(s\), their requests asked again: (\S+\.output\.jsonl), line \d+: not JSON "
-                     r"\('.*'\); \1, line \d+: not JSON \('<html>", err)
-    assert note, err[-3000:]
+    [note] = {x.split(": ", 2)[2] for x in err.splitlines() if "unreadable line(s)" in x}  # the same, twice
+    named = re.findall(r"(\S+\.output\.jsonl), line (\d+): not JSON \('(.)", note)
+    assert note.startswith("2 unreadable line(s), their requests asked again: ") and len(named) == 2, note
+    spoiled = run / "batches" / f"{batches.created[start]}.output.jsonl"  # the first batch's file: its faults
+    assert {c for _, _, c in named} == {"{", "<"} and {f for f, _, _ in named} == {str(spoiled)}  # cut, junk
     made = batches.created[start:]
     assert [len(batches.batches[b].requests) for b in made] == [3, 3, 1]  # the cut line's request, asked again
     sent = Counter(batches.upstream_calls[calls:])

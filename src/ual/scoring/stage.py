@@ -95,8 +95,8 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     _write_rows(run, scorer.name, {"train": rows[:n_train], "heldout": rows[n_train:]} if "heldout" in splits
                 else {"train": rows}, record)
     # what is left without a score, per split, with its reasons: the CLI exits with EXIT_UNSCORED then
-    left = unscored_summary({"train": results[:n_train], **({"heldout": results[n_train:]} if "heldout" in splits
-                                                             else {})}, scorer.name, cfg.score.via)
+    per_split = {"train": results[:n_train], **({"heldout": results[n_train:]} if "heldout" in splits else {})}
+    left = unscored_summary(per_split, scorer.name, cfg.score.scorer == "judge", cfg.score.via)
     return {"scorer": scorer.name, "scored": n_train - left["failed"],
             "heldout_scored": sum(r.score is not None for r in results[n_train:]) if "heldout" in splits else None,
             "derived_from": derived, **left}

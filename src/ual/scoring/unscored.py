@@ -17,9 +17,12 @@ log = logging.getLogger(__name__)
 EXIT_UNSCORED = 3  # some training or held-out samples have no score, for good in this run (the rest are kept)
 
 
-def unscored_summary(splits: dict[str, Sequence[ScoreResult]], scorer_name: str, via: str = "chat") -> dict:
+def unscored_summary(splits: dict[str, Sequence[ScoreResult]], scorer_name: str, asks_endpoint: bool,
+                     via: str = "chat") -> dict:
     """The summary fields about what was not scored: failed (training), heldout_failed, unscored (both,
-    0 when every sample has a score), failure_reasons (the 10 commonest, with counts) and next (what to do)."""
+    0 when every sample has a score), failure_reasons (the 10 commonest, with counts) and next (what to do).
+    asks_endpoint: a judge behind an endpoint, whose failures may pass when asked again (a local model's
+    would not)."""
     failed = {split: [r for r in results if r.score is None] for split, results in splits.items()}
     every = [r for rows in failed.values() for r in rows]
     reasons = dict(Counter(str(r.details.get("error")) for r in every).most_common(10))
@@ -27,7 +30,9 @@ def unscored_summary(splits: dict[str, Sequence[ScoreResult]], scorer_name: str,
            "heldout_failed": len(failed["heldout"]) if "heldout" in failed else None,
            "unscored": len(every), "failure_reasons": reasons}
     if every:
-        steps = ["run the same command again (answers already got are not asked again)"]
+        steps = ["run the same command again (answers already got are not asked again)" if asks_endpoint else
+                 "change what the reasons name (a larger --score.max_length for a sample cut before its response) "
+                 "and run the same command again"]
         if via == "batch":
             steps.append("add --score.batch_fallback chat to ask what the batches left through the chat path")
         steps.append("or let `ual map` go on without them: --smoothing.missing drop (leave them out of training "
