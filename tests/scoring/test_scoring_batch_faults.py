@@ -144,7 +144,7 @@ def test_samples_left_unscored_exit_3_with_the_providers_reason_kept(batches, tm
     assert row["id"] == sample["id"] and "Injected 400" in row["details"]["error"]
 
 
-def test_a_second_score_on_the_same_folder_is_refused_and_pays_nothing(batches, tmp_path, tiny_model_dir):
+def test_a_second_score_on_the_same_folder_is_refused_and_pays_nothing(batches, tmp_path, tiny_model_dir, capsys):
     run = make_run(tmp_path, tiny_model_dir, 3)
     start = len(batches.created)
     batches.hold = True  # the first one's batch stays in progress while the second starts
@@ -155,6 +155,11 @@ def test_a_second_score_on_the_same_folder_is_refused_and_pays_nothing(batches, 
         while len(batches.created) == start and time.time() < deadline and first.poll() is None:
             time.sleep(0.05)
         second = ual(run, batches.url)
+        capsys.readouterr()
+        assert main(["batch", "status", str(run)]) == 0  # reads only: beside the writer
+        assert [b["status"] for b in json.loads(capsys.readouterr().out)["in_flight"]] == ["in_progress"]
+        assert main(["batch", "cancel", str(run)]) == EXIT_LOCKED  # writes the cache: not beside it
+        assert f"pid {first.pid} on " in capsys.readouterr().err
     finally:
         batches.hold = False
     out, err = first.communicate(timeout=600)
