@@ -23,6 +23,7 @@ Faults, plain attributes a test may set at any time (one-shot ones are taken by 
                    a custom_id never submitted)
   keep_metadata    False: batches keep no metadata (served as null), as some OpenAI-shaped servers do
   list_lag_s       a batch shows in GET /v1/batches only this long after its create (a lagging list)
+  refuse_create    an HTTP status: the next POST /v1/batches is answered with it and makes no batch (one-shot)
 Accounting: batches (id -> BatchState), files (id -> file object, its bytes under "content"), created (batch ids
 in creation order), upstream_calls (custom_ids sent upstream, i.e. paid for), uploads (files uploaded), chat_calls
 (requests to POST /v1/chat/completions, which it also serves, as OpenAI does, by asking upstream).
@@ -112,6 +113,7 @@ class BatchServer(_Base):
         self.fail_validation_batches = 1
         self.output_faults: set[str] = set()
         self.keep_metadata, self.list_lag_s = True, 0.0
+        self.refuse_create: int | None = None
         self.expire_after: int | None = None
         self.line_status: dict[str, int] = {}
         self.batches: dict[str, BatchState] = {}
@@ -205,6 +207,9 @@ class BatchServer(_Base):
 
     def create(self, body: bytes):
         req = json.loads(body or b"{}")
+        if self.refuse_create:
+            status, self.refuse_create = self.refuse_create, None
+            return status, _error(f"Injected {status}: this batch was not created.")
         if req.get("input_file_id") not in self.files:
             return 404, _error(f"No such File object: {req.get('input_file_id')}", code="not_found")
         if req.get("endpoint") not in ENDPOINTS or req.get("completion_window") != "24h":

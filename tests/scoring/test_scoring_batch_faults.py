@@ -20,7 +20,8 @@ from collections import Counter
 import pytest
 
 from judge_server import chat_run_folder
-from test_scoring_batch import QUESTIONS, batch_args, batches, ids_of, make_run, scores  # noqa: F401 - a fixture
+from test_scoring_batch import (QUESTIONS, batch_args, batches, exit_for, ids_of, make_run,  # noqa: F401
+                                scores)  # batches: a fixture
 from ual.cli import main
 from ual.io import read_jsonl
 from ual.runlock import EXIT_LOCKED
@@ -113,6 +114,18 @@ def test_a_create_never_seen_is_made_again_after_the_bound(batches, tmp_path, ti
     assert re.search(r"the batch create sent \d+ s ago never showed in the provider's list; creating it again "
                      r"\(score\.batch_find_s\)", again.stderr)
     assert len(batches.created) - start == 2 and len(scores(run)) == 2
+
+
+def test_a_create_the_provider_refused_is_made_again_at_once(batches, tmp_path, tiny_model_dir, capsys):
+    run = make_run(tmp_path, tiny_model_dir, 2)
+    start = len(batches.created)
+    batches.refuse_create = 400  # an answer: no batch was made, so there is none to look for
+    assert main(["score", str(run), *batch_args(batches.url)]) == 1
+    assert "Injected 400: this batch was not created" in capsys.readouterr().err
+    t0 = time.time()
+    assert main(["score", str(run), *batch_args(batches.url)]) == exit_for(run)
+    assert time.time() - t0 < 300  # not after score.batch_find_s (600 s) of looking
+    assert len(batches.created) - start == 1 and len(scores(run)) == 2
 
 
 def test_samples_left_unscored_exit_3_with_the_providers_reason_kept(batches, tmp_path, tiny_model_dir, capsys):

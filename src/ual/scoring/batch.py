@@ -69,6 +69,7 @@ class BatchRun:
         self.vllm = self.cfg.via == "vllm"
         self._client = None
         self._shown: dict[str, tuple[str, float]] = {}  # the status line last printed per shard, and when
+        self._looking: set[str] = set()  # shards whose batch is looked for in a lagging list
 
     # ------------------------------------------------------------------ the rounds
 
@@ -209,9 +210,11 @@ class BatchRun:
         if existing is None and shard["create_sent"]:  # sent, and perhaps made: a list may lag behind its creates
             waited = time.time() - shard["create_sent"]
             if waited < self.cfg.batch_find_s:
-                log.info("shard %s: a batch create was sent %.0f s ago and the provider's list does not show it "
-                         "yet; looking again for up to %.0f s before creating another (score.batch_find_s)", name,
-                         waited, self.cfg.batch_find_s)
+                if name not in self._looking:  # said once; looked for at every poll
+                    self._looking.add(name)
+                    log.info("shard %s: a batch create was sent %.0f s ago and the provider's list does not show "
+                             "it yet; looking again for up to %.0f s before creating another (score.batch_find_s)",
+                             name, waited, self.cfg.batch_find_s)
                 return
             log.warning("shard %s: the batch create sent %.0f s ago never showed in the provider's list; creating "
                         "it again (score.batch_find_s)", name, waited)
@@ -224,12 +227,22 @@ class BatchRun:
                 _kill_point("uploaded")
                 self.store.update(name, input_file_id=file_id)
             self.store.update(name, create_sent=time.time())
-            existing = self._remote(lambda c: c.with_options(max_retries=0).batches.create(
-                input_file_id=file_id, endpoint=BATCH_ENDPOINT, completion_window="24h",
-                metadata={"ual_shard": name, "ual_judge": self.judge[:500]}))
+            existing = self._remote(lambda c: self._create(c, name, file_id))
             _kill_point("created")
         self.store.update(name, state="submitted", batch_id=existing.id, status=existing.status)
         log.info("batch %s: shard %s submitted (%d requests)", existing.id, name, shard["n_lines"])
+
+    def _create(self, client, name: str, file_id: str):
+        import openai
+
+        try:
+            return client.with_options(max_retries=0).batches.create(
+                input_file_id=file_id, endpoint=BATCH_ENDPOINT, completion_window="24h",
+                metadata={"ual_shard": name, "ual_judge": self.judge[:500]})
+        except openai.APIStatusError as exc:
+            if 400 <= exc.status_code < 500:  # refused: no batch was made, so none is to be looked for
+                self.store.update(name, create_sent=None)
+            raise
 
     def _find_batch(self, shard):
         """The batch already created for this shard, if any: by the shard's name in its metadata, or by its
