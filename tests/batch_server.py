@@ -12,10 +12,18 @@ Output and error files are written the way OpenAI writes them.
 
 Faults, plain attributes a test may set at any time (one-shot ones are taken by the next batch created):
   shuffle          output (and error) lines in a random order (default True)
-  fail_validation  a code, e.g. "token_limit_exceeded": the next batch fails validation with it (one-shot)
+  fail_validation  a code, e.g. "token_limit_exceeded": the next batch fails validation with it (one-shot;
+                   fail_validation_batches: how many batches in a row, default 1)
   expire_after     N: the next batch runs N lines, then expires; the rest go to the error file (one-shot)
   line_status      {custom_id: HTTP status}: that line gets that error instead of asking upstream (used once)
   hold             while True, in-progress batches run no lines (cancel them, kill a client mid-batch)
+  output_faults    a set of what is wrong with the next batch's output file (one-shot): "cut" (a line cut short
+                   mid-JSON), "junk" (a non-JSON line, a proxy's error page, between two lines), "duplicate"
+                   (one custom_id answered twice, the second answer a different score), "foreign" (a line for
+                   a custom_id never submitted)
+  keep_metadata    False: batches keep no metadata (served as null), as some OpenAI-shaped servers do
+  list_lag_s       a batch shows in GET /v1/batches only this long after its create (a lagging list)
+  refuse_create    an HTTP status: the next POST /v1/batches is answered with it and makes no batch (one-shot)
 Accounting: batches (id -> BatchState), files (id -> file object, its bytes under "content"), created (batch ids
 in creation order), upstream_calls (custom_ids sent upstream, i.e. paid for), uploads (files uploaded), chat_calls
 (requests to POST /v1/chat/completions, which it also serves, as OpenAI does, by asking upstream).
@@ -76,6 +84,8 @@ class BatchState:
     shuffle: bool
     fail_validation: str | None
     expire_after: int | None
+    output_faults: set[str]
+    born: float  # time.monotonic() at its create
     requests: list[dict] = field(default_factory=list)  # the parsed lines, once validated
     output: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
@@ -100,6 +110,10 @@ class BatchServer(_Base):
         self.step_s, self.timeout_s = step_s, timeout_s
         self.shuffle, self.hold = True, False
         self.fail_validation: str | None = None
+        self.fail_validation_batches = 1
+        self.output_faults: set[str] = set()
+        self.keep_metadata, self.list_lag_s = True, 0.0
+        self.refuse_create: int | None = None
         self.expire_after: int | None = None
         self.line_status: dict[str, int] = {}
         self.batches: dict[str, BatchState] = {}
@@ -193,6 +207,9 @@ class BatchServer(_Base):
 
     def create(self, body: bytes):
         req = json.loads(body or b"{}")
+        if self.refuse_create:
+            status, self.refuse_create = self.refuse_create, None
+            return status, _error(f"Injected {status}: this batch was not created.")
         if req.get("input_file_id") not in self.files:
             return 404, _error(f"No such File object: {req.get('input_file_id')}", code="not_found")
         if req.get("endpoint") not in ENDPOINTS or req.get("completion_window") != "24h":
@@ -203,10 +220,15 @@ class BatchServer(_Base):
                "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
                "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
                "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-               "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.get("metadata")}
+               "request_counts": {"total": 0, "completed": 0, "failed": 0},
+               "metadata": req.get("metadata") if self.keep_metadata else None}
         lines = self.files[req["input_file_id"]]["content"].decode(errors="replace").splitlines()
-        b = BatchState(obj, lines, self.shuffle, self.fail_validation, self.expire_after)
-        self.fail_validation = self.expire_after = None  # one-shot
+        b = BatchState(obj, lines, self.shuffle, self.fail_validation, self.expire_after, set(self.output_faults),
+                       time.monotonic())
+        self.fail_validation_batches -= 1
+        if self.fail_validation_batches <= 0:
+            self.fail_validation, self.fail_validation_batches = None, 1
+        self.expire_after, self.output_faults = None, set()  # one-shot
         self.batches[bid] = b
         self.created.append(bid)
         b.thread = threading.Thread(target=self.work, args=(b,), daemon=True, name=f"batch-{bid}")
@@ -214,7 +236,8 @@ class BatchServer(_Base):
         return 200, b.obj
 
     def listing(self, limit: int, after: str | None) -> dict:
-        ids = self.created[::-1]  # newest first
+        now = time.monotonic()
+        ids = [i for i in self.created[::-1] if now - self.batches[i].born >= self.list_lag_s]  # newest first
         start = ids.index(after) + 1 if after in ids else 0
         page = [self.batches[i].obj for i in ids[start:start + max(1, min(limit, 100))]]
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
@@ -343,7 +366,29 @@ class BatchServer(_Base):
             for rows, key, suffix in ((b.output, "output_file_id", "output"), (b.errors, "error_file_id", "error")):
                 if b.shuffle:
                     random.shuffle(rows)
-                if rows:
-                    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                texts = [json.dumps(r) for r in rows]
+                if suffix == "output" and b.output_faults:
+                    texts = _spoil(texts, b.output_faults)
+                if texts:
+                    data = "".join(t + "\n" for t in texts).encode()
                     b.obj[key] = self.add_file(f"{b.obj['id']}_{suffix}.jsonl", "batch_output", data)
             b.obj.update({"status": status, f"{status}_at": int(time.time())})
+
+
+def _spoil(lines: list[str], faults: set[str]) -> list[str]:
+    """An output file's lines with `faults` (BatchServer.output_faults) worked in; the first line is left whole,
+    so each fault hits a different request."""
+    lines, rows = list(lines), [json.loads(x) for x in lines]
+    if "cut" in faults and len(lines) > 1:
+        lines[1] = lines[1][:len(lines[1]) // 2]  # cut mid-JSON: that request's answer is lost
+    if "duplicate" in faults and rows:
+        again = json.loads(json.dumps(rows[0]))
+        again["id"] = _id("batch_req_")
+        choice = again["response"]["body"]["choices"][0]
+        choice["message"]["content"], choice["logprobs"] = "Score: 1", None  # another answer, another score
+        lines.append(json.dumps(again))
+    if "foreign" in faults and rows:
+        lines.append(json.dumps({**rows[0], "id": _id("batch_req_"), "custom_id": "f" * 64 + "-0"}))
+    if "junk" in faults:
+        lines.insert(len(lines) // 2, "<html><body><h1>502 Bad Gateway</h1></body></html>")
+    return lines

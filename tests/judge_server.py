@@ -413,9 +413,9 @@ def small_dataset(n: int = 6, tag: str = ""):
     return out
 
 
-def chat_run_folder(tmp_path: Path, model_dir, questions: list[str], name: str = "run") -> Path:
+def chat_run_folder(tmp_path: Path, model_dir, questions: list[str], name: str = "run", heldout: int = 0) -> Path:
     """A run folder made by the real `ual data` from one chat source ("mix": the same sample ids in every
-    folder made from the same questions), scored without held-out samples."""
+    folder made from the same questions); `heldout` of them are held out (and scored too)."""
     import yaml
 
     from ual.cli import main
@@ -427,8 +427,9 @@ def chat_run_folder(tmp_path: Path, model_dir, questions: list[str], name: str =
                             for q in questions))
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / name), "model": str(model_dir),
-                                   "data": {"sources": [{"name": str(data), "train": len(questions), "heldout": 0}]},
-                                   "score": {"heldout": False, "timeout_s": 600}}))
+                                   "data": {"sources": [{"name": str(data), "train": len(questions) - heldout,
+                                                         "heldout": heldout}]},
+                                   "score": {"heldout": heldout > 0, "timeout_s": 600}}))
     assert main(["data", str(cfg)]) == 0
     return tmp_path / name
 

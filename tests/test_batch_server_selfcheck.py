@@ -152,3 +152,37 @@ def test_unknown_ids_and_paths_are_404(srv, client):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(srv.url + "/nothing", timeout=5)
     assert e.value.code == 404 and "error" in json.loads(e.value.read())
+
+
+def test_output_faults_spoil_the_next_output_file_once(srv, client):
+    srv.shuffle = False
+    srv.output_faults = {"cut", "junk", "duplicate", "foreign"}
+    b = wait(client, submit(client, [line(f"s{i}") for i in range(4)]).id)
+    text = client.files.content(b.output_file_id).text.splitlines()
+    assert len(text) == 7  # 4 answers (one cut short), a junk line, a second answer for s0, a foreign id
+    readable = []
+    for x in text:
+        try:
+            readable.append(json.loads(x))
+        except ValueError:
+            pass
+    assert len(readable) == 5 and sum(x.startswith("<html>") for x in text) == 1
+    ids = [r["custom_id"] for r in readable]
+    assert ids.count("s0") == 2 and "s1" not in ids and "f" * 64 + "-0" in ids
+    answers = [r["response"]["body"]["choices"][0]["message"]["content"] for r in readable if r["custom_id"] == "s0"]
+    assert answers == ["42", "Score: 1"]
+    assert srv.output_faults == set()
+    clean = wait(client, submit(client, [line("a")]).id)
+    assert [r["custom_id"] for r in rows(client, clean.output_file_id)] == ["a"]
+
+
+def test_no_metadata_a_lagging_list_and_repeated_validation_failures(srv, client):
+    srv.keep_metadata, srv.list_lag_s = False, 0.5
+    created = submit(client, [line("a")], run="r1")
+    assert created.metadata is None and client.batches.retrieve(created.id).metadata is None
+    assert [b.id for b in client.batches.list()] == []  # not listed yet
+    time.sleep(0.6)
+    assert [b.id for b in client.batches.list()] == [created.id]
+    srv.list_lag_s = 0
+    srv.fail_validation, srv.fail_validation_batches = "token_limit_exceeded", 2
+    assert [wait(client, submit(client, [line("a")]).id).status for _ in range(3)] == ["failed", "failed", "completed"]

@@ -39,7 +39,9 @@ from ual.config_flags import add_config_flags, config_from_args
 from ual.optional import MissingExtra
 from ual.pipeline import STAGES, run_ablation, run_seeds, run_stage
 from ual.runfolder import RunFolder
+from ual.runlock import EXIT_LOCKED, RunFolderLocked, run_folder_lock
 from ual.scoring.batch import EXIT_PENDING, BatchesPending
+from ual.scoring.unscored import EXIT_UNSCORED, unscored_message
 
 
 
@@ -180,12 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     except BatchesPending as exc:  # not an error: the answers are not in yet
         print(f"ual {args.stage}: {exc}", file=sys.stderr)
         return EXIT_PENDING
+    except RunFolderLocked as exc:  # another writer: nothing was changed, the same command works once it is done
+        print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
     except OSError as exc:  # the machine, not the input: a full disk, an I/O error, a permission
         logging.getLogger("ual").debug("%s failed", args.stage, exc_info=True)  # the traceback with -v
         print(f"ual {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
+    if args.stage == "score" and result and result.get("unscored"):  # every score got is kept; some are missing
+        print(f"ual score: {unscored_message(result)}", file=sys.stderr)
+        return EXIT_UNSCORED
     return 0
 
 
@@ -200,8 +208,11 @@ def _ablate(args) -> dict:
             raise ValueError("--seeds and --sweep together are not supported: run the sweep per seed with --seed")
         if args.seeds < 1:
             raise ValueError(f"--seeds: expected a positive number of seeds, got {args.seeds}")
-        return run_seeds(cfg, modes, args.seeds, evaluate=args.eval, force=args.force)
-    return run_ablation(cfg, modes, sweep, evaluate=args.eval, force=args.force)
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(cfg.run_path):  # the recipe's stages, sub-runs and tables: one writer throughout
+        if args.seeds is not None:
+            return run_seeds(cfg, modes, args.seeds, evaluate=args.eval, force=args.force)
+        return run_ablation(cfg, modes, sweep, evaluate=args.eval, force=args.force)
 
 
 def _score_shortcuts(args) -> None:

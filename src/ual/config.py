@@ -107,6 +107,9 @@ class ScoreConfig(Checked):
     batch_wait: bool = _f(True, "batch: poll until every batch has finished (false: submit and collect what is done, "
                                 "then exit with status 75; run again to go on)")
     batch_poll_s: float = _f(30.0, "batch: seconds between status checks", gt=0)
+    batch_find_s: float = _f(600.0, "batch: how long a batch whose create was sent (and then the process killed, "
+                                    "or the answer lost) is looked for in the provider's list, which may lag "
+                                    "behind its creates, before another is created for its requests", ge=0)
     batch_max_lines: int = _f(50_000, "batch: request lines per batch file (OpenAI's limit: 50,000)", ge=1)
     batch_max_bytes: int = _f(200_000_000, "batch: bytes per batch file (OpenAI's limit: 200 MB)", ge=1)
     batch_max_queued_tokens: int | None = _f(None, "batch: estimated tokens in batches queued at once (your tier's "

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 # Fields about one invocation: never written into an existing folder's config.yaml.
 PER_INVOCATION = ("device", "data.num_proc", "score.dry_run", "score.concurrency", "score.requests_per_minute",
                   "score.tokens_per_minute", "score.timeout_s", "score.max_retries", "score.batch_size",
-                  "score.via", "score.batch_wait", "score.batch_poll_s", "score.batch_max_lines",
-                  "score.batch_max_bytes", "score.batch_max_queued_tokens", "score.batch_rounds", "score.batch_fallback",
+                  "score.via", "score.batch_wait", "score.batch_poll_s", "score.batch_find_s",
+                  "score.batch_max_lines", "score.batch_max_bytes", "score.batch_max_queued_tokens",
+                  "score.batch_rounds", "score.batch_fallback",
                   "train.modes", "train.resume", "eval")
 # Settings each stage records when it succeeds (dotted prefixes of config fields).
 STAGE_SETTINGS = {

@@ -22,11 +22,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import nullcontext
 
 from ual.config import ConfigError, ExperimentConfig, run_dir_origin, to_dict
 from ual.lineage import announce_differences, record_settings
 from ual.io import write_json, write_text
 from ual.optional import require
+from ual.runlock import run_folder_lock
 from ual.training.ablate import (SEED_SHARED_FILES, across_seed_table, comparison, render, render_seeds,
                                  seed_run_dir, share_base_eval, share_inputs, sub_run_dir)
 from ual.training.plan import mode_parts, sharding_from_env, uses_smoothing_map
@@ -45,9 +47,10 @@ STAGES = {
 
 
 def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False, settings: ExperimentConfig | None = None):
-    """Run one stage on cfg's run folder. The folder's config.yaml is updated only once the stage has
-    succeeded, with the settings that define its outputs (ual/lineage.py: the contract); `settings` is
-    the config to record when cfg carries changes for this command only (`ual eval --tasks`)."""
+    """Run one stage on cfg's run folder, holding its lock (ual/runlock.py). The folder's config.yaml is
+    updated only once the stage has succeeded, with the settings that define its outputs (ual/lineage.py:
+    the contract); `settings` is the config to record when cfg carries changes for this command only
+    (`ual eval --tasks`)."""
     check_extras(stage, cfg)
     now, folder_config = to_dict(settings or cfg), cfg.run_path / "config.yaml"
     try:
@@ -55,10 +58,12 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False, settings: 
     except OSError as exc:
         raise ConfigError(f"{run_dir_origin(cfg)}: cannot write the run folder {cfg.run_path} "
                           f"({exc.strerror or exc})") from None
-    announce_differences(stage, folder_config, now, defaults=to_dict(ExperimentConfig()))
-    result = _run_stage(stage, cfg, force)
-    if not (stage == "score" and cfg.score.dry_run):
-        record_settings(stage, folder_config, now)
+    dry_run = stage == "score" and cfg.score.dry_run  # plans only: writes nothing, so takes no lock
+    with nullcontext() if dry_run else run_folder_lock(cfg.run_path):
+        announce_differences(stage, folder_config, now, defaults=to_dict(ExperimentConfig()))
+        result = _run_stage(stage, cfg, force)
+        if not dry_run:
+            record_settings(stage, folder_config, now)
     return result
 
 

@@ -32,6 +32,7 @@ import pytest
 
 from judge_server import DROP, HEADERS_ONLY, STALL, StubJudge, Trickle, completion, error_replies, per_attempt
 from ual.scoring.cache import JudgeCache
+from ual.scoring.unscored import EXIT_UNSCORED
 
 KEY = "ual-test-key-8f3a2c91d7e4b5"  # what OPENAI_API_KEY holds in every run here
 N, RETRIES, TIMEOUT_S = 6, 1, 1.0
@@ -204,7 +205,8 @@ def test_misbehaving_endpoint(template, tmp_path, replies, expected):
         assert not (o.run / "scores.jsonl").exists() and not (o.run / "scores").exists()
         return
 
-    assert o.rc == 0, o.err[-3000:]
+    # samples left without a score: every row still written, and exit 3 so a script cannot miss them
+    assert o.rc == (0 if kind.startswith("scored") else EXIT_UNSCORED), o.err[-3000:]
     assert o.rows is not None and sorted(r["id"] for r in o.rows) == sorted(
         json.loads(x)["id"] for x in (o.run / "samples.jsonl").read_text().splitlines())
     assert len(per_sample) == N
@@ -229,6 +231,9 @@ def test_misbehaving_endpoint(template, tmp_path, replies, expected):
         assert len(r["details"]["reasons"]) == tries
     assert all(len(t) == tries for t in per_sample.values()), per_sample
     assert re.search(expected[1].lstrip("^"), o.err)  # the run's own warning names the reason too
+    [last] = [x for x in o.err.splitlines() if x.startswith("ual score: ")]
+    assert last.startswith(f"ual score: {N} sample(s) left without a score ({N} training, 0 held-out): ")
+    assert "Next: run the same command again" in last and "--smoothing.missing drop" in last
 
 
 def test_retry_after_is_honoured(template, tmp_path):
@@ -248,7 +253,7 @@ def test_trickled_body_is_cut_at_the_deadline(template, tmp_path):
         t0 = time.monotonic()
         o = score(template, tmp_path, stub.base_url, timeout=60)
         wall = time.monotonic() - t0
-    assert o.rc == 0 and o.summary["failed"] == N
+    assert o.rc == EXIT_UNSCORED and o.summary["failed"] == N
     # one round of 6 workers x (2 attempts of 1 s + a backoff of at most 1 s), plus start-up (~3 s, more when busy)
     assert wall < 25, wall
 

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from judge_server import chat_run_folder, completion
-from ual.scoring.batch_files import cache_key, custom_id, cut_shards, line_outcome, read_lines, request_line
+from ual.scoring.batch_files import (cache_key, custom_id, cut_shards, line_outcome, pick_answers, read_lines,
+                                     request_line)
 
 
 def test_custom_id_is_the_cache_key_and_lines_are_the_chat_request():
@@ -67,11 +68,30 @@ def test_each_kind_of_line_is_judged_as_the_chat_path_judges_it(line, kind, reas
         assert got.record["score"] == 80 and got.record["temperature"] == 0.0 and got.usage == (100, 2)
 
 
-def test_an_output_file_that_is_not_json_lines_is_named_with_its_line():
-    with pytest.raises(ValueError, match=r"out.jsonl, line 2: not JSON"):
-        read_lines(b'{"custom_id": "a-0"}\n{oops\n', "out.jsonl")
-    with pytest.raises(ValueError, match=r"line 1: no custom_id"):
-        read_lines(b'{"id": 1}\n', "out.jsonl")
+def test_unreadable_lines_are_named_with_their_line_and_cost_only_themselves():
+    good, bad = read_lines(b'{"custom_id": "a-0"}\n{oops\n\n{"id": 1}\n[1]\n{"custom_id": "b-0", "x": \xff1}\n'
+                           b'{"custom_id": "c-0"}', "out.jsonl")
+    assert [g["custom_id"] for g in good] == ["a-0", "c-0"]
+    assert bad == ["out.jsonl, line 2: not JSON ('{oops')", "out.jsonl, line 4: no custom_id",
+                   "out.jsonl, line 5: no custom_id", "out.jsonl, line 6: not JSON ('{\"custom_id\": \"b-0\", \"x\": \ufffd1}')"]
+
+
+def test_answers_are_picked_output_first_and_odd_ids_are_counted_and_named():
+    def lines(*pairs):
+        return "".join(json.dumps({"custom_id": c, "response": {"status_code": s}}) + "\n" for c, s in pairs).encode()
+
+    sent = {f"s{i}-0" for i in range(8)}
+    output = lines(("s0-0", 200), ("s1-0", 200), ("s0-0", 201), ("zz-0", 200), ("s2-0", 200), ("s2-0", 202),
+                   *[(f"x{i}-0", 200) for i in range(4)]) + b"{cut\n"
+    errors = lines(("s1-0", 500), ("s3-0", 429), ("s3-0", 500))
+    chosen, notes, unreadable = pick_answers([("out.jsonl", output), ("err.jsonl", errors)], sent)
+    assert {c: line["response"]["status_code"] for c, line in chosen.items()} == {
+        "s0-0": 200, "s1-0": 200, "s2-0": 200, "s3-0": 429}  # the first line wins; the output file first
+    assert unreadable == 1 and notes == [
+        "1 unreadable line(s), their requests asked again: out.jsonl, line 11: not JSON ('{cut')",
+        "4 custom_id(s) answered more than once (the first answer kept): s0-0, s2-0, s1-0, ...",
+        "5 custom_id(s) never sent in this batch (ignored): zz-0, x0-0, x1-0, ..."]
+    assert pick_answers([("out.jsonl", lines(("s0-0", 200)))], sent)[1:] == ([], 0)  # a clean file: nothing said
 
 
 def test_the_batch_dry_run_prints_files_and_the_batch_price_and_changes_nothing(tmp_path, tiny_model_dir, capsys):

@@ -26,6 +26,7 @@ from ual.scoring.batch_files import custom_id
 from ual.scoring.cache import JudgeCache
 from ual.scoring.judge import _content_hash
 from ual.scoring.prompt import default_prompt
+from ual.scoring.unscored import EXIT_UNSCORED
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-q4_1"
@@ -51,24 +52,30 @@ def batch_args(url: str, *more: str) -> list[str]:
     return [*judge_args(url), "--score.via", "batch", "--score.batch_poll_s", "0.05", *more]
 
 
-def ids_of(run: Path) -> list[str]:
-    """The custom_id of each training sample's greedy request, in samples.jsonl order."""
-    return [custom_id(_content_hash(default_prompt().render(s["messages"])[0]), 0)
-            for s in read_jsonl(run / "samples.jsonl")]
+def ids_of(run: Path, file: str = "samples.jsonl") -> list[str]:
+    """The custom_id of each training (or held-out) sample's greedy request, in the file's order."""
+    return [custom_id(_content_hash(default_prompt().render(s["messages"])[0]), 0) for s in read_jsonl(run / file)]
 
 
 def scores(run: Path) -> dict[str, dict]:
     return {r["id"]: r for r in read_jsonl(run / "scores.jsonl")}
 
 
+def exit_for(run: Path) -> int:
+    """What `ual score` must exit with for run's scores.jsonl: 0 when every sample has a score, else 3 (the
+    small judge sometimes answers with no number at all)."""
+    return EXIT_UNSCORED if any(r["score"] is None for r in scores(run).values()) else 0
+
+
 def test_batch_and_vllm_files_give_the_chat_paths_scores(server, batches, tmp_path, tiny_model_dir):
     by_chat = make_run(tmp_path, tiny_model_dir, 6, "chat")
     by_batch = make_run(tmp_path, tiny_model_dir, 6, "batch")
     by_vllm = make_run(tmp_path, tiny_model_dir, 6, "vllm")
-    assert main(["score", str(by_chat), *judge_args(server.base_url)]) == 0
+    assert main(["score", str(by_chat), *judge_args(server.base_url)]) == exit_for(by_chat)
     created = len(batches.created)
     # two shards (4 + 2 requests) in flight at once; output lines come back shuffled
-    assert main(["score", str(by_batch), *batch_args(batches.url, "--score.batch_max_lines", "4")]) == 0
+    code = main(["score", str(by_batch), *batch_args(batches.url, "--score.batch_max_lines", "4")])
+    assert code == exit_for(by_batch)
     assert [len(batches.batches[b].requests) for b in batches.created[created:created + 2]] == [4, 2]
     # vLLM: the first run writes the request files and exits 75 with the commands; `vllm run-batch` is played
     # by answering each line through the same llama.cpp server, in vLLM's output layout, in random order
@@ -88,8 +95,8 @@ def test_batch_and_vllm_files_give_the_chat_paths_scores(server, batches, tmp_pa
             random.shuffle(out)
             Path(str(path).replace(".input.", ".output.")).write_text("".join(json.dumps(o) + "\n" for o in out))
         code = main(["score", str(by_vllm), *judge_args(server.base_url), "--score.via", "vllm"])
-        assert code in (0, 75)
-    assert code == 0
+        assert code in (0, 75, EXIT_UNSCORED)
+    assert code == exit_for(by_vllm)
     chat, batch, vllm = scores(by_chat), scores(by_batch), scores(by_vllm)
     assert chat.keys() == batch.keys() == vllm.keys()
     first_try = 0
@@ -112,7 +119,7 @@ def test_expired_and_failed_batches_keep_their_answers_and_resubmit_only_the_res
         ids = ids_of(run)
         start, calls = len(batches.created), len(batches.upstream_calls)
         setattr(batches, fault, value)  # taken by the next batch created
-        assert main(["score", str(run), *batch_args(batches.url, "--score.max_retries", "0")]) == 0
+        assert main(["score", str(run), *batch_args(batches.url, "--score.max_retries", "0")]) == exit_for(run)
         made = batches.created[start:]
         assert [len(batches.batches[b].requests) for b in made] == sizes  # then only what is missing
         assert batches.batches[made[0]].status == status
@@ -128,7 +135,7 @@ def test_line_errors_are_retried_or_final_and_rounds_run_out(server, batches, tm
     ids = ids_of(run)
     start = len(batches.created)
     batches.line_status.update({ids[0]: 429, ids[1]: 400, ids[2]: 500})
-    assert main(["score", str(run), *batch_args(batches.url, "--score.max_retries", "0")]) == 0
+    assert main(["score", str(run), *batch_args(batches.url, "--score.max_retries", "0")]) == EXIT_UNSCORED
     assert len(batches.created) - start == 2  # the 429 and the 500 in a second round; the 400 is final
     rows = list(scores(run).values())
     assert rows[1]["score"] is None and "HTTP 400" in rows[1]["details"]["error"]
@@ -140,13 +147,13 @@ def test_line_errors_are_retried_or_final_and_rounds_run_out(server, batches, tm
     other = make_run(tmp_path, tiny_model_dir, 3, "fallback")
     oid = ids_of(other)
     batches.line_status[oid[0]] = 429
-    assert main(["score", str(other), *batch_args(batches.url, "--score.batch_rounds", "1")]) == 0
+    assert main(["score", str(other), *batch_args(batches.url, "--score.batch_rounds", "1")]) == EXIT_UNSCORED
     assert "no answer after 1 batch rounds" in scores(other)[read_jsonl(other / "samples.jsonl")[0]["id"]][
         "details"]["error"]
     batches.line_status[oid[0]] = 429
     chat_calls = batches.chat_calls
     assert main(["score", str(other), *batch_args(batches.url, "--score.batch_rounds", "1", "--score.batch_fallback",
-                                                  "chat")]) == 0
+                                                  "chat")]) == exit_for(other)
     assert batches.chat_calls > chat_calls
     row = scores(other)[read_jsonl(other / "samples.jsonl")[0]["id"]]
     assert "batch rounds" not in str(row["details"].get("error"))  # asked through the chat path this time
@@ -171,7 +178,7 @@ def test_no_wait_status_cancel_and_the_chat_path_refusing_beside_batches(server,
         assert main(["batch", "cancel", str(run)]) == 0
     finally:
         batches.hold = False
-    assert main(["score", str(run), *batch_args(batches.url)]) == 0  # collects the cancelled one, asks again
+    assert main(["score", str(run), *batch_args(batches.url)]) == exit_for(run)  # collects the cancelled one
     assert batches.batches[batches.created[start]].status == "cancelled"
     assert len(batches.created) - start >= 2
     assert len(scores(run)) == 3
@@ -191,7 +198,7 @@ def test_a_client_killed_at_every_step_never_pays_twice(batches, tmp_path, tiny_
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (run / "scores.jsonl").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == exit_for(run), again.stderr[-2000:]
     assert len(batches.created) - start == 1  # exactly one batch for the one shard, whatever the kill point
     sent = Counter(batches.upstream_calls[calls:])
     assert set(sent) == set(ids) and max(sent.values()) == 1  # each request answered (and paid for) once

@@ -13,6 +13,7 @@ import yaml
 from judge_server import StubJudge, completion
 from ual.cli import main
 from ual.io import read_json, read_jsonl
+from ual.scoring.unscored import EXIT_UNSCORED
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +101,33 @@ def test_analyze_scores_against_a_file_and_a_missing_one(tmp_path, tiny_model_di
     (cmp,) = read_json(run / "scores_report" / "scores_report.json")["rank_correlation"]
     assert cmp["spearman"] == pytest.approx(-1.0)  # exactly reversed ranks
     assert main(["analyze", "scores", str(run), "--compare", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def test_samples_a_local_scorer_leaves_unscored_exit_3_and_map_goes_on_without_them(tmp_path, tiny_model_dir,
+                                                                                        capsys):
+    """Perplexity cannot score a sample whose response starts past score.max_length: the others are kept,
+    `ual score` exits 3 saying how many, why and what to do, and `ual map --smoothing.missing drop` goes on."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Hi " * (1 if i < 4 else 60)},
+                                                     {"role": "assistant", "content": f"Hello number {i}."}]}) + "\n"
+                            for i in range(6)))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nmodel: {tiny_model_dir}\n"
+                   f"data: {{max_length: 256, sources: [{{name: {chat}, label: chat, train: 6}}]}}\n")
+    assert main(["data", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["score", str(cfg), "--score.max_length", "60"]) == EXIT_UNSCORED
+    out, err = capsys.readouterr()
+    summary = json.loads(out[out.index("{"):])
+    assert (summary["scored"], summary["failed"], summary["unscored"]) == (4, 2, 2)
+    assert err.splitlines()[-1] == (
+        "ual score: 2 sample(s) left without a score (2 training, 0 held-out): no response tokens left after "
+        "truncation (x2). Next: change what the reasons name (a larger --score.max_length for a sample cut "
+        "before its response) and run the same command again; or let `ual map` go on without them: --smoothing.missing drop (leave them out of training with smoothing) or "
+        "mean (give them the mean score)")
+    rows = read_jsonl(tmp_path / "run" / "scores.jsonl")
+    assert sum(r["score"] is None and r["details"]["error"] == "no response tokens left after truncation"
+               for r in rows) == 2
+    assert main(["map", str(cfg)]) == 2  # smoothing.missing error: told, not guessed
+    assert main(["map", str(cfg), "--smoothing.missing", "drop"]) == 0
+    assert len(read_jsonl(tmp_path / "run" / "smoothing.jsonl")) == 4

@@ -23,6 +23,7 @@ from ual.config import ScoreConfig
 from ual.scoring.cache import JudgeCache
 from ual.scoring.judge import JudgeOptions, JudgeScorer, _content_hash
 from ual.scoring.prompt import default_prompt, parse_answer
+from ual.scoring.unscored import EXIT_UNSCORED
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-q4_1"
@@ -149,15 +150,17 @@ def test_the_readme_judge_commands_in_order_score_on_the_second(server, tmp_path
     judge = ["--judge", "openai", "--model", MODEL, "--base-url", server.base_url]
     assert main(["score", str(run), *judge, "--dry-run"]) == 0
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    assert main(["score", str(run), *judge, "--score.concurrency", "2", "--score.requests_per_minute", "500"]) == 0
+    code = main(["score", str(run), *judge, "--score.concurrency", "2", "--score.requests_per_minute", "500"])
     rows = read_jsonl(run / "scores.jsonl")
     assert len(rows) == 3 and all(r["scorer"] == f"judge:{MODEL}:{default_prompt().version}" for r in rows)
     assert sum(r["score"] is not None for r in rows) >= 2  # a 135M judge may refuse one; never a default
+    assert code == (EXIT_UNSCORED if any(r["score"] is None for r in rows) else 0)  # and then says so
     recorded = yaml.safe_load((run / "config.yaml").read_text())["score"]
     assert recorded["scorer"] == "judge" and recorded["model"] == MODEL and recorded["dry_run"] is False
     assert recorded["concurrency"] == ScoreConfig().concurrency and recorded["requests_per_minute"] is None
     with JudgeCache(run / "judge_cache.sqlite") as cache:
         answered = cache.count(judge=MODEL)
-    assert main(["score", str(run)]) == 0  # the folder's scorer again: every answer is cached, nothing is asked
+    code = main(["score", str(run)])  # the folder's scorer again: every answer is cached, nothing is asked
+    assert code == (EXIT_UNSCORED if any(r["score"] is None for r in read_jsonl(run / "scores.jsonl")) else 0)
     with JudgeCache(run / "judge_cache.sqlite") as cache:
         assert cache.count(judge=MODEL) == answered

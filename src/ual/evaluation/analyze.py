@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ual.runlock import run_folder_lock
+
 log = logging.getLogger(__name__)
 
 ANALYSES = ("clustering", "scores")
@@ -48,9 +50,10 @@ def run(args) -> dict:
     from ual.config_flags import config_from_args
 
     cfg = config_from_args(args)
-    if args.analysis == "scores":
-        return analyze_scores(cfg, split_commas(args.compare) if args.compare else None)
-    return analyze_clustering(cfg, force=args.force)
+    with run_folder_lock(cfg.run_path):  # both write into the run folder
+        if args.analysis == "scores":
+            return analyze_scores(cfg, split_commas(args.compare) if args.compare else None)
+        return analyze_clustering(cfg, force=args.force)
 
 
 def analyze_scores(cfg, compare_with: list[str] | None = None) -> dict:

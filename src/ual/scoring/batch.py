@@ -6,20 +6,26 @@ request line, built by the chat path's own code (same prompt, same log-probabili
 is its cache key (batch_files.py). Answers land in the same cache, so the scores that follow are the
 chat path's, whichever way they were asked.
 
-Never paid twice. Shards and their items live in the answer cache's SQLite file, and every remote step
-is committed the moment it returns: a shard is recorded before its file is uploaded, the file's id
-before its batch is created, the batch's id before it is polled. A process killed between "create" and
-"commit" finds its batch on restart, because each batch carries its shard's name in its metadata and
-the provider's list is read before any batch is created. Collecting saves the raw output and error
-files first, then moves the answers into the cache, the items' outcomes and the shard's state in one
-transaction: a kill at any point leaves either all of it or none, and the rerun picks up from there.
+Never paid twice. Shards and their items live in the answer cache's SQLite file (batch_store.py), and
+every remote step is committed the moment it returns: a shard is recorded before its file is uploaded,
+the file's id and the time of the create before its batch is created, the batch's id before it is
+polled. A process killed between "create" and "commit" finds its batch on restart, by its shard's name in
+the batch's metadata or by its input file id (some providers keep no metadata), in the provider's list,
+read before any batch is created; a create that was sent but whose batch the list does not show (a list
+may lag behind its creates) is looked for again for score.batch_find_s before another is made. One
+process at a time: the cache's folder is locked (ual/runlock.py). Collecting saves the raw output and
+error files first, then moves the answers into the cache, the items' outcomes and the shard's state in
+one transaction: a kill at any point leaves either all of it or none, and the rerun picks up from there.
+A saved file deleted meanwhile is downloaded again; a line that cannot be read (cut short, not JSON, no
+custom_id) is named and its request asked in the next round; custom_ids answered twice (the first answer
+is kept) or never sent are named: a provider's odd file never stops the run or the other shards.
 
 Every outcome has a place: a completed batch; one failed at validation (the queued-token limit, say:
 its reason is shown and its requests go in the next round); an expired or cancelled one (its partial
 output kept, only what is missing asked again); per line, a 429 or 5xx (next round), another 4xx (a
 final failure with its reason), an answer with no score (asked again at a small temperature, as on the
-chat path). After score.batch_rounds rounds what is left is listed as failed, or sent through the chat
-path (score.batch_fallback chat).
+chat path). After score.batch_rounds rounds what is left is listed as failed, with the provider's last
+reason, or sent through the chat path (score.batch_fallback chat).
 
 `--score.via vllm` writes the same request files for `vllm run-batch` and, on the next run, reads the
 output files it wrote (same line format) into the cache.
@@ -32,114 +38,24 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import time
 from pathlib import Path
 
 from ual.io import write_bytes
+from ual.runlock import run_folder_lock
 from ual.scoring.batch_files import (BATCH_DISCOUNT, BATCH_ENDPOINT, TERMINAL, ShardCutter, cache_key, custom_id,
-                                     line_outcome, read_lines, request_line)
+                                     line_outcome, pick_answers, request_line)
+from ual.scoring.batch_store import BatchStore
 from ual.scoring.cache import UPSERT_ANSWER
 from ual.scoring.judge_calls import estimate_tokens
 
 log = logging.getLogger(__name__)
 EXIT_PENDING = 75  # EX_TEMPFAIL: nothing is wrong, the answers are not in yet; run the same command again
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batch_shards (
-    shard TEXT PRIMARY KEY, judge TEXT NOT NULL, prompt_version TEXT NOT NULL, via TEXT NOT NULL,
-    base_url TEXT,                  -- where its batch lives (null: the OpenAI API)
-    state TEXT NOT NULL,            -- built, submitted, downloaded, collected
-    n_lines INTEGER NOT NULL, est_tokens REAL NOT NULL, input_path TEXT NOT NULL,
-    input_file_id TEXT, batch_id TEXT, status TEXT, counts TEXT, reason TEXT,
-    output_path TEXT, error_path TEXT, prompt_tokens INTEGER DEFAULT 0, completion_tokens INTEGER DEFAULT 0,
-    created REAL NOT NULL, updated REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS batch_items (
-    shard TEXT NOT NULL, custom_id TEXT NOT NULL, temperature REAL, sent TEXT NOT NULL,
-    outcome TEXT, reason TEXT, PRIMARY KEY (shard, custom_id)) WITHOUT ROWID;
-"""
-
 
 class BatchesPending(RuntimeError):
     """Batches are still running (or, for vLLM, waiting for `vllm run-batch`): run the command again."""
-
-
-class BatchStore:
-    """The shards of batch scoring and their items, in the answer cache's SQLite file (WAL)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA busy_timeout=60000")
-        self.conn.executescript(_SCHEMA)
-
-    def shards(self, judge: str, prompt_version: str, active: bool = True) -> list[sqlite3.Row]:
-        return self.conn.execute("SELECT * FROM batch_shards WHERE judge = ? AND prompt_version = ? AND "
-                                 f"state {'!=' if active else '='} 'collected' ORDER BY created, shard",
-                                 (judge, prompt_version)).fetchall()
-
-    def items(self, shard: str) -> list[sqlite3.Row]:
-        return self.conn.execute("SELECT * FROM batch_items WHERE shard = ?", (shard,)).fetchall()
-
-    def unusable_counts(self, cids: list[str]) -> dict[str, int]:
-        """Answers with no score each request has had so far (attempts, as the chat path counts them)."""
-        out: dict[str, int] = {}
-        for i in range(0, len(cids), 500):
-            chunk = cids[i:i + 500]
-            for cid, n in self.conn.execute(
-                    f"SELECT custom_id, COUNT(*) FROM batch_items WHERE outcome = 'unusable' AND custom_id IN "
-                    f"({','.join('?' * len(chunk))}) GROUP BY custom_id", chunk):
-                out[cid] = n
-        return out
-
-    def add_shard(self, row: dict, items: list[tuple[str, float | None, str]]) -> None:
-        now = time.time()
-        with self.transaction():
-            self.conn.execute(f"INSERT INTO batch_shards ({', '.join(row)}, created, updated) VALUES "
-                              f"({', '.join('?' * len(row))}, ?, ?)", (*row.values(), now, now))
-            self.conn.executemany("INSERT INTO batch_items (shard, custom_id, temperature, sent) VALUES (?, ?, ?, ?)",
-                                  [(row["shard"], *item) for item in items])
-
-    def update(self, shard: str, **fields) -> None:
-        """Commit now: a remote step's result must survive a kill right after it."""
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        self.conn.execute(f"UPDATE batch_shards SET {sets}, updated = ? WHERE shard = ?",
-                          (*fields.values(), time.time(), shard))
-
-    def transaction(self):
-        return _Transaction(self.conn)
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class _Transaction:
-    def __init__(self, conn):
-        self.conn = conn
-
-    def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, *exc):
-        self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
-
-
-def in_flight(cache_path: str | Path, judge: str, prompt_version: str) -> int:
-    """Shards of this judge and prompt not yet collected (0 when the cache has none), read without writing."""
-    path = Path(cache_path)
-    if not path.exists():
-        return 0
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM batch_shards WHERE judge = ? AND prompt_version = ? AND "
-                            "state != 'collected'", (judge, prompt_version)).fetchone()[0]
-    except sqlite3.OperationalError:  # no batch tables: never scored through batches
-        return 0
-    finally:
-        conn.close()
 
 
 class BatchRun:
@@ -153,6 +69,7 @@ class BatchRun:
         self.vllm = self.cfg.via == "vllm"
         self._client = None
         self._shown: dict[str, tuple[str, float]] = {}  # the status line last printed per shard, and when
+        self._looking: set[str] = set()  # shards whose batch is looked for in a lagging list
 
     # ------------------------------------------------------------------ the rounds
 
@@ -163,27 +80,31 @@ class BatchRun:
         wanted = {custom_id(hashes[i], d): (i, d) for i, d in todo}
         final: set[str] = set()
         try:
-            for round_no in range(self.cfg.batch_rounds):
-                queued = {it["custom_id"] for s in self.store.shards(self.judge, self.version)
-                          for it in self.store.items(s["shard"])}
+            # the cache may be shared by run folders ($UAL_JUDGE_CACHE): one batch writer per cache folder too
+            with run_folder_lock(self.dir.parent):
+                for round_no in range(self.cfg.batch_rounds):
+                    queued = {it["custom_id"] for s in self.store.shards(self.judge, self.version)
+                              for it in self.store.items(s["shard"])}
+                    answered = self._answered(wanted)
+                    new = [cid for cid in wanted if cid not in queued and cid not in final and cid not in answered]
+                    if new:
+                        self._build(new, wanted, rendered, round_no)
+                    if not self.store.shards(self.judge, self.version):
+                        break
+                    final |= self._watch()
                 answered = self._answered(wanted)
-                new = [cid for cid in wanted if cid not in queued and cid not in final and cid not in answered]
-                if new:
-                    self._build(new, wanted, rendered, round_no)
-                if not self.store.shards(self.judge, self.version):
-                    break
-                final |= self._watch()
-            answered = self._answered(wanted)
-            left = [cid for cid in wanted if cid not in final and cid not in answered]
+                left = [cid for cid in wanted if cid not in final and cid not in answered]
+                why = self.store.last_reasons(left)
         finally:
             self.store.close()
         if left and self.cfg.batch_fallback == "chat":
             log.info("%d requests still unanswered after %d batch rounds: sending them through the chat path",
                      len(left), self.cfg.batch_rounds)
             return [wanted[c] for c in left]
-        for cid in left:
+        for cid in left:  # the provider's last word on it first: that is what a user can act on
             h, d = cache_key(cid)
-            reason = f"no answer after {self.cfg.batch_rounds} batch rounds (score.batch_rounds)"
+            reason = (f"{why[cid]}; " if cid in why else "") + (f"no answer after {self.cfg.batch_rounds} batch "
+                                                                "rounds (score.batch_rounds)")
             self.scorer.cache.put(self.judge, self.version, h, d, False, None,
                                   {"ok": False, "error": reason, "reasons": [reason], "attempts": 0})
         return []
@@ -245,6 +166,8 @@ class BatchRun:
     def _advance(self, shard) -> set[str]:
         """One step of one shard, as far as it can go now."""
         name, state = shard["shard"], shard["state"]
+        if state == "downloaded" and self._lost_files(shard):
+            state = "submitted" if shard["batch_id"] else "built"  # fetched again, or read again from vLLM's
         if state == "built" and self.vllm:
             out = Path(shard["input_path"].replace(".input.jsonl", ".output.jsonl"))
             if not out.exists():  # `vllm run-batch` has not written it (yet)
@@ -272,9 +195,29 @@ class BatchRun:
 
     # ------------------------------------------------------------------ remote steps
 
+    def _lost_files(self, shard) -> bool:
+        """True when a saved output or error file of a downloaded shard is gone (deleted by hand, say): the
+        provider still has it, so it is downloaded again rather than read."""
+        lost = [shard[k] for k in ("output_path", "error_path") if shard[k] and not Path(shard[k]).exists()]
+        if lost:
+            log.warning("batch %s: %s is gone; %s", shard["batch_id"] or shard["shard"], ", ".join(lost),
+                        "downloading it again" if shard["batch_id"] else "waiting for `vllm run-batch` to write it")
+        return bool(lost)
+
     def _submit(self, shard) -> None:
         name = shard["shard"]
-        existing = self._find_batch(name, shard["created"])  # a kill after "create", before its commit
+        existing = self._find_batch(shard)  # a kill after "create", before its commit
+        if existing is None and shard["create_sent"]:  # sent, and perhaps made: a list may lag behind its creates
+            waited = time.time() - shard["create_sent"]
+            if waited < self.cfg.batch_find_s:
+                if name not in self._looking:  # said once; looked for at every poll
+                    self._looking.add(name)
+                    log.info("shard %s: a batch create was sent %.0f s ago and the provider's list does not show "
+                             "it yet; looking again for up to %.0f s before creating another (score.batch_find_s)",
+                             name, waited, self.cfg.batch_find_s)
+                return
+            log.warning("shard %s: the batch create sent %.0f s ago never showed in the provider's list; creating "
+                        "it again (score.batch_find_s)", name, waited)
         if existing is None:
             file_id = shard["input_file_id"]
             if not file_id:
@@ -283,20 +226,33 @@ class BatchRun:
                 file_id = uploaded.id
                 _kill_point("uploaded")
                 self.store.update(name, input_file_id=file_id)
-            existing = self._remote(lambda c: c.with_options(max_retries=0).batches.create(
-                input_file_id=file_id, endpoint=BATCH_ENDPOINT, completion_window="24h",
-                metadata={"ual_shard": name, "ual_judge": self.judge[:500]}))
+            self.store.update(name, create_sent=time.time())
+            existing = self._remote(lambda c: self._create(c, name, file_id))
             _kill_point("created")
         self.store.update(name, state="submitted", batch_id=existing.id, status=existing.status)
         log.info("batch %s: shard %s submitted (%d requests)", existing.id, name, shard["n_lines"])
 
-    def _find_batch(self, name: str, created: float):
-        """The batch already created for this shard, if any: the provider's list, newest first, back to a day
+    def _create(self, client, name: str, file_id: str):
+        import openai
+
+        try:
+            return client.with_options(max_retries=0).batches.create(
+                input_file_id=file_id, endpoint=BATCH_ENDPOINT, completion_window="24h",
+                metadata={"ual_shard": name, "ual_judge": self.judge[:500]})
+        except openai.APIStatusError as exc:
+            if 400 <= exc.status_code < 500:  # refused: no batch was made, so none is to be looked for
+                self.store.update(name, create_sent=None)
+            raise
+
+    def _find_batch(self, shard):
+        """The batch already created for this shard, if any: by the shard's name in its metadata, or by its
+        input file (a provider that keeps no metadata); the provider's list, newest first, back to a day
         before the shard was made."""
+        name, file_id = shard["shard"], shard["input_file_id"]
         for batch in self._remote(lambda c: c.batches.list(limit=100)):
-            if (batch.metadata or {}).get("ual_shard") == name:
+            if (batch.metadata or {}).get("ual_shard") == name or (file_id and batch.input_file_id == file_id):
                 return batch
-            if batch.created_at < created - 86_400:  # a day before the shard: well past any clock skew
+            if batch.created_at < shard["created"] - 86_400:  # a day before the shard: well past any clock skew
                 return None
         return None
 
@@ -326,14 +282,13 @@ class BatchRun:
 
     def _collect(self, shard) -> set[str]:
         """Every item of a shard from its saved output and error files, in one transaction with the answers."""
-        lines: dict[str, dict] = {}
-        for key in ("error_path", "output_path"):  # an answer in the output file wins over an error line
-            if shard[key]:
-                for line in read_lines(Path(shard[key]).read_bytes(), shard[key]):
-                    lines[line["custom_id"]] = line
+        items = self.store.items(shard["shard"])
+        files = [(shard[k], Path(shard[k]).read_bytes()) for k in ("output_path", "error_path") if shard[k]]
+        lines, notes, unreadable = pick_answers(files, {it["custom_id"] for it in items})
+        if notes:  # said once: the shard is collected in this same step
+            log.warning("batch %s: %s", shard["batch_id"] or shard["shard"], "; ".join(notes))
         if shard["status"] == "failed" and shard["reason"]:
             log.warning("batch %s failed: %s; its requests go in the next round", shard["batch_id"], shard["reason"])
-        items = self.store.items(shard["shard"])
         unusable = self.store.unusable_counts([it["custom_id"] for it in items])
         final, answers, updates, usage = set(), [], [], [0, 0]
         for it in items:
@@ -341,7 +296,8 @@ class BatchRun:
             h, draw = cache_key(cid)
             line = lines.get(cid)
             if line is None:
-                why = shard["reason"] or f"no answer in the batch (status {shard['status']})"
+                why = shard["reason"] or f"no answer in the batch (status {shard['status']}" + (
+                    f"; {unreadable} of its lines unreadable)" if unreadable else ")")
                 updates.append(("retry", why, shard["shard"], cid))
                 continue
             got = line_outcome(line, it["temperature"], json.loads(it["sent"]), self.scorer.scrub)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
+
+from ual.runlock import run_folder_lock
 
 
 def add_arguments(p) -> None:
@@ -21,15 +24,20 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     from ual.config import load_config
     from ual.runfolder import RunFolder
-    from ual.scoring.batch import BatchStore
-    from ual.scoring.judge_http import judge_failure, open_sync_client, read_api_key
+    from ual.scoring.batch_store import BatchStore
 
     folder = RunFolder(Path(args.run))
     cfg = load_config(folder.require(folder.config, "data"))
     cache = Path(os.environ.get("UAL_JUDGE_CACHE") or folder.root / "judge_cache.sqlite")
     if not cache.exists():
         raise FileNotFoundError(f"{cache}: no judge answers here (nothing was scored with a judge)")
-    store = BatchStore(cache)
+    with nullcontext() if args.action == "status" else run_folder_lock(folder.root):  # status only reads
+        return _each_shard(args, cfg, BatchStore(cache))
+
+
+def _each_shard(args, cfg, store) -> dict:
+    from ual.scoring.judge_http import judge_failure, open_sync_client, read_api_key
+
     try:
         rows = store.conn.execute("SELECT * FROM batch_shards WHERE state != 'collected' ORDER BY created").fetchall()
         key, clients, out = read_api_key(), {}, []

@@ -124,17 +124,51 @@ def _error_outcome(status, body, sent, scrub) -> LineOutcome:
     return LineOutcome(verdict, reason=reason)
 
 
-def read_lines(raw: bytes, where: str) -> list[dict]:
-    """The JSON objects of an output or error file; a line that is not one is a ValueError naming it."""
-    out = []
+def read_lines(raw: bytes, where: str) -> tuple[list[dict], list[str]]:
+    """The JSON objects of an output or error file, and a note ("FILE, line N: why") for each line that is not
+    one with a custom_id: a provider's file cut short or holding junk costs those lines, never the file."""
+    out, bad = [], []
     for n, text in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
         if not text.strip():
             continue
         try:
             obj = json.loads(text)
         except ValueError:
-            raise ValueError(f"{where}, line {n}: not JSON ({one_line(text, 80)!r})") from None
+            bad.append(f"{where}, line {n}: not JSON ({one_line(text, 60)!r})")
+            continue
         if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
-            raise ValueError(f"{where}, line {n}: no custom_id")
+            bad.append(f"{where}, line {n}: no custom_id")
+            continue
         out.append(obj)
-    return out
+    return out, bad
+
+
+def pick_answers(files: list[tuple[str, bytes]], sent: set[str]) -> tuple[dict[str, dict], list[str], int]:
+    """The line answering each custom_id of `sent`, from (name, bytes) files in order of precedence (the
+    output file before the error file: an answer wins over an error line; of two lines for one id, the first),
+    and what was odd about them, one line per kind: unreadable lines (named), custom_ids answered more than
+    once, custom_ids never sent (the first few of each); and how many lines were unreadable."""
+    chosen: dict[str, dict] = {}
+    bad, twice, foreign = [], [], []
+    for where, raw in files:
+        lines, unreadable = read_lines(raw, where)
+        bad += unreadable
+        for line in lines:
+            cid = line["custom_id"]
+            if cid not in sent:
+                foreign.append(cid)
+            elif cid in chosen:
+                twice.append(cid)
+            else:
+                chosen[cid] = line
+    notes = []
+    if bad:
+        notes.append(f"{len(bad)} unreadable line(s), their requests asked again: " + "; ".join(bad[:5])
+                     + ("; ..." if len(bad) > 5 else ""))
+    for ids, what in ((twice, "answered more than once (the first answer kept)"),
+                      (foreign, "never sent in this batch (ignored)")):
+        if ids:
+            unique = list(dict.fromkeys(ids))
+            notes.append(f"{len(unique)} custom_id(s) {what}: {', '.join(unique[:3])}" + (", ..." if len(unique) > 3
+                                                                                          else ""))
+    return chosen, notes, len(bad)

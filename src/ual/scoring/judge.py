@@ -178,7 +178,7 @@ class JudgeScorer:
             log.warning("judge %s: %s", self.model, reason)
 
     def _refuse_beside_batches(self) -> None:
-        from ual.scoring.batch import in_flight
+        from ual.scoring.batch_store import in_flight
 
         n = in_flight(self.cache_path, self.model, self.prompt.version)
         if n:

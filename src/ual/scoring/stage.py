@@ -10,13 +10,12 @@ model (one forward pass gives both), costs no model call.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-
 from ual.config import SCORERS, ExperimentConfig, to_dict
 from ual.config_checks import choice_problem
 from ual.io import write_jsonl
 from ual.lineage import Lineage, score_record
 from ual.runfolder import RunFolder, read_scores
+from ual.scoring.unscored import unscored_summary
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +94,12 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     n_train = len(splits["train"])
     _write_rows(run, scorer.name, {"train": rows[:n_train], "heldout": rows[n_train:]} if "heldout" in splits
                 else {"train": rows}, record)
-    failed = [r for r in results[:n_train] if r.score is None]
-    summary = {"scorer": scorer.name, "scored": n_train - len(failed), "failed": len(failed),
-               "heldout_scored": sum(r.score is not None for r in results[n_train:]) if "heldout" in splits else None,
-               "derived_from": derived,
-               "failure_reasons": dict(Counter(str(r.details.get("error")) for r in failed).most_common(10))}
-    if failed:
-        log.warning("%d samples could not be scored: %s", len(failed), summary["failure_reasons"])
-    return summary
+    # what is left without a score, per split, with its reasons: the CLI exits with EXIT_UNSCORED then
+    per_split = {"train": results[:n_train], **({"heldout": results[n_train:]} if "heldout" in splits else {})}
+    left = unscored_summary(per_split, scorer.name, cfg.score.scorer == "judge", cfg.score.via)
+    return {"scorer": scorer.name, "scored": n_train - left["failed"],
+            "heldout_scored": sum(r.score is not None for r in results[n_train:]) if "heldout" in splits else None,
+            "derived_from": derived, **left}
 
 
 def _tokenized(cfg: ExperimentConfig, run: RunFolder, scorer, splits: dict) -> dict:

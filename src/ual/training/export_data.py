@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ual.io import atomic_path, iter_jsonl, write_jsonl
 from ual.runfolder import RunFolder
+from ual.runlock import run_folder_lock
 from ual.training.columns import mapped_indices, read_smoothing, sample_weights, smoothing_rows
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ def run(args) -> dict:
     # folder itself (cfg:run_dir), which wins over the run_dir inside (the folder may have moved).
     run_dir = getattr(args, "cfg:run_dir", None)
     cfg = load_config(args.config or args.config_file, {"run_dir": run_dir} if run_dir else None)
-    return export_data(RunFolder(cfg.run_path), args.format, args.out, weight_column=args.weight_column or
-                       cfg.train.weight_column, missing=cfg.smoothing.missing, force=args.force)
+    with run_folder_lock(cfg.run_path):  # what it reads is not rewritten meanwhile
+        return export_data(RunFolder(cfg.run_path), args.format, args.out, weight_column=args.weight_column or
+                           cfg.train.weight_column, missing=cfg.smoothing.missing, force=args.force)
 
 
 def training_rows(run: RunFolder, weight_column: str | None = None, missing: str = "error"):
