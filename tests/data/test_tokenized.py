@@ -149,3 +149,11 @@ eval: {{gsm8k: false, multiple_choice: false, clustering: false, pairwise: []}}
     caplog.clear()
     assert main(["train", str(cfg), "--train.modes", "sft", "--data.max_length", "32"]) == 0
     assert caplog.text.count("tokenizing samples.jsonl") == 1 and (run / "tokenized" / "train-L32").is_dir()
+
+
+def test_a_file_without_samples_gives_an_empty_set(tmp_path, tokenizer):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "heldout.jsonl").write_text("")
+    ds = tokenized_set(tmp_path / "run", "heldout", tokenizer, 64, num_proc=2)
+    assert len(ds) == 0 and "input_ids" in ds.column_names
+    assert not (tmp_path / "run" / "tokenized").exists()  # nothing to store

@@ -79,6 +79,11 @@ def tokenized_set(root: Path, split: str, tokenizer, max_length: int | None, tra
     source = root / ("samples.jsonl" if split == "train" else f"{split}.jsonl")
     if not source.exists():
         raise FileNotFoundError(f"{source} not found: run `ual data` on this run folder first")
+    if not any(line.strip() for line in _first_lines(source)):  # no samples (datasets cannot save an empty set)
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        return Dataset(InMemoryTable(set_features().arrow_schema.empty_table()))
     name = set_name(split, max_length, train_on_prompt)
     folder, lineage = root / "tokenized" / name, Lineage(root)
     record = tokenized_record(source, tokenizer, max_length, train_on_prompt)
@@ -107,7 +112,7 @@ def _own_record(folder: Path) -> dict | None:
 
 def build(source: Path, folder: Path, tokenizer, max_length: int | None, train_on_prompt: bool,
           num_proc: int | None = None, record: dict | None = None) -> None:
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Dataset, Features, Value
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
     num_proc = num_proc or default_num_proc()
@@ -115,9 +120,7 @@ def build(source: Path, folder: Path, tokenizer, max_length: int | None, train_o
     for stale in folder.parent.glob(f".build-{folder.name}-*"):  # left by a killed build (one writer a folder)
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".build-{folder.name}-", dir=folder.parent))
-    features = Features({"id": Value("string"), "line": Value("int64"), "input_ids": Sequence(Value("int32")),
-                         "labels": Sequence(Value("int32")), "tokens": Value("int32"),
-                         "full_tokens": Value("int32"), "supervised": Value("int32")})
+    features = set_features()
     try:
         disable_progress_bar()  # the file's lines are read without a bar; the tokenizing has one
         lines = Dataset.from_generator(_lines, gen_kwargs={"path": str(source)}, cache_dir=str(scratch / "lines"),
@@ -137,6 +140,20 @@ def build(source: Path, folder: Path, tokenizer, max_length: int | None, train_o
     finally:
         enable_progress_bar()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def set_features():
+    from datasets import Features, Sequence, Value
+
+    return Features({"id": Value("string"), "line": Value("int64"), "input_ids": Sequence(Value("int32")),
+                     "labels": Sequence(Value("int32")), "tokens": Value("int32"), "full_tokens": Value("int32"),
+                     "supervised": Value("int32")})
+
+
+def _first_lines(path: Path, n: int = 1000):
+    with open(path, encoding="utf-8") as fh:
+        for _, line in zip(range(n), fh):
+            yield line
 
 
 def _lines(path: str):
