@@ -66,7 +66,8 @@ def _block(text: str | None, label: str) -> list[str]:
     """`label` over the escaped text, folded when long."""
     if text is None:
         return [f"<p>{label}: <i>no answer</i></p>", ""]
-    body = f'<pre style="white-space: pre-wrap">{html.escape(text.strip())}</pre>'
+    # one line: a blank line in the answer would end the HTML block in CommonMark renderers (GitHub)
+    body = '<pre style="white-space: pre-wrap">' + html.escape(text.strip()).replace("\n", "&#10;") + "</pre>"
     opened = " open" if len(text) <= FOLD_CHARS else ""
     return [f"<details{opened}><summary>{label}</summary>", body, "</details>", ""]
 
