@@ -50,7 +50,7 @@ def test_shipped_truthfulqa_is_the_authors_817_questions():
         assert mc1["labels"][0] == 1 and sum(mc1["labels"]) == 1 and len(mc1["choices"]) == len(mc1["labels"]) >= 2
         assert 0 < sum(mc2["labels"]) < len(mc2["labels"]) == len(mc2["choices"])
         assert mc1["choices"][0] in [c for c, y in zip(mc2["choices"], mc2["labels"]) if y]  # the best answer is true
-    assert (benchmark_data.TRUTHFULQA_FILE.parent / "LICENSE").read_text().startswith("\n" + " " * 33 + "Apache License")
+    assert (benchmark_data.TRUTHFULQA_FILE.parent / "LICENSE").read_text().split("\n")[0].strip() == "Apache License"
     assert benchmark_data.TRUTHFULQA_SHA256 in (benchmark_data.TRUTHFULQA_FILE.parent / "NOTICE.md").read_text()
 
 
