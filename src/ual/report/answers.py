@@ -67,7 +67,7 @@ def _block(text: str | None, label: str) -> list[str]:
     if text is None:
         return [f"<p>{label}: <i>no answer</i></p>", ""]
     # one line: a blank line in the answer would end the HTML block in CommonMark renderers (GitHub)
-    body = '<pre style="white-space: pre-wrap">' + html.escape(text.strip()).replace("\n", "&#10;") + "</pre>"
+    body = '<pre style="white-space: pre-wrap">' + html.escape(text.strip(), quote=False).replace("\n", "&#10;") + "</pre>"
     opened = " open" if len(text) <= FOLD_CHARS else ""
     return [f"<details{opened}><summary>{label}</summary>", body, "</details>", ""]
 
