@@ -32,7 +32,7 @@ data:
 score: {{batch_size: 8}}
 smoothing: {{target_mean: 0.2}}
 train: {{max_steps: 3, batch_size: 4, logging_steps: 1}}
-eval: {{max_new_tokens: 8, batch_size: 4, mc_limit: 6, mc_samples: 2, clustering_texts: 6, clustering_top_k: 5, pairwise: ["ual:sft"], pairwise_source: chat, pairwise_limit: 3, pairwise_max_new_tokens: 8}}
+eval: {{max_new_tokens: 8, batch_size: 4, mc_limit: 6, mc_samples: 2, clustering_texts: 6, clustering_top_k: 5, pairwise: ["ual:sft"], pairwise_source: chat, pairwise_limit: 3, pairwise_max_new_tokens: 8, answers_per_source: 2}}
 """)
     return cfg
 
@@ -69,8 +69,16 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
     assert all(r["n_pairs"] == 10 and -1 <= r["mean_all_pairs"] <= 1 for r in clustering["models"].values())
     pairwise = read_json(run / "eval" / "pairwise.json")["comparisons"]["ual:sft"]
     assert pairwise["n_instructions"] == 3 and pairwise["wins"] + pairwise["ties"] + pairwise["losses"] == pairwise["n_valid"]
-    answers = read_json(run / "eval" / "answers" / "ual.json")
-    assert len(answers) == 3 and set(answers[0]) >= {"instruction", "output", "generator"}
+    # Answers generated once per model: the side-by-side prompts (2 per source) for every model, and the
+    # pairwise prompts too for the two the judge compares; the judge read them from there.
+    side = read_json(run / "eval" / "answers" / "side_by_side.json")
+    assert side["sources"] == ["chat", "chat", "gsm8k", "gsm8k"] and set(side["cost"]) == {"base", "sft", "ls", "ual"}
+    chat_ids = [r["id"] for r in read_jsonl(run / "heldout.jsonl") if r["source"] == "chat"]
+    for model in ("base", "sft", "ls", "ual"):
+        rows = read_json(run / "eval" / "answers" / f"{model}.json")
+        assert set(rows[0]) >= {"instruction", "output", "generator", "id"} and len({r["id"] for r in rows}) == len(rows)
+        wanted = set(side["ids"]) | (set(chat_ids[:3]) if model in ("ual", "sft") else set())
+        assert {r["id"] for r in rows} == wanted and side["cost"][model]["prompts"] == len(wanted)
     # Per-item results of every model, consistent with its aggregates.
     heldout_ids = [r["id"] for r in read_jsonl(run / "heldout.jsonl")]
     for name, e in metrics["eval"].items():
@@ -97,7 +105,8 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
     assert report.index("## Verdict") < report.index("## Data")
     for needle in ("## Calibration", "## Paired differences", "By uncertainty", "reliability.png"):
         assert needle in report
-    for needle in ("## Pairwise comparison", "## Feature clustering", "MC acc", "clustering.png"):
+    for needle in ("## Pairwise comparison", "## Answers side by side", "## Feature clustering", "MC acc",
+                   "clustering.png"):
         assert needle in report
     for needle in ("| base |", "| sft |", "| ls |", "| ual |", "scores.png", "smoothing.png", "loss.png"):
         assert needle in report
@@ -110,8 +119,10 @@ def test_every_stage_then_resume(tmp_path, tiny_model_dir):
     assert (run / "scores.jsonl").stat().st_mtime_ns == scored
     before = (run / "train" / "ual" / "result.json").stat().st_mtime_ns
     assert main(["train", "--config", str(cfg)]) == 0
+    answered = (run / "eval" / "answers" / "ual.json").stat().st_mtime_ns
     assert main(["eval", "--config", str(cfg)]) == 0
     assert (run / "train" / "ual" / "result.json").stat().st_mtime_ns == before
+    assert (run / "eval" / "answers" / "ual.json").stat().st_mtime_ns == answered  # not generated again
 
 
 def test_bad_input_is_a_clear_error_and_input_untouched(tmp_path, tiny_model_dir):

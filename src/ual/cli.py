@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "tasks", None):  # the benchmarks alone, not the built-in evaluations
                 cfg.eval.tasks = split_commas(args.tasks)
                 cfg.eval.nll = cfg.eval.gsm8k = cfg.eval.multiple_choice = cfg.eval.clustering = False
-                cfg.eval.pairwise = []
+                cfg.eval.pairwise, cfg.eval.answers_per_source = [], 0
             if getattr(args, "adapter", None):
                 cfg.eval.models, cfg.eval.pairwise = [args.adapter], []
             if getattr(args, "dry_run", False) and args.stage == "train":

@@ -224,7 +224,10 @@ class EvalConfig(Checked):
     pairwise: list[str] = _f(["ual:sft"], "A:B model pairs compared by a judge on held-out chat prompts (both orders)")
     pairwise_source: str = _f("sharegpt", "held-out source whose prompts are answered for the pairwise comparison")
     pairwise_limit: int = _f(16, "prompts in the pairwise comparison", ge=0)
-    pairwise_max_new_tokens: int = _f(128, "answer length budget for the pairwise comparison", ge=1)
+    pairwise_max_new_tokens: int = _f(128, "answer length budget of the held-out chat answers (the pairwise "
+                                           "comparison and the report's answers side by side)", ge=1)
+    answers_per_source: int = _f(3, "held-out prompts per source every model answers for the report's 'Answers side "
+                                    "by side' (seeded draw; 0: none)", ge=0)
     pairwise_judge: str | None = _f(None, "local judge model (default: the run's model), or 'openai:MODEL' (uses score.base_url, key from $OPENAI_API_KEY)")
     tasks: list[str] = _f([], "benchmarks through lm-evaluation-harness, per model: arc_easy, arc_challenge, hellaswag, "
                               "piqa, mmlu_cloze, truthfulqa_mc1, truthfulqa_mc2 (each choice scored as a continuation; "

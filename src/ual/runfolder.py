@@ -18,6 +18,8 @@
                              (held-out token: confidence, correct), MODEL.mc.jsonl, MODEL.maths.jsonl, pairwise.A_vs_B.jsonl
       comparisons.json       paired differences between models (eval.compare) with bootstrap intervals
       eval/tasks/MODEL.json  lm-eval benchmarks of one model; eval/features/MODEL.npz for clustering
+      eval/answers/          MODEL.json: each model's answers to held-out chat prompts (alpaca_eval layout),
+                             side_by_side.json: the prompts the report shows side by side, and their rule
       report.md, metrics.json, *.png
 
 Every stage reads its inputs from here and writes its outputs atomically, so a
@@ -134,6 +136,15 @@ class RunFolder:
 
     def features_file(self, model: str) -> Path:
         return self.root / "eval" / "features" / f"{model}.npz"
+
+    def answers_file(self, model: str) -> Path:
+        """eval/answers/MODEL.json: the model's answers to held-out chat prompts (evaluation/answers.py)."""
+        return self.root / "eval" / "answers" / f"{model}.json"
+
+    @property
+    def answers_selection(self) -> Path:
+        """eval/answers/side_by_side.json: the prompts every model answers for the report, and the rule."""
+        return self.root / "eval" / "answers" / "side_by_side.json"
 
     @property
     def tasks_dir(self) -> Path:

@@ -3,6 +3,8 @@ lm-eval's task definitions over them, per-item measures, and task names resolved
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 
@@ -27,24 +29,56 @@ def test_packaged_rows(task):
     assert benchmark_data.subset(rows, None, task) == list(range(len(rows)))
 
 
-def _questions_json(path, examples):
-    path.write_text(json.dumps({"canary": "x", "prefix": "", "examples": examples}))
+def _mc_task_gz(path, questions):
+    """A file in TruthfulQA's mc_task.json layout, gzipped as the packaged one is."""
+    path.write_bytes(gzip.compress(json.dumps(questions).encode()))
     return path
 
 
+def test_shipped_truthfulqa_is_the_authors_817_questions():
+    """The packaged file is TruthfulQA's data/v0/mc_task.json: its recorded sha256, 817 questions, every one
+    parsed into the hub's multiple_choice layout (MC1: the best answer first; MC2: true and false answers)."""
+    data = gzip.decompress(benchmark_data.TRUTHFULQA_FILE.read_bytes())
+    assert hashlib.sha256(data).hexdigest() == benchmark_data.TRUTHFULQA_SHA256
+    rows = benchmark_data.truthfulqa_rows()
+    assert len(rows) == benchmark_data.TRUTHFULQA_QUESTIONS == 817 == len({r["question"] for r in rows})
+    assert rows[0]["question"] == "What is the smallest country in the world that is at least one square mile in area?"
+    assert rows[0]["mc1_targets"]["choices"][0] == "Nauru is the smallest country in the world that is at least one " \
+                                                  "square mile in area."
+    for r in rows:
+        mc1, mc2 = r["mc1_targets"], r["mc2_targets"]
+        assert mc1["labels"][0] == 1 and sum(mc1["labels"]) == 1 and len(mc1["choices"]) == len(mc1["labels"]) >= 2
+        assert 0 < sum(mc2["labels"]) < len(mc2["labels"]) == len(mc2["choices"])
+        assert mc1["choices"][0] in [c for c, y in zip(mc2["choices"], mc2["labels"]) if y]  # the best answer is true
+    assert (benchmark_data.TRUTHFULQA_FILE.parent / "LICENSE").read_text().split("\n")[0].strip() == "Apache License"
+    assert benchmark_data.TRUTHFULQA_SHA256 in (benchmark_data.TRUTHFULQA_FILE.parent / "NOTICE.md").read_text()
+
+
 def test_truthfulqa_targets_and_bad_files(tmp_path):
-    good = _questions_json(tmp_path / "q.json", [
-        {"Question": "Is the sky green?", "Category": "Misc", "True answers": ["No.", "The sky is blue."],
-         "False answers": ["Yes.", "Always."], "Best answer": "The sky is blue."}])
-    (row,) = benchmark_data.truthfulqa_rows(good)
+    good = _mc_task_gz(tmp_path / "q.json.gz", [
+        {"question": "Is the sky green?", "mc1_targets": {"The sky is blue.": 1, "Yes.": 0, "Always.": 0},
+         "mc2_targets": {"The sky is blue.": 1, "No.": 1, "Yes.": 0, "Always.": 0}}])
+    (row,) = benchmark_data.truthfulqa_rows(good, sha256=None)
     assert row["mc1_targets"] == {"choices": ["The sky is blue.", "Yes.", "Always."], "labels": [1, 0, 0]}
     assert row["mc2_targets"] == {"choices": ["The sky is blue.", "No.", "Yes.", "Always."], "labels": [1, 1, 0, 0]}
-    bad = _questions_json(tmp_path / "bad.json", [{"Question": "q", "True answers": ["a"], "Best answer": "a"}])
-    with pytest.raises(ValueError, match=r"bad.json: example 1: missing field 'False answers'"):
-        benchmark_data.truthfulqa_rows(bad)
-    (tmp_path / "cut.json").write_text('{"examples": [')
-    with pytest.raises(ValueError, match="cut.json: not BIG-bench's truthful_qa"):
-        benchmark_data.truthfulqa_rows(tmp_path / "cut.json")
+    with pytest.raises(ValueError, match=r"q.json.gz: sha256 [0-9a-f]{64} is not the recorded 131e6f41"):
+        benchmark_data.truthfulqa_rows(good)  # not the authors' file
+    for questions, message in [
+        ([{"question": "q", "mc2_targets": {"a": 1, "b": 0}}], r"question 1: field 'mc1_targets': expected an object"),
+        ([{"question": "q", "mc1_targets": {"a": 0, "b": 1}, "mc2_targets": {"a": 1, "b": 0}}],
+         r"question 1: field 'mc1_targets': the one true answer must come first"),
+        ([{"question": "q", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 2}}],
+         r"question 1: field 'mc2_targets': labels must be 0 or 1"),
+        ([{"question": " ", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 0}}],
+         r"question 1: field 'question': expected a non-empty string")]:
+        with pytest.raises(ValueError, match=r"bad.json.gz: " + message):
+            benchmark_data.truthfulqa_rows(_mc_task_gz(tmp_path / "bad.json.gz", questions), sha256=None)
+    (tmp_path / "cut.json.gz").write_bytes(gzip.compress(b"[{"))
+    with pytest.raises(ValueError, match="cut.json.gz: not JSON"):
+        benchmark_data.truthfulqa_rows(tmp_path / "cut.json.gz", sha256=None)
+    (tmp_path / "plain.json").write_text("[]")
+    with pytest.raises(ValueError, match="plain.json: not a readable gzip file"):
+        benchmark_data.truthfulqa_rows(tmp_path / "plain.json", sha256=None)
 
 
 def test_resolve_benchmarks_offline(tmp_path, caplog):
@@ -107,40 +141,23 @@ def test_benchmarks_through_lm_eval_tasks(tiny):
         assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4)
 
 
-def test_truthfulqa_mc1_mc2(tiny, tmp_path, monkeypatch):
-    """MC1 and MC2 through lm-eval's truthfulqa_mc{1,2}.yaml over BIG-bench-layout questions; MC2 is the
-    probability mass on the true answers, as lm-eval's process_results_mc2 computes it."""
+def test_truthfulqa_mc1_mc2(tiny):
+    """MC1 and MC2 through lm-eval's truthfulqa_mc{1,2}.yaml over the packaged questions (a seeded subset, the
+    same for both); MC2 is the probability mass on the true answers, as lm-eval's process_results_mc2 computes."""
     model, tokenizer = tiny
-    home = tmp_path / "home"
-    (home / "benchmarks" / "truthfulqa").mkdir(parents=True)
-    _questions_json(home / "benchmarks" / "truthfulqa" / "questions.json", [
-        {"Question": f"Question {i}: is the moon made of cheese?", "True answers": ["No.", "It is rock."],
-         "False answers": ["Yes.", "Only on Sundays.", "Green cheese."], "Best answer": "It is rock."}
-        for i in range(4)])
-    monkeypatch.setenv("UAL_HOME", str(home))
-    out = run_harness(model, tokenizer=tokenizer, benchmarks={"truthfulqa_mc1": None, "truthfulqa_mc2": None})
+    out = run_harness(model, tokenizer=tokenizer, benchmarks={"truthfulqa_mc1": 5, "truthfulqa_mc2": 5})
     mc1, mc2 = out["items"]["truthfulqa_mc1"], out["items"]["truthfulqa_mc2"]
-    assert len(mc1) == len(mc2) == 4
-    assert all(len(r["loglik"]) == 4 and r["gold"] == 0 for r in mc1)
-    for r in mc2:
-        assert len(r["loglik"]) == 5 and r["gold"] == [0, 1]
-        p = np.exp(r["loglik"]) / np.exp(r["loglik"]).sum()
-        assert r["acc"] == pytest.approx(p[:2].sum(), abs=1e-6) == pytest.approx(r["p_gold"], abs=1e-6)
+    rows = benchmark_data.truthfulqa_rows()
+    assert [r["id"].split(":")[1] for r in mc1] == [r["id"].split(":")[1] for r in mc2]  # the same questions
+    for a, b in zip(mc1, mc2):
+        row = rows[int(a["id"].split(":")[1])]
+        assert len(a["loglik"]) == len(row["mc1_targets"]["choices"]) and a["gold"] == 0
+        labels = np.array(row["mc2_targets"]["labels"])
+        assert len(b["loglik"]) == len(labels)
+        p = np.exp(b["loglik"]) / np.exp(b["loglik"]).sum()
+        assert b["acc"] == pytest.approx(p[labels == 1].sum(), abs=1e-6) == pytest.approx(b["p_gold"], abs=1e-6)
     assert out["results"]["truthfulqa_mc2"]["acc"] == pytest.approx(np.mean([r["acc"] for r in mc2]))
-
-
-@pytest.mark.slow
-def test_truthfulqa_fetched_once_from_the_package_index():
-    """The real BIG-bench 1.0.0 source distribution from PyPI (once per $UAL_HOME): 299 questions. Where the
-    index no longer lists it (this machine's, since 2026-12), one line that says so and where the file goes."""
-    try:
-        rows = benchmark_data.truthfulqa_rows()
-    except FileNotFoundError as exc:
-        assert "bigbench==1.0.0" in str(exc) and "put BIG-bench's truthful_qa/questions.json at" in str(exc)
-        pytest.skip(f"the package index does not serve it: {exc}")
-    assert len(rows) == 299
-    assert all(r["mc1_targets"]["labels"][0] == 1 and sum(r["mc1_targets"]["labels"]) == 1 for r in rows)
-    assert benchmark_data.truthfulqa_questions().stat().st_size < 300_000  # only the questions were kept
+    assert out["benchmarks"]["truthfulqa_mc2"]["n_total"] == 817
 
 
 @pytest.mark.slow
@@ -158,6 +175,6 @@ def test_real_smollm2_above_chance_as_continuations():
 
 
 def test_truthfulqa_mc1_and_mc2_subsets_are_the_same_questions():
-    rows = list(range(299))
+    rows = list(range(817))
     assert benchmark_data.subset(rows, 50, "truthfulqa_mc1") == benchmark_data.subset(rows, 50, "truthfulqa_mc2")
     assert benchmark_data.subset(rows, 50, "arc_challenge") != benchmark_data.subset(rows, 50, "truthfulqa_mc2")

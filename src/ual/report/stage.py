@@ -11,6 +11,7 @@ from pathlib import Path
 from ual.config import ExperimentConfig, to_dict
 from ual.io import read_json, read_jsonl, write_json, write_text
 from ual.modes import MODES
+from ual.report.answers import answers_section, collect_answers
 from ual.lineage import read_folder_settings
 from ual.report.html import markdown_to_html
 from ual.report.plots import (plot_benchmarks, plot_distributions, plot_loss_curves, plot_seed_curves,
@@ -55,6 +56,8 @@ def collect(cfg: ExperimentConfig) -> dict:
         out["pairwise"] = read_json(run.root / "eval" / "pairwise.json")
     if run.comparisons.exists():
         out["comparisons"] = read_json(run.comparisons)
+    if (answers := collect_answers(run, MODEL_ORDER)) is not None:
+        out["answers"] = answers
     if (run.root / "seeds.json").exists():
         out["seeds"] = read_json(run.root / "seeds.json")
         out["seeds_md"] = (run.root / "seeds.md").read_text(encoding="utf-8")
@@ -197,6 +200,8 @@ def render_markdown(m: dict, images) -> str:
             lines.append(f"| {pair.replace(':', ' vs ')} | {r['n_valid']} | {r['wins']} | {r['ties']} | {r['losses']} | "
                          f"{_fmt(r['win_rate'])} | {_fmt(r['lc_win_rate'])} | {_fmt(r['position_consistency'])} |")
         lines.append("")
+    if m.get("answers"):
+        lines += answers_section(m["answers"])
     if "clustering" in m:
         c = m["clustering"]
         st = c["settings"]
