@@ -88,18 +88,10 @@ def _keep_tokenizer(tokenizer) -> None:
 
 
 def _counts(tokenizer, max_length: int, train_on_prompt: bool, chunk: list[list[dict]]) -> list:
-    from ual.data.tokenize import IGNORE, TemplateRefused, encode_batch
+    from ual.data.tokenize import IGNORE, encode_or_refusal
 
     tokenizer = tokenizer or _WORKER_TOKENIZER[0]
-    try:
-        encoded = encode_batch(tokenizer, chunk, None, train_on_prompt)
-    except TemplateRefused:  # which ones: each alone
-        encoded = []
-        for messages in chunk:
-            try:
-                encoded += encode_batch(tokenizer, [messages], None, train_on_prompt)
-            except TemplateRefused as exc:
-                encoded.append(exc)
+    encoded = encode_or_refusal(tokenizer, chunk, None, train_on_prompt)
     return [e if isinstance(e, Exception) else (len(e[0]), int((e[1][:max_length] != IGNORE).sum())) for e in encoded]
 
 

@@ -100,6 +100,23 @@ def encode_many(tokenizer, conversations: list[list[dict]], max_length: int | No
             for ids, labels, n in encode_batch(tokenizer, conversations[i : i + batch_size], max_length, train_on_prompt)]
 
 
+def encode_or_refusal(tokenizer, conversations: list[list[dict]], max_length: int | None,
+                      train_on_prompt: bool = False, refusal: type[Exception] = TemplateRefused) -> list:
+    """`encode_batch`, except that a conversation the template refuses gives its `refusal` exception in
+    its place instead of failing the batch (the batch is encoded whole; only a refused one is retried alone)."""
+    try:
+        return encode_batch(tokenizer, conversations, max_length, train_on_prompt)
+    except refusal:
+        pass
+    out: list = []
+    for messages in conversations:
+        try:
+            out += encode_batch(tokenizer, [messages], max_length, train_on_prompt)
+        except refusal as exc:
+            out.append(exc)
+    return out
+
+
 def encode_batch(tokenizer, conversations: list[list[dict]], max_length: int | None,
                  train_on_prompt: bool = False) -> list[tuple]:
     """(input_ids, labels, length before truncation) per conversation: int32 arrays, cut to max_length.

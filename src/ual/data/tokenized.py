@@ -165,18 +165,13 @@ def _lines(path: str):
 
 def _encode_rows(batch: dict, tokenizer, max_length: int | None, train_on_prompt: bool, source: str) -> dict:
     """One map batch: the JSON lines of samples -> token columns (runs in a worker process)."""
-    from ual.data.tokenize import TemplateError, encode_batch
+    from ual.data.tokenize import TemplateError, encode_or_refusal
 
     rows = [json.loads(t) for t in batch["text"]]
-    try:
-        encoded = encode_batch(tokenizer, [r["messages"] for r in rows], max_length, train_on_prompt)
-    except TemplateError:  # find the sample, for a message naming its line
-        for lineno, row in zip(batch["line"], rows):
-            try:
-                encode_batch(tokenizer, [row["messages"]], max_length, train_on_prompt)
-            except TemplateError as exc:
-                raise DataError(f"{source}:{lineno}: id '{row.get('id')}': {exc}", "chat template") from None
-        raise
+    encoded = encode_or_refusal(tokenizer, [r["messages"] for r in rows], max_length, train_on_prompt, TemplateError)
+    for lineno, row, e in zip(batch["line"], rows, encoded):
+        if isinstance(e, TemplateError):  # named with its line
+            raise DataError(f"{source}:{lineno}: id '{row.get('id')}': {e}", "chat template") from None
     return {"id": [r["id"] for r in rows], "line": batch["line"],
             "input_ids": [ids for ids, _, _ in encoded], "labels": [labels for _, labels, _ in encoded],
             "tokens": [len(ids) for ids, _, _ in encoded], "full_tokens": [n for _, _, n in encoded],
