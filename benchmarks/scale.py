@@ -3,6 +3,7 @@ and TRL's SFTTrainer on the same set, in one run.
 
     python benchmarks/scale.py                         # 10k, 100k, 300k samples (what fits 2 cores in ~30 min)
     python benchmarks/scale.py --sizes 10000,1000000   # any sizes
+    python benchmarks/scale.py --sizes 1000000 --skip trl_first,trl_cached   # stages left out (named in the log)
 
 For each size, two synthetic sources written as local JSONL files (not committed; made here): "maths",
 short worked answers (one or two sentences), and "chat", replies whose word count is drawn log-normally
@@ -11,6 +12,8 @@ on the same run folder, through the real CLI, and reports its wall time and its 
 ru_maxrss; worker processes are listed apart):
   data      `ual data`  (read, deduplicate, count tokens, split, write)
   score     `ual score --score.scorer prior`
+  judge_plan `ual score --judge openai --model gpt-4o-mini --score.via batch --dry-run` (every judge request
+            built and cut into Batch API files' sizes; nothing is sent)
   map       `ual map`
   export    `ual export-data --format parquet`
   tokenize  the training set tokenized into the run folder (ual.data.tokenized, data.num_proc = cores)
@@ -225,24 +228,37 @@ def run_child(*args: str) -> dict:
 
 # --------------------------------------------------------------------------- the run
 
-def measure(n: int, base: Path) -> dict:
+STAGES = ("data", "score", "judge_plan", "map", "export", "floor", "tokenize", "train_first", "train_cached",
+          "trl_first", "trl_cached")
+
+
+def measure(n: int, base: Path, skip: set[str] = frozenset()) -> dict:
     folder = base / f"n{n}"
     folder.mkdir(parents=True, exist_ok=True)
     write_sources(folder, n)
     cfg, run, p = write_config(folder, n), str(folder / "run"), str(cores())
-    out = {"n": n}
-    out["data"] = run_child("ual", "data", str(cfg))
-    out["score"] = run_child("ual", "score", run, "--score.scorer", "prior")
-    out["map"] = run_child("ual", "map", run)
-    out["export"] = run_child("ual", "export-data", run, "--format", "parquet", "--out", str(folder / "export.parquet"))
-    out["floor"] = run_child("floor", run, p)
-    out["tokenize"] = run_child("tokenize", run, p)
-    shutil.rmtree(Path(run) / "tokenized")
-    out["train_first"] = run_child("ual", "train", run)
-    out["train_cached"] = run_child("ual", "train", run, "--force")
     cache = str(folder / "trl-cache")
-    out["trl_first"] = run_child("trl", run, p, cache)
-    out["trl_cached"] = run_child("trl", run, p, cache)
+    children = {
+        "data": ("ual", "data", str(cfg)),
+        "score": ("ual", "score", run, "--score.scorer", "prior"),
+        # the judge's requests built and cut into Batch API files, nothing sent (the key is never read)
+        "judge_plan": ("ual", "score", run, "--judge", "openai", "--model", "gpt-4o-mini", "--score.via", "batch",
+                       "--dry-run"),
+        "map": ("ual", "map", run),
+        "export": ("ual", "export-data", run, "--format", "parquet", "--out", str(folder / "export.parquet")),
+        "floor": ("floor", run, p),
+        "tokenize": ("tokenize", run, p),
+        "train_first": ("ual", "train", run),
+        "train_cached": ("ual", "train", run, "--force"),
+        "trl_first": ("trl", run, p, cache),
+        "trl_cached": ("trl", run, p, cache),
+    }
+    out = {"n": n}
+    for stage in STAGES:
+        if stage == "train_first" and (Path(run) / "tokenized").exists():
+            shutil.rmtree(Path(run) / "tokenized")  # first use: the set is built by training itself
+        if stage not in skip:
+            out[stage] = run_child(*children[stage])
     shutil.rmtree(folder, ignore_errors=True)  # GBs at 1M
     return out
 
@@ -254,45 +270,51 @@ def exponent(a: float, b: float, n1: int, n2: int) -> float:
 def table(results: list[dict]) -> tuple[str, dict]:
     rows = ["| stage | " + " | ".join(f"{r['n']:,}: s | MB" for r in results) + " |",
             "|---|" + "---:|---:|" * len(results)]
-    stages = [("data", "seconds"), ("score", "seconds"), ("map", "seconds"), ("export", "seconds"),
-              ("tokenize", "seconds"), ("floor", "seconds"), ("train_first", "first_step_s"),
-              ("train_cached", "first_step_s"), ("trl_first", "first_step_s"), ("trl_cached", "first_step_s")]
-    for name, key in stages:
+    for name in STAGES:
         cells = []
         for r in results:
-            m = r[name]
-            mb = m.get("first_step_peak_mb", m.get("peak_mb"))
-            cells.append(f"{m[key]:.1f} | {mb:.0f}" if mb is not None else f"{m[key]:.1f} | -")
+            m = r.get(name)
+            mb = None if m is None else m.get("first_step_peak_mb", m.get("peak_mb"))
+            cells.append("not run | -" if m is None else f"{_seconds(m):.1f} | " + (f"{mb:.0f}" if mb is not None else "-"))
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     summary = {"sizes": [r["n"] for r in results], "per_size": []}
+    ratios = {"tokenize_vs_floor": ("tokenize", "floor", "speed"),
+              "train_first_vs_trl_first_time": ("train_first", "trl_first", "time"),
+              "train_cached_vs_trl_cached_time": ("train_cached", "trl_cached", "time"),
+              "train_first_vs_trl_first_rss": ("train_first", "trl_first", "rss"),
+              "train_cached_vs_trl_cached_rss": ("train_cached", "trl_cached", "rss")}
+    measured = ("data", "score", "judge_plan", "map", "export", "tokenize", "train_cached")
     for r in results:
-        summary["per_size"].append({
-            "n": r["n"],
-            "tokenize_vs_floor": r["tokenize"]["samples_per_s"] / r["floor"]["samples_per_s"],
-            "train_first_vs_trl_first_time": r["train_first"]["first_step_s"] / r["trl_first"]["first_step_s"],
-            "train_cached_vs_trl_cached_time": r["train_cached"]["first_step_s"] / r["trl_cached"]["first_step_s"],
-            "train_first_vs_trl_first_rss": r["train_first"]["first_step_peak_mb"] / r["trl_first"]["first_step_peak_mb"],
-            "train_cached_vs_trl_cached_rss": r["train_cached"]["first_step_peak_mb"] / r["trl_cached"]["first_step_peak_mb"],
-            **{f"{k}_s": round(r[k]["seconds"], 2) for k in ("data", "score", "map", "export", "tokenize")},
-            **{f"{k}_peak_mb": round(r[k]["peak_mb"]) for k in ("data", "score", "map", "export", "tokenize")},
-            "train_cached_first_step_s": round(r["train_cached"]["first_step_s"], 2),
-        })
+        row = {"n": r["n"]}
+        for key, (a, b, what) in ratios.items():
+            if a in r and b in r:
+                row[key] = (r[a]["samples_per_s"] / r[b]["samples_per_s"] if what == "speed" else
+                            _seconds(r[a]) / _seconds(r[b]) if what == "time" else _peak(r[a]) / _peak(r[b]))
+        row.update({f"{k}_s": round(_seconds(r[k]), 2) for k in measured if k in r})
+        row.update({f"{k}_peak_mb": round(_peak(r[k])) for k in measured if k in r})
+        summary["per_size"].append(row)
     growth = {}
     for a, b in zip(results, results[1:]):
-        key = f"{a['n']}->{b['n']}"
-        growth[key] = {name: {"time": round(exponent(a[name]["seconds"], b[name]["seconds"], a["n"], b["n"]), 2),
-                              "peak_mb_growth": round(b[name]["peak_mb"] - a[name]["peak_mb"])}
-                       for name in ("data", "score", "map", "export", "tokenize")}
-        growth[key]["train_cached"] = {
-            "time": round(exponent(a["train_cached"]["first_step_s"], b["train_cached"]["first_step_s"], a["n"], b["n"]), 2),
-            "peak_mb_growth": round(b["train_cached"]["first_step_peak_mb"] - a["train_cached"]["first_step_peak_mb"])}
+        growth[f"{a['n']}->{b['n']}"] = {
+            name: {"time": round(exponent(_seconds(a[name]), _seconds(b[name]), a["n"], b["n"]), 2),
+                   "peak_mb_growth": round(_peak(b[name]) - _peak(a[name]))}
+            for name in measured if name in a and name in b}
     summary["growth"] = growth
     return "\n".join(rows), summary
+
+
+def _seconds(m: dict) -> float:
+    return m.get("first_step_s", m["seconds"])
+
+
+def _peak(m: dict) -> float:
+    return m.get("first_step_peak_mb", m["peak_mb"])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,300000")
+    p.add_argument("--skip", default="", help=f"stages not run, comma-separated (of {', '.join(STAGES)})")
     p.add_argument("--child", nargs=argparse.REMAINDER)
     args = p.parse_args()
     if args.child:
@@ -303,12 +325,16 @@ def main() -> None:
         print(json.dumps(result))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(STAGES):
+        p.error(f"--skip: unknown stage(s) {sorted(skip - set(STAGES))}; stages: {', '.join(STAGES)}")
     base = Path(tempfile.mkdtemp(prefix="ual-scale-"))
     results = []
-    print(f"# benchmarks/scale.py on {cores()} cores, sizes {sizes}, model {MODEL}, max_length {MAX_LENGTH}", flush=True)
+    print(f"# benchmarks/scale.py on {cores()} cores, sizes {sizes}, model {MODEL}, max_length {MAX_LENGTH}"
+          + (f", not run: {', '.join(sorted(skip))}" if skip else ""), flush=True)
     for n in sizes:
         t = time.time()
-        results.append(measure(n, base))
+        results.append(measure(n, base, skip))
         print(f"# n={n:,} measured in {time.time() - t:.0f} s: {json.dumps(results[-1])}", flush=True)
         text, summary = table(results)
         print(text, flush=True)

@@ -120,3 +120,44 @@ def test_a_write_that_fails_part_way_leaves_the_last_outputs(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space left"):
         build_dataset(cfg)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_sources_stream_through_a_scratch_file_that_is_removed(tmp_path, tokenizer):
+    """Each source is read once into a scratch file and the outputs are written from it by offset, in their
+    shuffled order: the same outputs with token counts in 1 or 2 worker processes (chunks of 256 samples
+    in flight, so a source of more than one chunk), and no scratch file left, a killed run's included."""
+    rows = [{"prompt": f"Question {i}?", "completion": "word " * (1 + i % 50)} for i in range(700)]
+    src = tmp_path / "many.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    outputs = {}
+    for workers in (1, 2):
+        run = tmp_path / f"run{workers}"
+        run.mkdir()
+        (run / ".data-spool-999999.jsonl").write_text("left by a killed run\n")
+        cfg = ExperimentConfig(run_dir=str(run), data=DataConfig(
+            sources=[SourceConfig(name=str(src), train=500, heldout=100)], max_length=64, num_proc=workers))
+        stats = build_dataset(cfg, tokenizer)
+        assert not list(run.glob(".data-spool-*")) and not list(run.glob(".*.new"))
+        outputs[workers] = {n: (run / n).read_bytes() for n in ("samples.jsonl", "heldout.jsonl", "data_stats.json")}
+    assert outputs[1] == outputs[2]
+    train = read_samples(tmp_path / "run1" / "samples.jsonl")
+    assert len(train) == 500 and stats["sources"]["many"]["available"] == 700
+    assert {s.meta["origin"] for s in train} <= {f"{src}:{i + 1}" for i in range(700)}
+    assert stats["sources"]["many"]["train_lengths"]["truncated"] > 0  # counted, not cut away
+
+
+def test_max_turns_keeps_the_first_of_conversations_it_makes_identical(tmp_path):
+    """Two conversations that differ only after the first exchange are one sample under max_turns 1:
+    the first one read is kept (its origin line), the other counted."""
+    first = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    rows = [{"messages": first + [{"role": "user", "content": f"And {i}?"}, {"role": "assistant", "content": "Yes."}]}
+            for i in range(2)] + [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant",
+                                                                                       "content": "A."}]} for i in range(4)]
+    src = tmp_path / "turns.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = ExperimentConfig(run_dir=str(tmp_path / "run"), data=DataConfig(
+        sources=[SourceConfig(name=str(src), heldout=0, max_turns=1)]))
+    stats = build_dataset(cfg)
+    samples = read_samples(tmp_path / "run" / "samples.jsonl")
+    assert stats["sources"]["turns"]["duplicates_after_max_turns"] == 1 and len(samples) == 5
+    assert next(s for s in samples if s.messages == first).meta["origin"] == f"{src}:1"

@@ -250,25 +250,37 @@ def _finite(v: float) -> bool:
 
 def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "raise",
                       limit: int | None = None, name: str | None = None) -> tuple[list[Sample], dict]:
-    """Normalise (where, row) pairs into unique Samples; the shared loop of every loader.
+    """Normalise (where, row) pairs into unique Samples: `iter_samples`, kept in a list."""
+    stats = new_stats()
+    return list(iter_samples(rows, source, fmt, on_error, limit, name, stats)), stats
+
+
+def new_stats() -> dict:
+    return {"read": 0, "kept": 0, "skipped": 0, "skipped_by_kind": {}, "duplicates": 0, "skipped_reasons": [],
+            "trailing_turns_dropped": 0, "trailing_turns_examples": []}
+
+
+def iter_samples(rows, source: str, fmt: str = "auto", on_error: str = "raise", limit: int | None = None,
+                 name: str | None = None, stats: dict | None = None) -> Iterator[Sample]:
+    """Normalise (where, row) pairs into unique Samples, one at a time; the shared loop of every loader.
 
     A row may be a DataError (a reader's verdict on a row it could not parse): under
     on_error "skip" it is skipped and counted like a row with a bad field.
     Each sample's meta holds the row's numeric columns (`numeric_columns`) and "origin".
-    stats: read, kept, skipped (by kind, with up to 5 example reasons), duplicates
-    (identical content), trailing_turns_dropped (conversations whose turns after the last
-    reply, e.g. an unanswered user turn or the odd last string of a LIMA list, were cut;
-    up to 5 examples). `limit` stops after that many kept samples, so a big source is read
-    only as far as needed. A source with rows but no usable one is an error naming `name`.
+    `stats` (new_stats(); complete once the iterator is exhausted): read, kept, skipped (by kind,
+    with up to 5 example reasons), duplicates (identical content), trailing_turns_dropped
+    (conversations whose turns after the last reply, e.g. an unanswered user turn or the odd last
+    string of a LIMA list, were cut; up to 5 examples). `limit` stops after that many kept samples,
+    so a big source is read only as far as needed. A source with rows but no usable one is an error
+    naming `name`. Only the ids seen are held (to drop duplicates), never the samples.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"{name or source}: unknown format '{fmt}' (expected auto or one of {', '.join(FORMATS)})",
                         "file")
-    samples, seen = [], set()
-    stats = {"read": 0, "kept": 0, "skipped": 0, "skipped_by_kind": {}, "duplicates": 0, "skipped_reasons": [],
-             "trailing_turns_dropped": 0, "trailing_turns_examples": []}
+    stats = new_stats() if stats is None else stats
+    seen: set[int] = set()  # ids as numbers (16 hex digits): no string kept a sample
     for where, row in rows if limit is None or limit > 0 else ():
         stats["read"] += 1
         try:
@@ -285,18 +297,18 @@ def samples_from_rows(rows, source: str, fmt: str = "auto", on_error: str = "rai
             if len(stats["trailing_turns_examples"]) < 5:
                 stats["trailing_turns_examples"].append(f"{where}: {cut} turn{'s' * (cut > 1)} after the last reply")
         sample = Sample.create(source, messages, {**numeric_columns(row), "origin": where})
-        if sample.id in seen:
+        key = int(sample.id, 16)
+        if key in seen:
             stats["duplicates"] += 1
             continue
-        seen.add(sample.id)
-        samples.append(sample)
-        if limit is not None and len(samples) >= limit:
+        seen.add(key)
+        stats["kept"] += 1
+        yield sample
+        if limit is not None and stats["kept"] >= limit:
             break
-    stats["kept"] = len(samples)
-    if stats["read"] and not samples:
+    if stats["read"] and not stats["kept"]:
         raise DataError(f"{name or source}: none of its {stats['read']} rows is usable (all skipped; first: "
                         f"{stats['skipped_reasons'][0]})", "file")
-    return samples, stats
 
 
 def count_skipped(stats: dict, exc: DataError) -> None:
@@ -311,9 +323,16 @@ def count_skipped(stats: dict, exc: DataError) -> None:
 
 def load_file(path: str | Path, source: str | None = None, fmt: str = "auto", on_error: str = "raise",
               limit: int | None = None) -> tuple[list[Sample], dict]:
-    """Read a local data file into Samples (meta["origin"] = "file:line"); see samples_from_rows."""
+    """Read a local data file into Samples (meta["origin"] = "file:line"); see iter_samples."""
     path = Path(path)
     return samples_from_rows(iter_rows(path), source or path.stem, fmt, on_error, limit, name=str(path))
+
+
+def stream_file(path: str | Path, source: str | None = None, fmt: str = "auto",
+                on_error: str = "raise") -> tuple[Iterator[Sample], dict]:
+    """load_file one sample at a time: (samples, stats complete once they are read)."""
+    path, stats = Path(path), new_stats()
+    return iter_samples(iter_rows(path), source or path.stem, fmt, on_error, None, str(path), stats), stats
 
 
 def sharegpt_first_parts(path: Path, counts: dict) -> Iterator[tuple[str, object]]:

@@ -33,7 +33,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ual.data.formats import DataError, iter_rows, load_file, samples_from_rows, sharegpt_first_parts
+from collections.abc import Iterator
+
+from ual.data.formats import DataError, iter_rows, iter_samples, new_stats, sharegpt_first_parts, stream_file
 from ual.sample import Sample
 
 
@@ -98,8 +100,9 @@ def metamath_answer(response: str) -> str | None:
     return m.group(1).strip().rstrip(".").replace(",", "") if m.group(1).strip() else None
 
 
-def load_paper_source(spec, need: int | None = None, on_error: str = "raise") -> tuple[list[Sample], dict]:
-    """Load a named paper source (SourceConfig `spec`): unique samples in file order, and stats."""
+def stream_paper_source(spec, need: int | None = None, on_error: str = "raise") -> tuple[Iterator[Sample], dict]:
+    """A named paper source (SourceConfig `spec`), a sample at a time: (unique samples in file order,
+    stats complete once they are read)."""
     info = PAPER_SOURCES[spec.name]
     label = spec.label or info.label
     path = source_file(spec.name, spec.path)
@@ -107,29 +110,28 @@ def load_paper_source(spec, need: int | None = None, on_error: str = "raise") ->
         samples, stats = _metamath(path, label, on_error)
     elif info.layout == "sharegpt_pool":
         samples, stats = _sharegpt_pool(path, label, need)
-    elif info.layout == "selection":
-        samples, stats = load_file(path, source=label, fmt=spec.format, on_error=on_error)
-        if info.label == "metamath":
-            _add_answers(samples)
     else:
-        fmt = spec.format if spec.format != "auto" else info.layout
-        samples, stats = load_file(path, source=label, fmt=fmt, on_error=on_error)
+        fmt = spec.format if spec.format != "auto" or info.layout == "selection" else info.layout
+        samples, stats = stream_file(path, source=label, fmt=fmt, on_error=on_error)
+        if info.layout == "selection" and info.label == "metamath":
+            samples = map(_add_answer, samples)
     stats.update(path=str(path), paper_source=spec.name, hub=None if spec.path else info.repo)
     return samples, stats
 
 
-def _add_answers(samples: list[Sample]) -> None:
-    for s in samples:
-        ans = metamath_answer(s.final_response)
-        if ans is not None:
-            s.meta["answer"] = ans
+def _add_answer(sample: Sample) -> Sample:
+    ans = metamath_answer(sample.final_response)
+    if ans is not None:
+        sample.meta["answer"] = ans
+    return sample
 
 
-def _metamath(path: Path, label: str, on_error: str) -> tuple[list[Sample], dict]:
+def _metamath(path: Path, label: str, on_error: str) -> tuple[Iterator[Sample], dict]:
     """MetaMathQA rows {query, response, type, original_question} as user=query, assistant=response."""
-    kinds: dict[str, str] = {}
+    kinds: dict[str, str] = {}  # origin -> type, for the row a sample is being made from
+    stats = {**new_stats(), "with_answer": 0}
 
-    def rows():  # a bad row goes on as a DataError: samples_from_rows raises or skips and counts it
+    def rows():  # a bad row goes on as a DataError: iter_samples raises or skips and counts it
         for where, row in iter_rows(path):
             bad = row if isinstance(row, DataError) else next(
                 (DataError(f"{where}: field '{key}': missing or not a non-empty string", "missing field")
@@ -137,29 +139,29 @@ def _metamath(path: Path, label: str, on_error: str) -> tuple[list[Sample], dict
             if bad is not None:
                 yield where, bad
                 continue
+            kinds.clear()  # a duplicate's type is never read: keep one entry, not one per row
             kinds[where] = str(row.get("type", ""))
             yield where, {"prompt": row["query"], "completion": row["response"]}
 
-    samples, stats = samples_from_rows(rows(), label, "prompt_completion", on_error, name=str(path))
-    for s in samples:
-        s.meta["type"] = kinds.get(s.meta["origin"], "")
-    _add_answers(samples)
-    stats["with_answer"] = sum("answer" in s.meta for s in samples)
-    return samples, stats
+    def samples():
+        for s in iter_samples(rows(), label, "prompt_completion", on_error, name=str(path), stats=stats):
+            s.meta["type"] = kinds.get(s.meta["origin"], "")
+            stats["with_answer"] += "answer" in _add_answer(s).meta
+            yield s
+
+    return samples(), stats
 
 
-def _sharegpt_pool(path: Path, label: str, need: int | None) -> tuple[list[Sample], dict]:
+def _sharegpt_pool(path: Path, label: str, need: int | None) -> tuple[Iterator[Sample], dict]:
     """The ShareGPT V3 dump (a JSON list): the first part of each conversation, noisy rows skipped and counted.
 
     Same rules as the packaged `sharegpt` source: ids "abc_1", "abc_2" are later parts of
     "abc" (they mostly start mid-conversation, and would leak across a train/held-out split).
     """
-    other = {"other_parts": 0}
-
-    samples, stats = samples_from_rows(sharegpt_first_parts(path, other), label, "sharegpt", on_error="skip",
-                                       limit=need)
-    stats.update(other)
-    return samples, stats
+    stats = new_stats()
+    stats["other_parts"] = 0  # counted by sharegpt_first_parts as the dump is read
+    return iter_samples(sharegpt_first_parts(path, stats), label, "sharegpt", on_error="skip", limit=need,
+                        stats=stats), stats
 
 
 def describe() -> list[dict]:

@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 
 from ual.config import SourceConfig
-from ual.data.formats import DataError, load_file, samples_from_rows, sharegpt_first_parts
+from collections.abc import Iterator
+
+from ual.data.formats import DataError, iter_samples, new_stats, samples_from_rows, sharegpt_first_parts, stream_file
 from ual.sample import Sample
 
 PACKAGED = ("sharegpt", "gsm8k")
@@ -110,9 +112,10 @@ def load_gsm8k(source: str = "gsm8k") -> tuple[list[Sample], dict]:
 
 # --------------------------------------------------------------------------- Hub
 
-def load_hub(name: str, split: str = "train", fmt: str = "auto", on_error: str = "raise",
-             source: str | None = None) -> tuple[list[Sample], dict]:
-    """A Hugging Face Hub data set (`name` = ORG/NAME), normalised like a local file."""
+def stream_hub(name: str, split: str = "train", fmt: str = "auto", on_error: str = "raise",
+             source: str | None = None) -> tuple[Iterator[Sample], dict]:
+    """A Hugging Face Hub data set (`name` = ORG/NAME), normalised like a local file, one sample at a
+    time off the memory-mapped set (stats complete once they are read)."""
     try:
         import datasets
 
@@ -127,9 +130,9 @@ def load_hub(name: str, split: str = "train", fmt: str = "auto", on_error: str =
                         "set where the hub is reachable and give its local .jsonl/.json/.parquet "
                         "file as the source name instead") from None
     rows = ((f"hub:{name}[{split}]:row {i}", row) for i, row in enumerate(ds))
-    samples, stats = samples_from_rows(rows, source or name.split("/")[-1], fmt, on_error, name=f"hub:{name}[{split}]")
-    stats["path"] = f"hub:{name}"
-    return samples, stats
+    stats = {**new_stats(), "path": f"hub:{name}"}
+    return iter_samples(rows, source or name.split("/")[-1], fmt, on_error, name=f"hub:{name}[{split}]",
+                        stats=stats), stats
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -161,29 +164,36 @@ def input_path(spec: SourceConfig) -> Path | None:
 
 
 def load_source(spec: SourceConfig, need: int | None = None, on_error: str = "raise") -> tuple[list[Sample], dict]:
-    """Load one configured source: (unique samples in file order, stats).
+    """Load one configured source: (unique samples in file order, stats); see stream_source."""
+    samples, stats = stream_source(spec, need, on_error)
+    return list(samples), stats
+
+
+def stream_source(spec: SourceConfig, need: int | None = None,
+                  on_error: str = "raise") -> tuple[Iterator[Sample], dict]:
+    """One configured source, a sample at a time: (unique samples in file order, stats complete once
+    they are read). Local files, hub sets and the paper sources stream; the packaged ones are small.
 
     `need` lets a big packaged source stop early (ShareGPT reads only the first `need`
     usable conversations); local files and hub sets are read whole, so a seeded
     selection can draw from all of them.
     """
     label = source_label(spec)
-    from ual.data.paper import PAPER_SOURCES, load_paper_source
+    from ual.data.paper import PAPER_SOURCES, stream_paper_source
 
     if spec.name in PAPER_SOURCES:
-        return load_paper_source(spec, need, on_error)
+        return stream_paper_source(spec, need, on_error)
     if spec.path:
         raise DataError(f"source '{spec.name}': `path` is only for the named paper sources "
                         f"({', '.join(PAPER_SOURCES)}); give a local file as the source name instead")
-    if spec.name == "sharegpt":
-        return load_sharegpt(limit=need, source=label)
-    if spec.name == "gsm8k":
-        return load_gsm8k(source=label)
+    if spec.name in PACKAGED:
+        samples, stats = load_sharegpt(limit=need, source=label) if spec.name == "sharegpt" else load_gsm8k(label)
+        return iter(samples), stats
     if spec.name.startswith("hub:"):
-        return load_hub(spec.name[4:], spec.split, spec.format, on_error, source=label)
+        return stream_hub(spec.name[4:], spec.split, spec.format, on_error, source=label)
     path = Path(spec.name)
     if path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
-        samples, stats = load_file(path, source=label, fmt=spec.format, on_error=on_error)
+        samples, stats = stream_file(path, source=label, fmt=spec.format, on_error=on_error)
         stats["path"] = str(path)
         return samples, stats
     raise DataError(f"unknown source '{spec.name}': not a packaged source ({', '.join(PACKAGED)}), "

@@ -32,76 +32,74 @@ import logging
 import os
 import random
 import shutil
+from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ual.config import ExperimentConfig
 from ual.data.formats import DataError, count_skipped
+from ual.data.spool import SampleSpool, counted
 from ual.data.tokenized import default_num_proc
 from ual.sample import Sample, content_id
-from ual.data.sources import input_path, load_source, source_label
+from ual.data.sources import input_path, source_label, stream_source
 from ual.io import write_json, write_jsonl
 from ual.runfolder import STAGE_OUTPUTS, RunFolder
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = STAGE_OUTPUTS["data"]
+PROGRESS_EVERY = 100_000  # samples between progress lines while a source is read
 
 
-def split_source(samples: list[Sample], label: str, seed: int, heldout: int,
-                 train: int | None) -> tuple[list[Sample], list[Sample]]:
-    """Seeded shuffle, then held-out first and training next; an error if there are too few."""
+@dataclass
+class SourceRead:
+    """One source after its single pass: its usable samples' spool positions (in file order), ids,
+    content ids (the conversation alone, to find overlaps across sources) and token counts. Ids are
+    64-bit hashes (16 hex digits), held as numbers: 8 bytes a sample, not a string object."""
+
+    positions: array = field(default_factory=lambda: array("q"))
+    ids: array = field(default_factory=lambda: array("Q"))
+    content: array = field(default_factory=lambda: array("Q"))
+    tokens: array = field(default_factory=lambda: array("q"))  # before the max_length cut
+    supervised: array = field(default_factory=lambda: array("q"))  # after it
+
+    def add(self, spool: SampleSpool, sample: Sample, counts: tuple[int, int] | None = None) -> None:
+        self.positions.append(spool.add(sample))
+        self.ids.append(int(sample.id, 16))
+        self.content.append(int(content_id("", sample.messages), 16))
+        if counts is not None:
+            self.tokens.append(counts[0])
+            self.supervised.append(counts[1])
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def split_source(n: int, label: str, seed: int, heldout: int, train: int | None) -> tuple[list[int], list[int]]:
+    """Seeded shuffle of a source's n samples, then held-out first and training next (indices into
+    the source); an error if there are too few."""
     want = heldout + (train or 0)
-    if len(samples) < want:
+    if n < want:
         asked = f"{heldout} held-out + {train} training" if train is not None else f"{heldout} held-out"
-        raise DataError(f"source '{label}' has only {len(samples)} usable samples, but {asked} = "
+        raise DataError(f"source '{label}' has only {n} usable samples, but {asked} = "
                         f"{want} were asked; lower the counts or add data")
-    order = list(samples)
-    random.Random(f"{seed}:{label}").shuffle(order)
+    order = list(range(n))
+    random.Random(f"{seed}:{label}").shuffle(order)  # the permutation depends on n alone
     held = order[:heldout]
     rest = order[heldout:]
     return (rest if train is None else rest[:train]), held
 
 
-def token_counts(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool,
-                 num_proc: int = 1) -> list:
-    """(tokens before the cut, supervised tokens after it) per sample, or the TemplateRefused the chat
-    template raised for it; encoded 256 at a time (one tokenizer call each), in num_proc processes."""
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-    from multiprocessing import get_context
-
-    chunks = [[s.messages for s in samples[i : i + 256]] for i in range(0, len(samples), 256)]
-    if num_proc <= 1 or len(chunks) < 2:
-        return [c for chunk in chunks for c in _counts(tokenizer, max_length, train_on_prompt, chunk)]
-    # Forked workers get the tokenizer with the process, once; only the conversations are sent.
-    with ProcessPoolExecutor(min(num_proc, len(chunks)), mp_context=get_context("fork"), initializer=_keep_tokenizer,
-                             initargs=(tokenizer,)) as pool:
-        parts = pool.map(partial(_counts, None, max_length, train_on_prompt), chunks)
-        return [c for part in parts for c in part]
-
-
-_WORKER_TOKENIZER: list = []  # a pool worker's tokenizer (set once by its initializer; never in the parent)
-
-
-def _keep_tokenizer(tokenizer) -> None:
-    _WORKER_TOKENIZER[:] = [tokenizer]
-
-
-def _counts(tokenizer, max_length: int, train_on_prompt: bool, chunk: list[list[dict]]) -> list:
-    from ual.data.tokenize import IGNORE, encode_or_refusal
-
-    tokenizer = tokenizer or _WORKER_TOKENIZER[0]
-    encoded = encode_or_refusal(tokenizer, chunk, None, train_on_prompt)
-    return [e if isinstance(e, Exception) else (len(e[0]), int((e[1][:max_length] != IGNORE).sum())) for e in encoded]
-
-
-def length_stats(counts: list[tuple[int, int]], max_length: int) -> dict:
-    """How many samples the max_length cut would truncate, and how many it leaves nothing to learn
-    (`counts`: token_counts of the samples)."""
-    lengths = [n for n, _ in counts]
+def length_stats(read: SourceRead, which: list[int], max_length: int) -> dict:
+    """How many of the samples `which` (indices into `read`) the max_length cut would truncate, and how
+    many it leaves nothing to learn."""
+    lengths = [read.tokens[i] for i in which]
     return {
         "truncated": sum(n > max_length for n in lengths),
-        "no_supervised_tokens_after_truncation": sum(n > max_length and kept == 0 for n, kept in counts),
+        "no_supervised_tokens_after_truncation": sum(n > max_length and read.supervised[i] == 0
+                                                     for n, i in zip(lengths, which)),
         "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
         "tokens_max": max(lengths, default=0),
     }
@@ -118,35 +116,68 @@ def first_exchanges(sample: Sample, max_turns: int) -> Sample:
     return Sample.create(sample.source, kept, sample.meta)
 
 
-def drop_unlearnable(tokenizer, samples: list[Sample], max_length: int, train_on_prompt: bool,
-                     on_error: str = "raise", stats: dict | None = None, num_proc: int = 1):
-    """Samples whose response is cut away entirely by max_length teach nothing and cannot be
-    scored (0 response tokens); they are dropped before the split and counted (the second value).
-    The third value: token_counts of the kept samples, by id (for length_stats).
+def unique_first_exchanges(samples, max_turns: int, stats: dict):
+    """`first_exchanges` of each sample; one cut to the same conversation as an earlier one is dropped
+    and counted (the first one read is kept)."""
+    seen: set[int] = set()  # ids as numbers (16 hex digits)
+    stats["max_turns"] = max_turns
+    stats["duplicates_after_max_turns"] = 0
+    for s in samples:
+        s = first_exchanges(s, max_turns)
+        key = int(s.id, 16)
+        if key in seen:
+            stats["duplicates_after_max_turns"] += 1
+            continue
+        seen.add(key)
+        yield s
+
+
+def read_source(spec, label: str, need: int | None, cfg: ExperimentConfig, tokenizer,
+                spool: SampleSpool) -> tuple[SourceRead, dict]:
+    """Read one source once into the spool. With a tokenizer, samples whose response is cut away
+    entirely by max_length teach nothing and cannot be scored (0 response tokens): they are dropped
+    and counted (`dropped_no_response_tokens`).
 
     A sample the chat template refuses (TemplateRefused) is a DataError naming its origin, or under
-    on_error "skip" left out and counted in `stats` like a bad row (kind "chat template"); when it
-    refuses every sample, the first refusal is raised whatever on_error says.
+    on_error "skip" left out and counted like a bad row (kind "chat template"); when it refuses
+    every sample, the first refusal is raised whatever on_error says.
     """
-    kept, refused, counts = [], [], {}
-    for s, c in zip(samples, token_counts(tokenizer, samples, max_length, train_on_prompt, num_proc)):
-        if isinstance(c, Exception):
-            err = DataError(f"{s.meta.get('origin', s.id)}: {c}", "chat template")
-            if on_error != "skip":
-                raise err from None
-            refused.append(err)
-            continue
-        if c[1]:
-            kept.append(s)
-            counts[s.id] = c
-    if refused and len(refused) == len(samples):
-        raise DataError(f"none of the {len(samples)} samples can be rendered by the chat template (first: "
-                        f"{refused[0]})", "chat template")
-    if refused and stats is not None:
-        stats["kept"] = stats.get("kept", len(samples)) - len(refused)
-        for err in refused:
-            count_skipped(stats, err)
-    return kept, len(samples) - len(refused) - len(kept), counts
+    samples, stats = stream_source(spec, need, cfg.data.on_error)
+    if spec.max_turns is not None:
+        samples = unique_first_exchanges(samples, spec.max_turns, stats)
+    read = SourceRead()
+    if tokenizer is None:
+        for s in samples:
+            read.add(spool, s)
+            _progress(label, len(read))
+        return read, stats
+    refused, first_refusal, dropped = 0, None, 0
+    num_proc = cfg.data.num_proc or default_num_proc()
+    for chunk, counts in counted(tokenizer, samples, cfg.data.max_length, cfg.data.train_on_prompt, num_proc):
+        for s, c in zip(chunk, counts):
+            if isinstance(c, Exception):
+                err = DataError(f"{s.meta.get('origin', s.id)}: {c}", "chat template")
+                if cfg.data.on_error != "skip":
+                    raise err from None
+                refused += 1
+                first_refusal = first_refusal or err
+                count_skipped(stats, err)
+            elif c[1]:
+                read.add(spool, s, c)
+            else:
+                dropped += 1
+        _progress(label, len(read) + dropped + refused, len(chunk))
+    if refused and not (len(read) or dropped):
+        raise DataError(f"none of the {refused} samples can be rendered by the chat template (first: "
+                        f"{first_refusal})", "chat template")
+    stats["kept"] -= refused
+    stats["dropped_no_response_tokens"] = dropped
+    return read, stats
+
+
+def _progress(label: str, done: int, step: int = 1) -> None:
+    if done // PROGRESS_EVERY != (done - step) // PROGRESS_EVERY:
+        log.info("data: %s: %d samples read", label, done)
 
 
 def _resolved(path: Path) -> Path | None:
@@ -189,25 +220,28 @@ def check_distinct_files(cfg: ExperimentConfig) -> None:
         seen[key] = (i, path)
 
 
-def _write_outputs(out: Path, train: list[Sample], held: list[Sample], stats: dict) -> None:
-    """samples.jsonl, heldout.jsonl, data_stats.json, all three or none: each is written beside its final
-    name first and the three renamed into place together, so a failure leaves the last run's outputs.
-    When the samples changed (other ids), what was derived from the old ones (scores, smoothing) is removed after."""
+def _write_outputs(out: Path, spool: SampleSpool, train, held, stats: dict) -> None:
+    """samples.jsonl, heldout.jsonl, data_stats.json (`train`, `held`: spool positions in output order),
+    all three or none: each is written beside its final name first and the three renamed into place
+    together, so a failure leaves the last run's outputs. When the samples changed (other ids, or the
+    same in another order), what was derived from the old ones (scores, smoothing, tokenized sets) is
+    removed after."""
     from ual.lineage import Lineage
 
     names = ("samples.jsonl", "heldout.jsonl", "data_stats.json")
-    before = [_ids(out / n) for n in names[:2]]
+    before = [_ids_digest(out / n) for n in names[:2]]
+    after: list[str] = []
     staged = {n: out / f".{n}.new" for n in names}
     try:
-        write_jsonl(staged["samples.jsonl"], (s.to_dict() for s in train))
-        write_jsonl(staged["heldout.jsonl"], (s.to_dict() for s in held))
+        write_jsonl(staged["samples.jsonl"], _hashing_ids(spool.rows(train, "train"), after))
+        write_jsonl(staged["heldout.jsonl"], _hashing_ids(spool.rows(held, "heldout"), after))
         write_json(staged["data_stats.json"], stats)
         for n in names:
             os.replace(staged[n], out / n)
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
-    if before != [[s.id for s in train], [s.id for s in held]]:
+    if before != after:
         removed = RunFolder(out).discard("score")  # the scores and smoothing name other samples by id
         tokenized = out / "tokenized"
         if tokenized.is_dir() and not tokenized.is_symlink():  # sets of the old samples: GBs at scale
@@ -220,14 +254,38 @@ def _write_outputs(out: Path, train: list[Sample], held: list[Sample], stats: di
                      ", ".join(p.name for p in removed))
 
 
-def _ids(path: Path) -> list[str] | None:
-    """The sample ids of an earlier output, in order (an id hashes the source label and the conversation)."""
-    from ual.io import iter_jsonl
+def _ids_digest(path: Path) -> str | None:
+    """A hash of the sample ids of an earlier output, in order (None if missing or unreadable). Arrow's
+    streaming reader takes the id column a block at a time: a million-row file is never held."""
+    import hashlib
 
-    try:
-        return [row.get("id") for _, row in iter_jsonl(path)] if path.exists() else None
-    except (OSError, ValueError):
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    if not path.exists():
         return None
+    digest = hashlib.sha256()
+    try:
+        if path.stat().st_size:
+            reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=1 << 22), parse_options=pj.ParseOptions(
+                explicit_schema=pa.schema([("id", pa.string())]), unexpected_field_behavior="ignore"))
+            for batch in reader:
+                for sid in batch.column(0).to_pylist():
+                    digest.update(f"{sid}\n".encode())
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    return digest.hexdigest()
+
+
+def _hashing_ids(rows, digests: list[str]):
+    """`rows` as they are written; the hash of their ids (as `_ids_digest` makes it) appended to `digests` after."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(f"{row['id']}\n".encode())
+        yield row
+    digests.append(digest.hexdigest())
 
 
 def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: bool = False) -> dict:
@@ -245,44 +303,39 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
     if len(set(labels)) != len(labels):
         raise DataError(f"two sources share a label in {labels}; give them distinct `label`s")
 
-    train_by: dict[str, list[Sample]] = {}
-    held_by: dict[str, list[Sample]] = {}
-    per_source, counts = {}, {}
+    out = cfg.run_path
+    with SampleSpool(out) as spool:
+        result, (train_all, held_all) = _select(cfg, labels, tokenizer, spool)
+        _write_outputs(out, spool, train_all, held_all, result)
+    return result
+
+
+def _select(cfg: ExperimentConfig, labels: list[str], tokenizer, spool: SampleSpool) -> tuple[dict, tuple]:
+    """Read every source into the spool and pick the training and held-out samples: (the statistics,
+    (training, held-out) spool positions in output order)."""
+    reads: dict[str, SourceRead] = {}
+    train_by: dict[str, list[int]] = {}
+    held_by: dict[str, list[int]] = {}
+    per_source = {}
     for spec, label in zip(cfg.data.sources, labels):
         need = spec.heldout + spec.train if spec.train is not None else None
         if need is not None and tokenizer is not None:
             need += need // 2 + 8  # read a margin, so dropping unlearnable samples still leaves enough
         log.info("data: loading %s (%s)", label, spec.name)
-        samples, stats = load_source(spec, need, cfg.data.on_error)
-        if spec.max_turns is not None:
-            unique = {s.id: s for s in (first_exchanges(s, spec.max_turns) for s in samples)}
-            stats["max_turns"] = spec.max_turns
-            stats["duplicates_after_max_turns"] = len(samples) - len(unique)
-            samples = list(unique.values())
-        if tokenizer is not None:
-            samples, dropped, source_counts = drop_unlearnable(tokenizer, samples, cfg.data.max_length,
-                                                               cfg.data.train_on_prompt, cfg.data.on_error, stats,
-                                                               cfg.data.num_proc or default_num_proc())
-            stats["dropped_no_response_tokens"] = dropped
-            counts.update(source_counts)
-        train, held = split_source(samples, label, cfg.seed, spec.heldout, spec.train)
-        for s in train:
-            s.meta["split"] = "train"
-        for s in held:
-            s.meta["split"] = "heldout"
-        stats.update(available=len(samples), train=len(train), heldout=len(held))
+        read, stats = read_source(spec, label, need, cfg, tokenizer, spool)
+        train, held = split_source(len(read), label, cfg.seed, spec.heldout, spec.train)
+        stats.update(available=len(read), train=len(train), heldout=len(held))
         per_source[label] = stats
-        train_by[label], held_by[label] = train, held
+        reads[label], train_by[label], held_by[label] = read, train, held
 
     # Two files that overlap: a conversation held out by one source and picked for training by
     # another would be trained on, so its training copy goes; one picked for training by two
     # sources would be trained on twice, so the later source's copy goes.
-    held_all = [s for held in held_by.values() for s in held]
-    held_content = {content_id("", s.messages) for s in held_all}
-    trained: set[str] = set()
+    held_content = {reads[label].content[i] for label, held in held_by.items() for i in held}
+    trained: set[int] = set()
     for label, train in train_by.items():
-        stats = per_source[label]
-        content = [content_id("", s.messages) for s in train]
+        stats, read = per_source[label], reads[label]
+        content = [read.content[i] for i in train]
         also_held = sum(c in held_content for c in content)
         again = sum(c not in held_content and c in trained for c in content)
         if also_held:
@@ -293,16 +346,16 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
             stats["dropped_trained_by_another_source"] = again
             log.warning("data: %s: %d training samples are training samples of an earlier source (the files "
                         "overlap); trained once, as that source's", label, again)
-        kept = [(s, c) for s, c in zip(train, content) if c not in held_content and c not in trained]
+        kept = [(i, c) for i, c in zip(train, content) if c not in held_content and c not in trained]
         trained.update(c for _, c in kept)
         if also_held or again:
-            train = [s for s, _ in kept]
+            train = [i for i, _ in kept]
             stats["train"] = len(train)
             train_by[label] = train
         held = held_by[label]
         if tokenizer is not None:
-            stats["train_lengths"] = length_stats([counts[s.id] for s in train], cfg.data.max_length)
-            stats["heldout_lengths"] = length_stats([counts[s.id] for s in held], cfg.data.max_length)
+            stats["train_lengths"] = length_stats(read, train, cfg.data.max_length)
+            stats["heldout_lengths"] = length_stats(read, held, cfg.data.max_length)
             stats["truncated"] = stats["train_lengths"]["truncated"] + stats["heldout_lengths"]["truncated"]
         log.info("data: %s: %d read, %d skipped, %d train, %d held-out", label,
                  stats["read"], stats["skipped"], len(train), len(held))
@@ -317,11 +370,18 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
 
     # Ids hash (source label, messages), labels are distinct and each source is deduplicated,
     # so no id is in both sets; checked anyway, as evaluation on trained samples would mislead.
-    train_all = [s for train in train_by.values() for s in train]
-    assert not {s.id for s in train_all} & {s.id for s in held_all}
-    random.Random(f"{cfg.seed}:mix").shuffle(train_all)  # sources interleaved in the file
-    out = cfg.run_path
-    result = {
+    train_all = np.concatenate([np.frombuffer(reads[label].positions, np.int64)[train] for label, train in train_by.items()]
+                               or [np.zeros(0, np.int64)])
+    held_all = np.concatenate([np.frombuffer(reads[label].positions, np.int64)[held] for label, held in held_by.items()]
+                              or [np.zeros(0, np.int64)])
+    train_ids = np.concatenate([np.frombuffer(reads[label].ids, np.uint64)[train] for label, train in train_by.items()]
+                               or [np.zeros(0, np.uint64)])
+    held_ids = np.concatenate([np.frombuffer(reads[label].ids, np.uint64)[held] for label, held in held_by.items()]
+                              or [np.zeros(0, np.uint64)])
+    assert not np.isin(held_ids, train_ids).any()
+    order = list(range(len(train_all)))
+    random.Random(f"{cfg.seed}:mix").shuffle(order)  # sources interleaved in the file
+    stats = {
         "seed": cfg.seed,
         "max_length": cfg.data.max_length,
         "train_on_prompt": cfg.data.train_on_prompt,
@@ -329,8 +389,7 @@ def build_dataset(cfg: ExperimentConfig, tokenizer=None, *, model_tokenizer: boo
         "heldout": len(held_all),
         "sources": per_source,
     }
-    _write_outputs(out, train_all, held_all, result)
-    return result
+    return stats, (train_all[np.array(order, dtype=np.int64)], held_all)
 
 
 def read_samples(path: str | Path) -> list[Sample]:

@@ -10,7 +10,7 @@ score None and a reason in details["error"]: never a silent default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from ual.sample import Sample
 
@@ -30,6 +30,7 @@ class Scorer(Protocol):
     #: recorded with every score, e.g. "perplexity:smollm2-135m" or "judge:gpt-4o:prompt-v1"
     name: str
 
-    def score(self, samples: Sequence[Sample]) -> list[ScoreResult]:
-        """Score samples, in order; failures come back with score None and a reason."""
+    def score(self, samples: Sequence[Sample]) -> Iterable[ScoreResult]:
+        """Score samples, in order, one result each; failures come back with score None and a reason.
+        A list, or an iterator whose results are made as `ual score` writes them (a million samples)."""
         ...

@@ -9,9 +9,10 @@ value; a source with no value is an error (never a default), naming the sources 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ual.sample import Sample
+from ual.sample_file import ids_and_sources
 from ual.scoring.base import ScoreResult
 
 
@@ -27,9 +28,12 @@ class PriorScorer:
         self.prior = {k: float(v) for k, v in prior.items()}
         self.name = "prior:" + ",".join(f"{k}={v:g}" for k, v in sorted(self.prior.items()))
 
-    def score(self, samples: Sequence[Sample]) -> list[ScoreResult]:
-        unknown = sorted({s.source for s in samples} - set(self.prior))
+    def score(self, samples: Sequence[Sample]) -> Iterator[ScoreResult]:
+        """Each sample's source's value, in order, made as they are read (a SampleFile's columns: no
+        conversation is parsed)."""
+        ids, sources = ids_and_sources(samples)
+        unknown = sorted(set(sources) - set(self.prior))
         if unknown:
             raise ValueError(f"score.prior has no value for source(s) {unknown} (it gives {sorted(self.prior)}); "
                              "add them, e.g. --score.prior '{" + ", ".join(f"{s}: 0.5" for s in unknown) + "}'")
-        return [ScoreResult(s.id, self.prior[s.source], {"prior": self.prior[s.source]}) for s in samples]
+        return (ScoreResult(sid, self.prior[source], {"prior": self.prior[source]}) for sid, source in zip(ids, sources))

@@ -10,11 +10,17 @@ model (one forward pass gives both), costs no model call.
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
 from ual.config import SCORERS, ExperimentConfig, to_dict
 from ual.config_checks import choice_problem
-from ual.io import write_jsonl
+from ual.io import atomic_path, write_jsonl
 from ual.lineage import Lineage, score_record
-from ual.runfolder import RunFolder, read_scores
+from ual.runfolder import RunFolder, read_score_column
+from ual.sample_file import SampleFile
+from ual.scoring.base import ScoreResult
 from ual.scoring.unscored import unscored_summary
 
 log = logging.getLogger(__name__)
@@ -47,11 +53,14 @@ def build_scorer(cfg: ExperimentConfig):
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
-    splits = {"train": run.load_samples("train")}
+    paths = {"train": run.require(run.samples, "data")}
     if cfg.score.heldout and run.heldout.exists():
-        splits["heldout"] = run.load_samples("heldout")
+        paths["heldout"] = run.heldout
+    # Read from disk a sample at a time: ids and sources are columns, a conversation is parsed when a
+    # scorer asks for it (the prior scorer never does), so a million samples take ids' memory, not theirs.
+    everything = SampleFile(*paths.values())
+    split_ids = dict(zip(paths, _split(everything.ids, everything.split_sizes())))
     scorer = build_scorer(cfg)
-    everything = [s for samples in splits.values() for s in samples]
     if cfg.score.dry_run:
         # Plan only: nothing is sent and scores.jsonl is left as it is.
         if not hasattr(scorer, "plan"):
@@ -63,8 +72,8 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     if changed:  # same scorer name, other settings (length, prompt file, samples): its kept rows do not apply
         log.info("scores were made with other settings or inputs (%s); scoring again", "; ".join(changed))
     fresh = force or bool(changed)
-    if not fresh and all(_complete_scores(run.scores if split == "train" else run.heldout_scores, samples, scorer.name)
-                         for split, samples in splits.items()):
+    if not fresh and all(_complete_scores(run.scores if split == "train" else run.heldout_scores, ids, scorer.name)
+                         for split, ids in split_ids.items()):
         log.info("%s already scored every sample; reused (use --force to rescore)", scorer.name)
         Lineage(run.root).put("score", record)
         return reused  # the current scores are this scorer's: they, and the smoothing mapped from them, stay
@@ -72,37 +81,56 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     # config.yaml as they were); the rows kept per scorer in scores/ are a cache, so the same scorer again
     # costs no model call.
     if not fresh:
-        stored = _stored_rows(run, scorer.name, splits)
+        stored = _stored_files(run, scorer.name, split_ids)
         if stored is not None:  # scored before another scorer replaced them
-            _write_rows(run, scorer.name, stored, record)
+            _write_rows(run, scorer.name, {split: _rows_in_order(path, split_ids[split])
+                                           for split, path in stored.items()}, record)
             log.info("%s already scored every sample; restored from scores/ (use --force to rescore)", scorer.name)
             return reused
     results, derived = None, None
     for sibling in [] if force else getattr(scorer, "siblings", []):
-        stored = _stored_rows(run, sibling, splits)
+        stored = _stored_files(run, sibling, split_ids)
         if stored is not None:  # the same forward pass gave this scorer's measure too
-            rows = [r for split_rows in stored.values() for r in split_rows]
+            rows = [r for split, path in stored.items() for r in _rows_in_order(path, split_ids[split])]
             results = scorer.from_details([r["id"] for r in rows], [r["details"] for r in rows])
             derived = sibling
             log.info("%s: derived from %s's kept details (same forward pass); no model call", scorer.name, sibling)
             break
     if results is None:
-        results = scorer.score(everything, **_tokenized(cfg, run, scorer, splits))
-    by_id = {s.id: s for s in everything}
-    rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
-            for r in results]
-    n_train = len(splits["train"])
-    _write_rows(run, scorer.name, {"train": rows[:n_train], "heldout": rows[n_train:]} if "heldout" in splits
-                else {"train": rows}, record)
+        results = scorer.score(everything, **_tokenized(cfg, run, scorer, list(paths)))
+    failed = {split: [] for split in paths}  # the results without a score (few), per split
+    results = iter(results)
+    rows = {split: _score_rows(results, ids, everything.sources[start:], scorer.name, failed[split])
+            for (split, ids), start in zip(split_ids.items(), (0, len(split_ids["train"])))}
+    _write_rows(run, scorer.name, rows, record)
     # what is left without a score, per split, with its reasons: the CLI exits with EXIT_UNSCORED then
-    per_split = {"train": results[:n_train], **({"heldout": results[n_train:]} if "heldout" in splits else {})}
-    left = unscored_summary(per_split, scorer.name, cfg.score.scorer == "judge", cfg.score.via)
-    return {"scorer": scorer.name, "scored": n_train - left["failed"],
-            "heldout_scored": sum(r.score is not None for r in results[n_train:]) if "heldout" in splits else None,
+    left = unscored_summary(failed, {split: len(ids) for split, ids in split_ids.items()}, scorer.name,
+                            cfg.score.scorer == "judge", cfg.score.via)
+    heldout = split_ids.get("heldout")
+    return {"scorer": scorer.name, "scored": len(split_ids["train"]) - left["failed"],
+            "heldout_scored": len(heldout) - left["heldout_failed"] if heldout is not None else None,
             "derived_from": derived, **left}
 
 
-def _tokenized(cfg: ExperimentConfig, run: RunFolder, scorer, splits: dict) -> dict:
+def _split(ids: list[str], sizes: list[int]) -> list[list[str]]:
+    starts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+    return [ids[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def _score_rows(results: Iterator[ScoreResult], ids: list[str], sources: list[str], scorer_name: str,
+                failed: list[ScoreResult]) -> Iterator[dict]:
+    """The score rows of the next len(ids) results, made as they are written; the failures go to `failed`."""
+    for sid, source in zip(ids, sources):
+        r = next(results, None)
+        if r is None or r.id != sid:  # a scorer gives its results in the samples' order, one each
+            raise RuntimeError(f"scorer {scorer_name} gave {'no result' if r is None else 'a result for ' + r.id} "
+                               f"where sample {sid} was expected")
+        if r.score is None:
+            failed.append(r)
+        yield {"id": r.id, "source": source, "score": r.score, "scorer": scorer_name, "details": r.details}
+
+
+def _tokenized(cfg: ExperimentConfig, run: RunFolder, scorer, splits: list[str]) -> dict:
     """{"encoded": the splits' tokenized sets at score.max_length} for a model scorer that reads the run's
     own tokenizer (ual.data.tokenized: built once, reused by every scorer of the same length); else {}."""
     if not getattr(scorer, "reads_tokenized", False) or cfg.score.model not in (None, cfg.model):
@@ -118,32 +146,49 @@ def _tokenized(cfg: ExperimentConfig, run: RunFolder, scorer, splits: dict) -> d
     return {"encoded": concatenate_datasets(sets) if len(sets) > 1 else sets[0]}
 
 
-def _write_rows(run: RunFolder, scorer_name: str, rows: dict[str, list[dict]], record: dict) -> None:
+def _write_rows(run: RunFolder, scorer_name: str, rows: dict[str, Iterable[dict]], record: dict) -> None:
     """The current scores (what `ual map` and evaluation read), a copy kept per scorer, and the report.
-    The smoothing mapped from the scores they replace goes (it would describe other scores)."""
+    The smoothing mapped from the scores they replace goes (it would describe other scores). `rows` are
+    read once, in the order given (training first), and written as they come."""
+    kept = {split: run.scorer_scores(scorer_name, split) for split in rows}
+    for split, split_rows in rows.items():  # the per-scorer cache first: a scorer failing half-way changes nothing else
+        write_jsonl(kept[split], split_rows)
     run.discard("score")
     Lineage(run.root).drop("score", "map")
-    for split, split_rows in rows.items():
-        current = run.scores if split == "train" else run.heldout_scores
-        write_jsonl(run.scorer_scores(scorer_name, split), split_rows)
-        write_jsonl(current, split_rows)
+    for split, path in kept.items():
+        with atomic_path(run.scores if split == "train" else run.heldout_scores) as current:
+            shutil.copyfile(path, current)
     write_scores_report(run)
     Lineage(run.root).put("score", record)
 
 
-def _stored_rows(run: RunFolder, scorer_name: str, splits: dict) -> dict[str, list[dict]] | None:
-    """Rows of this scorer for every sample of every split, from the current or the kept files; else None."""
+def _stored_files(run: RunFolder, scorer_name: str, split_ids: dict[str, list[str]]) -> dict[str, Path] | None:
+    """Per split, a file (the current or the kept one) with this scorer's rows for every sample; else None."""
     out = {}
-    for split, samples in splits.items():
+    for split, ids in split_ids.items():
         current = run.scores if split == "train" else run.heldout_scores
         for path in (current, run.scorer_scores(scorer_name, split)):
-            done = _complete_scores(path, samples, scorer_name)
-            if done is not None:
-                out[split] = done
+            if _complete_scores(path, ids, scorer_name):
+                out[split] = path
                 break
         else:
             return None
     return out
+
+
+def _rows_in_order(path: Path, ids: list[str]) -> Iterator[dict]:
+    """The rows of score file `path` for `ids`, in that order (read by offset where the file's order differs)."""
+    import json
+
+    with open(path, "rb") as fh:
+        offsets, position = {}, 0
+        for line in fh:
+            if line.strip():
+                offsets.setdefault(json.loads(line)["id"], position)
+            position += len(line)
+        for sid in ids:
+            fh.seek(offsets[sid])
+            yield json.loads(fh.readline())
 
 
 def write_scores_report(run: RunFolder, compare_with=None, smoothing=None) -> dict:
@@ -156,24 +201,36 @@ def write_scores_report(run: RunFolder, compare_with=None, smoothing=None) -> di
     from ual.scoring.analysis import scores_report
 
     if compare_with is None:
-        own = {run.scorer_scores(r["scorer"]) for r in read_scores(run.scores).row.values()}
+        own = {run.scorer_scores(name) for name in set(_column(run.scores, "scorer"))}
         compare_with = [p for p in sorted(run.scores_dir.glob("*.jsonl")) if p not in own]
     return scores_report(run.scores, run.scores_report, compare_with=compare_with, smoothing=smoothing)
 
 
-def _complete_scores(path, samples, scorer_name: str) -> list[dict] | None:
-    """The rows of `path` for `samples`, in order, if that file scores every one with this scorer; else None."""
+def _complete_scores(path: Path, ids: list[str], scorer_name: str) -> bool:
+    """Whether `path` scores every one of `ids` with this scorer (read as columns: no row is kept)."""
+    import numpy as np
+    import pandas as pd
+
     if not path.exists():
-        return None
+        return False
     try:
-        done = read_scores(path).row
+        file_ids, scores, _ = read_score_column(path)
+        names = _column(path, "scorer")
     except ValueError as exc:  # a damaged file is not reused: the samples are scored again
         log.warning("not reused: %s", exc)
-        return None
-    rows = [done.get(s.id) for s in samples]
-    if all(r is not None and r.get("scorer") == scorer_name and r["score"] is not None for r in rows):
-        return rows
-    return None
+        return False
+    good = pd.Index(np.array(file_ids, dtype=object)[(~np.isnan(scores)) & (np.array(names, dtype=object)
+                                                                           == scorer_name)])
+    return bool(good.unique().get_indexer(pd.Index(ids)).min(initial=0) >= 0)
+
+
+def _column(path: Path, name: str) -> list:
+    """One string field of every row of a JSONL file, as a list (None where absent)."""
+    import pyarrow as pa
+
+    from ual.io import jsonl_columns
+
+    return jsonl_columns(path, pa.schema([(name, pa.string())])).column(name).to_pylist()
 
 
 def _run_smoothing(run: RunFolder):

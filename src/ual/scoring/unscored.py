@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 EXIT_UNSCORED = 3  # some training or held-out samples have no score, for good in this run (the rest are kept)
 
 
-def unscored_summary(splits: dict[str, Sequence[ScoreResult]], scorer_name: str, asks_endpoint: bool,
-                     via: str = "chat") -> dict:
-    """The summary fields about what was not scored: failed (training), heldout_failed, unscored (both,
-    0 when every sample has a score), failure_reasons (the 10 commonest, with counts) and next (what to do).
+def unscored_summary(failed: dict[str, Sequence[ScoreResult]], totals: dict[str, int], scorer_name: str,
+                     asks_endpoint: bool, via: str = "chat") -> dict:
+    """The summary fields about what was not scored (`failed`: the results without a score, per split;
+    `totals`: how many samples each split has): failed (training), heldout_failed, unscored (both, 0 when
+    every sample has a score), failure_reasons (the 10 commonest, with counts) and next (what to do).
     asks_endpoint: a judge behind an endpoint, whose failures may pass when asked again (a local model's
     would not)."""
-    failed = {split: [r for r in results if r.score is None] for split, results in splits.items()}
     every = [r for rows in failed.values() for r in rows]
     reasons = dict(Counter(str(r.details.get("error")) for r in every).most_common(10))
     out = {"failed": len(failed.get("train", [])),
@@ -38,10 +38,10 @@ def unscored_summary(splits: dict[str, Sequence[ScoreResult]], scorer_name: str,
         steps.append("or let `ual map` go on without them: --smoothing.missing drop (leave them out of training "
                      "with smoothing) or mean (give them the mean score)")
         out["next"] = "; ".join(steps)
-        totals = ", ".join(f"{len(rows)} of {len(splits[split])} {'training' if split == 'train' else 'held-out'}"
+        counts = ", ".join(f"{len(rows)} of {totals[split]} {'training' if split == 'train' else 'held-out'}"
                            for split, rows in failed.items() if rows)
         log.warning("%s left %s samples without a score (reasons, with counts: %s); every other score is kept",
-                    scorer_name, totals, "; ".join(f"{why} (x{n})" for why, n in reasons.items()))
+                    scorer_name, counts, "; ".join(f"{why} (x{n})" for why, n in reasons.items()))
     return out
 
 
