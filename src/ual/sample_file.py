@@ -59,7 +59,7 @@ class SampleFile(Sequence):
         return self._read([i])[0]
 
     def _read(self, indices) -> list[Sample]:
-        """The samples at `indices`, each file opened once."""
+        """The samples at `indices` (each file opened once a call)."""
         out, handles = [], {}
         try:
             for i in indices:

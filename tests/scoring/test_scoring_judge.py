@@ -271,3 +271,21 @@ def test_retry_after_headers():
     assert _retry_after(E({"retry-after": "2"})) == 2.0 and _retry_after(E({"retry-after-ms": "1500"})) == 1.5
     assert _retry_after(E({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0  # a date in the past
     assert _retry_after(E({})) is None and _retry_after(ValueError("x")) is None
+
+
+def test_plan_over_a_sample_file_is_the_plan_over_the_samples(tmp_path):
+    """`ual score` hands the judge its samples as a SampleFile (read from disk, prompts rendered one at a time,
+    never all kept): the plan, its shards included, is the plan made over the same samples in a list."""
+    from ual.sample_file import SampleFile
+
+    samples = small_dataset(30)
+    samples += samples[:5]  # identical samples are asked once
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples), encoding="utf-8")
+    plans = []
+    for given in (samples, SampleFile(path)):
+        s = JudgeScorer(cfg("http://127.0.0.1:9/v1", via="batch", n_samples=2, batch_max_lines=7),
+                        tmp_path / "c.sqlite", options=FAST)
+        plans.append(s.plan(given))
+    assert plans[0] == plans[1] and plans[0]["requests"] == 2 * len({s.id for s in samples})
+    assert [sh["requests"] for sh in plans[0]["shards"]] == [7] * 8 + [4]

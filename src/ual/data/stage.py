@@ -20,6 +20,11 @@ A conversation the model's chat template refuses to render (Llama-2 and Mistral 
 raise on turns that do not alternate) is an error naming its file and line, or under
 `on_error: skip` skipped and counted like a malformed row (kind "chat template").
 
+Every source is read once, a sample at a time, into a scratch file beside the outputs (data/spool.py);
+the stage keeps each sample's position, 64-bit id and content id and token counts (a few dozen bytes a
+sample, counted in `data.num_proc` worker processes as the samples stream past) and writes the outputs
+by reading the picked samples back by offset, so a million-sample source is never held in memory.
+
 A rerun replaces the three outputs together once everything is built (a failure leaves the
 last run's outputs and config.yaml as they were: ual/lineage.py); when the samples changed, the
 scores and smoothing derived from the old ones are removed (they name samples by id), and so are the

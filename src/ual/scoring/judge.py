@@ -50,7 +50,8 @@ from ual.scoring.judge_http import JudgeFatalError  # noqa: F401 - the error a r
 from ual.scoring.judge_calls import (RateLimiter, UnusableAnswer, ask_with_retries, endpoint_error, estimate_tokens,
                                      run_async)
 from ual.scoring.judge_http import RequestFields, open_client, post_chat, read_api_key, redact
-from ual.scoring.prompt import JudgePrompt, answer_record, load_prompt
+from ual.sample_file import ids_and_sources
+from ual.scoring.prompt import JudgePrompt, RenderedPrompts, answer_record, load_prompt
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class JudgeScorer:
         rendered, hashes, rows, todo, cached = self._todo(samples)
         if self.cfg.dry_run:
             print(_plan_text(self._plan(rendered, todo, cached)))
-            return [ScoreResult(s.id, None, {"error": "dry run: nothing sent"}) for s in samples]
+            return [ScoreResult(sid, None, {"error": "dry run: nothing sent"}) for sid in ids_and_sources(samples)[0]]
         if todo and self.cfg.via != "chat":
             from ual.scoring.batch import BatchRun
 
@@ -140,7 +141,8 @@ class JudgeScorer:
             self._refuse_beside_batches()
         if todo:
             await self._run(todo, rendered, hashes, rows)
-        return [self._result(s, h, rows, cut, h in cached) for s, h, (_, cut) in zip(samples, hashes, rendered)]
+        return [self._result(sid, h, rows, cut, h in cached)
+                for sid, h, (_, cut) in zip(ids_and_sources(samples)[0], hashes, rendered)]
 
     def plan(self, samples: Sequence[Sample]) -> dict:
         """What a run would send: request count and estimated tokens/cost (sends nothing)."""
@@ -148,7 +150,15 @@ class JudgeScorer:
         return self._plan(rendered, todo, cached)
 
     def _plan(self, rendered, todo, cached) -> dict:
-        tin = sum(estimate_tokens(rendered[i][0], 0, self.opts.chars_per_token) for i, _ in todo)
+        batch = self.cfg.via != "chat" and todo
+        if batch:
+            from ual.scoring.batch_files import custom_id, cut_shards, request_line
+        tin, sizes = 0.0, []
+        for draw, msgs in _in_order(rendered, todo):  # one pass over the samples, whatever their number
+            tin += estimate_tokens(msgs, 0, self.opts.chars_per_token)
+            if batch:
+                sizes.append((len(request_line(custom_id("0" * 64, draw), self.request_body(msgs, 0.0))),
+                              estimate_tokens(msgs, self.opts.max_tokens, self.opts.chars_per_token)))
         tout = self.opts.max_tokens * len(todo)
         price = self.price
         discount = 1.0 if self.cfg.via == "chat" else BATCH_DISCOUNT  # vLLM: no bill, but the same tokens
@@ -156,12 +166,7 @@ class JudgeScorer:
                           "requests": len(todo), "samples_cached": len(cached), "est_prompt_tokens": int(tin),
                           "est_completion_tokens": int(tout),
                           "est_cost_usd": (tin * price[0] + tout * price[1]) * discount / 1e6 if price else None}
-        if self.cfg.via != "chat" and todo:
-            from ual.scoring.batch_files import custom_id, cut_shards, request_line
-
-            sizes = [(len(request_line(custom_id("0" * 64, d), self.request_body(rendered[i][0], 0.0))),
-                      estimate_tokens(rendered[i][0], self.opts.max_tokens, self.opts.chars_per_token))
-                     for i, d in todo]
+        if batch:
             cuts = cut_shards(sizes, self.cfg.batch_max_lines, self.cfg.batch_max_bytes,
                               self.cfg.batch_max_queued_tokens)
             self.last_plan["shards"] = [{"requests": b - a, "bytes": sum(s for s, _ in sizes[a:b]),
@@ -188,7 +193,7 @@ class JudgeScorer:
 
     def _todo(self, samples: Sequence[Sample]):
         """Render, hash, look up the cache; the (sample index, draw) pairs still to ask, once per content."""
-        rendered = [self.prompt.render(s.messages) for s in samples]
+        rendered = RenderedPrompts(self.prompt, samples)
         hashes = [_content_hash(msgs) for msgs, _ in rendered]
         rows = self.cache.lookup(self.model, self.prompt.version, hashes)
         first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # identical samples: ask once
@@ -285,7 +290,7 @@ class JudgeScorer:
 
     # ------------------------------------------------------------------ results
 
-    def _result(self, sample: Sample, h: str, rows: dict, cut: int, cached: bool) -> ScoreResult:
+    def _result(self, sample_id: str, h: str, rows: dict, cut: int, cached: bool) -> ScoreResult:
         draws = [rows.get((h, d)) for d in range(self.cfg.n_samples)]
         good = [r["record"] for r in draws if r and r["ok"]]
         base = {"judge": self.model, "prompt_version": self.prompt.version, "content_hash": h}
@@ -294,7 +299,7 @@ class JudgeScorer:
         if not good:
             failed = [r["record"] for r in draws if r]
             reasons = [x for r in failed for x in r.get("reasons", [])]
-            return ScoreResult(sample.id, None, {**base, "error": failed[0]["error"] if failed else "not scored",
+            return ScoreResult(sample_id, None, {**base, "error": failed[0]["error"] if failed else "not scored",
                                                  "reasons": reasons})
         value = sum(r["score"] for r in good) / len(good)
         first = good[0]
@@ -304,7 +309,7 @@ class JudgeScorer:
         if self.cfg.n_samples > 1:
             details["draws"] = [{k: r[k] for k in ("sampled", "expected", "temperature")} for r in good]
             details["draws_failed"] = self.cfg.n_samples - len(good)
-        return ScoreResult(sample.id, value / 99.0, details)
+        return ScoreResult(sample_id, value / 99.0, details)
 
     def _usage_text(self, price) -> str:
         tin, tout = self.stats["prompt_tokens"], self.stats["completion_tokens"]
@@ -315,6 +320,17 @@ class JudgeScorer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _in_order(rendered, todo):
+    """(draw, judge messages) of each (sample index, draw) of `todo` (in sample order, as _todo makes it),
+    rendered in one pass over the samples rather than read back one by one."""
+    prompts = enumerate(rendered)
+    at, msgs = -1, None
+    for i, draw in todo:
+        while at < i:
+            at, (msgs, _cut) = next(prompts)
+        yield draw, msgs
+
 
 def _content_hash(msgs: list[dict]) -> str:
     return hashlib.sha256(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()

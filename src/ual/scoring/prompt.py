@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,23 @@ class JudgePrompt:
         user = self.template.replace("{conversation}", text)
         out = [{"role": "system", "content": self.system}] if self.system else []
         return out + [{"role": "user", "content": user}], cut
+
+
+class RenderedPrompts(Sequence):
+    """`prompt.render` of each sample, made when asked for and never kept: a million judge prompts (each a
+    whole conversation and the rubric) would be GBs. Cheap to make again: string formatting."""
+
+    def __init__(self, prompt: JudgePrompt, samples: Sequence):
+        self.prompt, self.samples = prompt, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[list[dict], int]:
+        return self.prompt.render(self.samples[i].messages)
+
+    def __iter__(self) -> Iterator[tuple[list[dict], int]]:
+        return (self.prompt.render(s.messages) for s in self.samples)
 
 
 def default_prompt() -> JudgePrompt:

@@ -5,6 +5,10 @@ written to heldout_scores.jsonl: evaluation reports its results per quartile of 
 Scores are kept per scorer in scores/ (held-out ones in scores/heldout/), so switching
 back to a scorer already run, or between the entropy and perplexity of one reference
 model (one forward pass gives both), costs no model call.
+
+The samples are read from disk as they are needed (ual/sample_file.py: ids and sources as columns), and
+the score rows are written as the scorer gives its results, so scoring a million samples holds their ids,
+not them (the prior scorer never parses a conversation; the judge renders its prompts one at a time).
 """
 
 from __future__ import annotations
