@@ -107,13 +107,14 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for each non-blank line of a JSON Lines file.
+def iter_jsonl(path: str | os.PathLike, only=None) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-blank line of a JSON Lines file (given `only`, a test of a line's
+    text: the lines it accepts; the others are not parsed, so a pass for a few rows stays fast).
 
     A bad line is a ValueError naming the file and line (ual/jsonl.py): bytes that are not UTF-8
     (with the field that holds them), not valid JSON, or not a JSON object.
     """
-    for lineno, row in jsonl_rows(path):
+    for lineno, row in jsonl_rows(path, only):
         if isinstance(row, Exception):
             raise row
         if not isinstance(row, dict):
