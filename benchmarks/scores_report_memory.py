@@ -5,10 +5,10 @@ over the same ids, then runs scores_report on them, with one comparison, in a fr
 prints how much that process grew (ru_maxrss after the report minus ru_maxrss after a warm-up report
 on 50 rows, which loads numpy, pandas, pyarrow, scipy and matplotlib and draws the first plots).
 
-    python benchmarks/scores_report_memory.py [--rows 200000] [--src PATH_TO_A_UAL_SRC]
+    python benchmarks/scores_report_memory.py [--rows 200000] [--src PATH_TO_A_UAL_SRC] [--no-compare]
 
 --src measures another checkout's report (e.g. an older one, to compare). Ends with one JSON line:
-{"rows", "growth_mb", "peak_mb", "seconds"}. tests/scoring/test_scores_report_columns.py runs it at 200k rows.
+{"rows", "compare", "growth_mb", "peak_mb", "seconds"}. tests/scoring/test_scores_report_columns.py runs it at 200k rows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ folder = sys.argv[1]
 scores_report(folder + "/small.jsonl", folder + "/warm")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-scores_report(folder + "/big.jsonl", folder + "/report", compare_with=[folder + "/big_other.jsonl"])
+scores_report(folder + "/big.jsonl", folder + "/report", compare_with=[folder + "/big_other.jsonl"][:int(sys.argv[2])])
 print(json.dumps({"before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "seconds": time.perf_counter() - start}))
 """
@@ -49,17 +49,17 @@ def write_score_file(path: Path, rows: int, scorer: str, seed: int) -> None:
                      % (i, i % 5, score, scorer, details))
 
 
-def measure(rows: int, src: Path) -> dict:
+def measure(rows: int, src: Path, compare: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         write_score_file(Path(folder) / "big.jsonl", rows, "judge:gpt-4o-mini:uncertainty-v1", 1)
         write_score_file(Path(folder) / "big_other.jsonl", rows, "perplexity:smollm2-135m", 2)
         write_score_file(Path(folder) / "small.jsonl", 50, "prior", 3)
         env = dict(os.environ, PYTHONPATH=str(src), MPLBACKEND="Agg")
-        out = subprocess.run([sys.executable, "-c", MEASURE, folder], capture_output=True, text=True, env=env)
+        out = subprocess.run([sys.executable, "-c", MEASURE, folder, str(int(compare))], capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"the measured report failed:\n{out.stderr}")
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"rows": rows, "growth_mb": round((got["peak_kb"] - got["before_kb"]) / 1024, 1),
+    return {"rows": rows, "compare": compare, "growth_mb": round((got["peak_kb"] - got["before_kb"]) / 1024, 1),
             "peak_mb": round(got["peak_kb"] / 1024, 1), "seconds": round(got["seconds"], 2)}
 
 
@@ -68,8 +68,10 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1] / "src",
                         help="the ual source folder to measure (default: this checkout's)")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="no second scorer's file (the row-based report's rank correlation took time quadratic in the rows)")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.rows, args.src)))
+    print(json.dumps(measure(args.rows, args.src, not args.no_compare)))
 
 
 if __name__ == "__main__":

@@ -319,19 +319,19 @@ def read_score_table(path: Path) -> ScoreTable:
 
     path = Path(path)
     schema = pa.schema([("id", pa.string()), ("score", pa.float64()), ("source", pa.string()), ("scorer", pa.string())])
-    table = jsonl_columns(path, schema, check=lambda lineno, row: _score_table_row(path, lineno, row))
+    table = jsonl_columns(path, schema, check=lambda lineno, row: _score_table_row(path, lineno, row),
+                          dictionary=("source", "scorer"))
     ids = table.column("id").combine_chunks()
     score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN
     scored = score[~np.isnan(score)]
     keep, repeats_agree = None, True
-    if not ids.null_count and table.num_rows:
+    if not ids.null_count and table.num_rows and len(equal_neighbours(ids)[0]):
         encoded = ids.dictionary_encode()  # codes in order of first occurrence
-        if len(encoded.dictionary) < len(ids):
-            codes = encoded.indices.to_numpy()
-            keep = np.unique(codes, return_index=True)[1]
-            first = score[keep][codes]
-            repeats_agree = bool(((first == score) | (np.isnan(first) & np.isnan(score))).all())
-            ids = encoded.dictionary
+        codes = encoded.indices.to_numpy()
+        keep = np.unique(codes, return_index=True)[1]
+        first = score[keep][codes]
+        repeats_agree = bool(((first == score) | (np.isnan(first) & np.isnan(score))).all())
+        ids = encoded.dictionary
     if not table.num_rows or ids.null_count or not repeats_agree or ((scored < 0) | (scored > 1)).any():
         read_scores(path, keep_rows=False)  # raises, naming the file, line, id and field
         raise ValueError(f"{path}: cannot be read as score columns")
@@ -351,10 +351,22 @@ def read_score_table(path: Path) -> ScoreTable:
     return out
 
 
+def equal_neighbours(texts):
+    """(i, j): the positions of the pairs of equal strings in a pyarrow string array, found by sorting
+    it (8 bytes a string beside the array) rather than by a hash table (over 100 bytes a string)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(texts).to_numpy()
+    ordered = texts.take(order)
+    same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)).to_numpy(zero_copy_only=False)
+    return order[1:][same], order[:-1][same]
+
+
 def _texts(column, missing):
-    """A text column with few distinct values as an object array sharing one str per value (8 bytes a row)."""
+    """A dictionary-encoded text column as an object array sharing one str per value (8 bytes a row)."""
     import numpy as np
 
-    encoded = column.combine_chunks().dictionary_encode()
+    encoded = column.combine_chunks()
     values = np.array([*encoded.dictionary.to_pylist(), missing], dtype=object)
     return values[encoded.indices.fill_null(len(values) - 1).to_numpy()]

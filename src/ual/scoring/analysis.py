@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from ual.io import write_json, write_jsonl
-from ual.runfolder import ScoreTable, read_score_table
+from ual.runfolder import ScoreTable, equal_neighbours, read_score_table
 
 _CHUNK = 1 << 16  # values turned into Python floats at a time, where Python's own arithmetic is needed
 
@@ -164,10 +164,15 @@ def histograms(scores, out_dir: str | Path, bins: int = 20) -> list[Path]:
 
 
 def _join(a: ScoreTable, b: ScoreTable):
-    """For each of a's ids, the position of the same id in b (-1: b has none), by Arrow's hash join."""
-    import pyarrow.compute as pc
+    """For each of a's ids, the position of the same id in b (-1: b has none). Each side holds an id
+    once, so a shared id is a pair of equal neighbours once both sides' ids are sorted together."""
+    import numpy as np
+    import pyarrow as pa
 
-    return pc.index_in(a.ids, value_set=b.ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    i, j = equal_neighbours(pa.concat_arrays([a.ids, b.ids]))
+    at_b = np.full(len(a.ids), -1, dtype=np.int64)
+    at_b[np.minimum(i, j)] = np.maximum(i, j) - len(a.ids)
+    return at_b
 
 
 def rank_correlation(a, b) -> dict:
