@@ -353,7 +353,8 @@ def read_score_table(path: Path) -> ScoreTable:
 
 def equal_neighbours(texts):
     """(i, j): the positions of the pairs of equal strings in a pyarrow string array, found by sorting
-    it (8 bytes a string beside the array) rather than by a hash table (over 100 bytes a string)."""
+    it (its sort order and a sorted copy beside it) rather than by a hash table, which took over 100
+    bytes a string."""
     import numpy as np
     import pyarrow.compute as pc
 
