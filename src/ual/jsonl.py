@@ -169,13 +169,13 @@ def open_text(path: str | os.PathLike):
     return open(path, encoding="utf-8-sig", errors="surrogateescape")
 
 
-def jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value or DataError) for each non-blank line. A bad last line that has no
-    line end says the file may be cut off."""
+def jsonl_rows(path: str | os.PathLike, only: Callable[[str], bool] | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value or DataError) for each non-blank line (given `only`: each line whose text
+    it accepts, the others left unparsed). A bad last line that has no line end says the file may be cut off."""
     dec = Decoder()
     with open_text(path) as fh:
         for lineno, text in enumerate(fh, 1):
-            if not text.strip():
+            if not text.strip() or (only is not None and not only(text)):
                 continue
             row = dec.decode(text, f"{path}:{lineno}")
             if isinstance(row, DataError) and row.kind == "invalid JSON" and not text.endswith(("\n", "\r")):

@@ -282,3 +282,92 @@ def read_score_column(path: Path):
     strict = read_scores(path, keep_rows=False)
     return (list(strict.score), np.array([np.nan if v is None else v for v in strict.score.values()], dtype=np.float64),
             strict.repeated)
+
+
+@dataclass
+class ScoreTable:
+    """A checked score file as columns: one entry per id in file order (an id repeated identically counts
+    once, as in read_scores), so a million rows cost arrays, not a Python dict a row."""
+
+    path: Path
+    ids: object  # pyarrow string array
+    score: object  # float64 array, NaN where the scorer could not score the sample
+    source: object  # object array: each row's source, "?" where it has none
+    scorer: object  # object array: each row's scorer, None where it has none
+    failed: list[dict] = field(default_factory=list)  # the whole rows whose score is null (details say why)
+    repeated: int = 0
+
+
+def _score_table_row(path, lineno: int, row: dict) -> None:
+    """read_scores' checks of one row, and source and scorer (read as text columns) are strings or absent."""
+    sid, _ = _score_row(path, lineno, row)
+    for name in ("source", "scorer"):
+        if row.get(name) is not None and not isinstance(row[name], str):
+            raise ValueError(f"{path}:{lineno}: id '{sid}': field '{name}': expected a string, "
+                             f"got {type(row[name]).__name__} {row[name]!r}")
+
+
+def read_score_table(path: Path) -> ScoreTable:
+    """A score file as a ScoreTable, under read_scores' rules. Arrow reads the columns without a Python
+    object a row; the rows with a null score (few: the failures) are then read whole by one streamed
+    pass that parses only lines holding a null. Anything else (an id missing or given twice with other
+    scores, a score out of range, a missing score field) is left to read_scores, which names the problem."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ual.io import jsonl_columns
+
+    path = Path(path)
+    schema = pa.schema([("id", pa.string()), ("score", pa.float64()), ("source", pa.string()), ("scorer", pa.string())])
+    table = jsonl_columns(path, schema, check=lambda lineno, row: _score_table_row(path, lineno, row),
+                          dictionary=("source", "scorer"))
+    ids = table.column("id").combine_chunks()
+    score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)  # null -> NaN
+    scored = score[~np.isnan(score)]
+    keep, repeats_agree = None, True
+    if not ids.null_count and table.num_rows and len(equal_neighbours(ids)[0]):
+        encoded = ids.dictionary_encode()  # codes in order of first occurrence
+        codes = encoded.indices.to_numpy()
+        keep = np.unique(codes, return_index=True)[1]
+        first = score[keep][codes]
+        repeats_agree = bool(((first == score) | (np.isnan(first) & np.isnan(score))).all())
+        ids = encoded.dictionary
+    if not table.num_rows or ids.null_count or not repeats_agree or ((scored < 0) | (scored > 1)).any():
+        read_scores(path, keep_rows=False)  # raises, naming the file, line, id and field
+        raise ValueError(f"{path}: cannot be read as score columns")
+    columns = {name: table.column(name) if keep is None else table.column(name).take(keep)
+               for name in ("source", "scorer")}
+    out = ScoreTable(path, ids, score if keep is None else score[keep], _texts(columns["source"], "?"),
+                     _texts(columns["scorer"], None), repeated=table.num_rows - len(ids))
+    failed_ids = set(ids.filter(pa.array(np.isnan(out.score))).to_pylist())
+    if failed_ids:
+        for lineno, row in iter_jsonl(path, only=lambda text: "null" in text):  # a null score is spelt null
+            if row.get("id") in failed_ids and row.get("score", 0) is None:
+                failed_ids.discard(row["id"])
+                out.failed.append(row)
+        if failed_ids:  # a row without a score field: Arrow reads it as null too
+            read_scores(path, keep_rows=False)
+            raise ValueError(f"{path}: rows with no score for ids {sorted(failed_ids)[:3]}")
+    return out
+
+
+def equal_neighbours(texts):
+    """(i, j): the positions of the pairs of equal strings in a pyarrow string array, found by sorting
+    it (its sort order and a sorted copy beside it) rather than by a hash table, which took over 100
+    bytes a string."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(texts).to_numpy()
+    ordered = texts.take(order)
+    same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)).to_numpy(zero_copy_only=False)
+    return order[1:][same], order[:-1][same]
+
+
+def _texts(column, missing):
+    """A dictionary-encoded text column as an object array sharing one str per value (8 bytes a row)."""
+    import numpy as np
+
+    encoded = column.combine_chunks()
+    values = np.array([*encoded.dictionary.to_pylist(), missing], dtype=object)
+    return values[encoded.indices.fill_null(len(values) - 1).to_numpy()]
