@@ -22,7 +22,7 @@ from ual.config import SCORERS, ExperimentConfig, to_dict
 from ual.config_checks import choice_problem
 from ual.io import atomic_path, write_jsonl
 from ual.lineage import Lineage, score_record
-from ual.runfolder import RunFolder, read_score_column
+from ual.runfolder import RunFolder, read_score_table
 from ual.sample_file import SampleFile
 from ual.scoring.base import ScoreResult
 from ual.scoring.unscored import unscored_summary
@@ -205,7 +205,7 @@ def write_scores_report(run: RunFolder, compare_with=None, smoothing=None) -> di
     from ual.scoring.analysis import scores_report
 
     if compare_with is None:
-        own = {run.scorer_scores(name) for name in set(_column(run.scores, "scorer"))}
+        own = {run.scorer_scores(name) for name in set(read_score_table(run.scores).scorer) if name}
         compare_with = [p for p in sorted(run.scores_dir.glob("*.jsonl")) if p not in own]
     return scores_report(run.scores, run.scores_report, compare_with=compare_with, smoothing=smoothing)
 
@@ -213,28 +213,18 @@ def write_scores_report(run: RunFolder, compare_with=None, smoothing=None) -> di
 def _complete_scores(path: Path, ids: list[str], scorer_name: str) -> bool:
     """Whether `path` scores every one of `ids` with this scorer (read as columns: no row is kept)."""
     import numpy as np
-    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     if not path.exists():
         return False
     try:
-        file_ids, scores, _ = read_score_column(path)
-        names = _column(path, "scorer")
+        table = read_score_table(path)
     except ValueError as exc:  # a damaged file is not reused: the samples are scored again
         log.warning("not reused: %s", exc)
         return False
-    good = pd.Index(np.array(file_ids, dtype=object)[(~np.isnan(scores)) & (np.array(names, dtype=object)
-                                                                           == scorer_name)])
-    return bool(good.unique().get_indexer(pd.Index(ids)).min(initial=0) >= 0)
-
-
-def _column(path: Path, name: str) -> list:
-    """One string field of every row of a JSONL file, as a list (None where absent)."""
-    import pyarrow as pa
-
-    from ual.io import jsonl_columns
-
-    return jsonl_columns(path, pa.schema([(name, pa.string())])).column(name).to_pylist()
+    good = table.ids.filter(pa.array(~np.isnan(table.score) & (table.scorer == scorer_name)))
+    return bool(pc.all(pc.is_in(pa.array(ids, pa.string()), value_set=good)).as_py() is not False)
 
 
 def _run_smoothing(run: RunFolder):
