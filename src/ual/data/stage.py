@@ -375,15 +375,8 @@ def _select(cfg: ExperimentConfig, labels: list[str], tokenizer, spool: SampleSp
 
     # Ids hash (source label, messages), labels are distinct and each source is deduplicated,
     # so no id is in both sets; checked anyway, as evaluation on trained samples would mislead.
-    train_all = np.concatenate([np.frombuffer(reads[label].positions, np.int64)[train] for label, train in train_by.items()]
-                               or [np.zeros(0, np.int64)])
-    held_all = np.concatenate([np.frombuffer(reads[label].positions, np.int64)[held] for label, held in held_by.items()]
-                              or [np.zeros(0, np.int64)])
-    train_ids = np.concatenate([np.frombuffer(reads[label].ids, np.uint64)[train] for label, train in train_by.items()]
-                               or [np.zeros(0, np.uint64)])
-    held_ids = np.concatenate([np.frombuffer(reads[label].ids, np.uint64)[held] for label, held in held_by.items()]
-                              or [np.zeros(0, np.uint64)])
-    assert not np.isin(held_ids, train_ids).any()
+    train_all, held_all = _gather(reads, train_by, "positions"), _gather(reads, held_by, "positions")
+    assert not np.isin(_gather(reads, held_by, "ids"), _gather(reads, train_by, "ids")).any()
     order = list(range(len(train_all)))
     random.Random(f"{cfg.seed}:mix").shuffle(order)  # sources interleaved in the file
     stats = {
@@ -395,6 +388,13 @@ def _select(cfg: ExperimentConfig, labels: list[str], tokenizer, spool: SampleSp
         "sources": per_source,
     }
     return stats, (train_all[np.array(order, dtype=np.int64)], held_all)
+
+
+def _gather(reads: dict[str, SourceRead], picks: dict[str, list[int]], column: str):
+    """One column (positions or ids) of the picked samples of every source, in source order, as an array."""
+    dtype = np.int64 if column == "positions" else np.uint64
+    return np.concatenate([np.frombuffer(getattr(reads[label], column), dtype)[idx] for label, idx in picks.items()]
+                          or [np.zeros(0, dtype)]).astype(dtype)
 
 
 def read_samples(path: str | Path) -> list[Sample]:
