@@ -31,7 +31,8 @@ class SampleFile(Sequence):
         self.sources: list[str] = []
         schema = pa.schema([("id", pa.string()), ("source", pa.string())])
         for path in self.paths:
-            table = jsonl_columns(path, schema, check=lambda lineno, row, path=path: _check(path, lineno, row))
+            table = jsonl_columns(path, schema, check=lambda lineno, row, path=path: _check(path, lineno, row),
+                                  dictionary=("source",))
             offsets = _line_offsets(path)
             if len(offsets) != table.num_rows or table.column("id").null_count or table.column("source").null_count:
                 from ual.io import iter_jsonl
@@ -41,7 +42,9 @@ class SampleFile(Sequence):
                 raise ValueError(f"{path}: {table.num_rows} rows read as columns, {len(offsets)} lines")
             self._offsets.append(offsets)
             self.ids += table.column("id").to_pylist()
-            self.sources += table.column("source").to_pylist()
+            sources = table.column("source").combine_chunks()  # a few distinct values: one str each, shared
+            names = sources.dictionary.to_pylist()
+            self.sources += [names[k] for k in sources.indices.to_numpy(zero_copy_only=False)]
         self._starts = [0]
         for offsets in self._offsets:
             self._starts.append(self._starts[-1] + len(offsets))
