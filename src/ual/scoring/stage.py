@@ -15,6 +15,7 @@ from ual.config_checks import choice_problem
 from ual.io import write_jsonl
 from ual.lineage import Lineage, score_record
 from ual.runfolder import RunFolder, read_scores
+from ual.scoring.parallel import score_samples
 from ual.scoring.unscored import unscored_summary
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,7 @@ def build_scorer(cfg: ExperimentConfig):
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
-    splits = {"train": run.load_samples("train")}
-    if cfg.score.heldout and run.heldout.exists():
-        splits["heldout"] = run.load_samples("heldout")
+    splits = score_splits(cfg, run)
     scorer = build_scorer(cfg)
     everything = [s for samples in splits.values() for s in samples]
     if cfg.score.dry_run:
@@ -87,7 +86,7 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
             log.info("%s: derived from %s's kept details (same forward pass); no model call", scorer.name, sibling)
             break
     if results is None:
-        results = scorer.score(everything, **_tokenized(cfg, run, scorer, splits))
+        results = score_samples(cfg, scorer, everything, _tokenized(cfg, run, scorer, splits), record)
     by_id = {s.id: s for s in everything}
     rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
             for r in results]
@@ -100,6 +99,14 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     return {"scorer": scorer.name, "scored": n_train - left["failed"],
             "heldout_scored": sum(r.score is not None for r in results[n_train:]) if "heldout" in splits else None,
             "derived_from": derived, **left}
+
+
+def score_splits(cfg: ExperimentConfig, run: RunFolder) -> dict:
+    """{split: samples} this command scores: the training set, and the held-out set with score.heldout."""
+    splits = {"train": run.load_samples("train")}
+    if cfg.score.heldout and run.heldout.exists():
+        splits["heldout"] = run.load_samples("heldout")
+    return splits
 
 
 def _tokenized(cfg: ExperimentConfig, run: RunFolder, scorer, splits: dict) -> dict:

@@ -1,0 +1,117 @@
+"""`ual score` and `ual eval` as data parallel under `accelerate launch` (2 CPU processes over gloo, ual/shards.py).
+
+The processes are started as tests/training/test_train_distributed.py starts them (configs/accelerate/cpu2.yaml:
+accelerate's torchrun launcher). Each result is compared with one process over the same run folder: the
+same rows in the same order, scores and metrics within float tolerance (the batches differ: a process
+sorts its own shard by length).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ual.cli import main
+from ual.io import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def _launch_args(args):
+    return [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu2.yaml"),
+            "--dynamo_backend", "no", "-m", "ual.cli"] + args
+
+
+def _launch(args, timeout=900):
+    proc = subprocess.run(_launch_args(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _run_folder(tmp_path, tiny_model_dir, name, n_train, n_heldout, shard_size, extra=""):
+    """A run folder with `ual data` done: chat samples of several lengths from two sources."""
+    chat = tmp_path / "chat.jsonl"
+    if not chat.exists():
+        chat.write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": f"question {i}: " + "why " * (i % 5)},
+            {"role": "assistant", "content": "an answer " * (1 + i % 7) + str(i)}]}) + "\n" for i in range(600)))
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"""
+run_dir: {tmp_path / name}
+model: {tiny_model_dir}
+shard_size: {shard_size}
+data:
+  max_length: 96
+  sources:
+    - {{name: {chat}, train: {n_train}, heldout: {n_heldout}}}
+    - {{name: gsm8k, train: {n_train // 4}, heldout: {n_heldout}}}
+score: {{scorer: entropy_ratio, batch_size: 4}}
+{extra}
+""")
+    assert main(["data", str(cfg)]) == 0
+    return cfg
+
+
+def _same_rows(one: list[dict], two: list[dict]):
+    assert [(r["id"], r["source"], r["scorer"]) for r in one] == [(r["id"], r["source"], r["scorer"]) for r in two]
+    for a, b in zip(one, two):
+        assert (a["score"] is None) == (b["score"] is None)
+        if a["score"] is not None:
+            assert b["score"] == pytest.approx(a["score"], rel=1e-4, abs=1e-6), a["id"]
+        assert a["details"].keys() == b["details"].keys()
+        for key, value in a["details"].items():
+            assert b["details"][key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value)
+
+
+def test_score_across_two_processes_equals_one(tmp_path, tiny_model_dir):
+    one = _run_folder(tmp_path, tiny_model_dir, "one", 24, 6, 5)
+    two = _run_folder(tmp_path, tiny_model_dir, "two", 24, 6, 5)
+    assert main(["score", str(one)]) == 0
+    proc = _launch(["score", str(two)])
+    for name in ("scores.jsonl", "heldout_scores.jsonl"):
+        _same_rows(read_jsonl(tmp_path / "one" / name), read_jsonl(tmp_path / "two" / name))
+    # 42 samples (30 training, 12 held-out) in shards of 5: 9 shards, 5 and 4 computed by the processes
+    assert len(re.findall(r"shard \d+ of 9 written", proc.stderr)) == 9
+    assert not (tmp_path / "two" / "shards").exists()  # merged into the outputs, then removed
+    assert json.loads(proc.stdout)["scored"] == 30
+    # another scorer of the same forward passes comes from the kept details, in either case
+    assert main(["score", str(one), "--score.scorer", "entropy"]) == 0
+    proc = _launch(["score", str(two), "--score.scorer", "entropy"])
+    assert "no model call" in proc.stderr
+    _same_rows(read_jsonl(tmp_path / "one" / "scores.jsonl"), read_jsonl(tmp_path / "two" / "scores.jsonl"))
+
+
+def test_score_shard_finished_before_kill_is_not_redone(tmp_path, tiny_model_dir):
+    one = _run_folder(tmp_path, tiny_model_dir, "one", 400, 10, 2, "")
+    two = _run_folder(tmp_path, tiny_model_dir, "two", 400, 10, 2, "")
+    launcher = subprocess.Popen(_launch_args(["score", str(two)]), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    shard_dir = tmp_path / "two" / "shards"
+    deadline = time.time() + 600
+    while not list(shard_dir.glob("score-*/shard-*.jsonl")) and time.time() < deadline:
+        assert launcher.poll() is None, "the run ended before a shard was seen"
+        time.sleep(0.005)
+    workers = psutil.Process(launcher.pid).children(recursive=True)
+    for p in workers + [psutil.Process(launcher.pid)]:  # kill -9: the processes die where they are
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(workers, timeout=30)
+    launcher.wait(timeout=30)
+    done = sorted(p.name for p in shard_dir.glob("score-*/shard-*.jsonl"))
+    assert 1 <= len(done) < 260  # 520 samples in shards of 2: some, not all, were finished
+    proc = _launch(["score", str(two)])
+    skipped = re.findall(r"shard (\d+) \(items \d+-\d+\) was finished by an earlier run; not computed again",
+                         proc.stderr)
+    assert sorted(f"shard-{int(k):06d}.jsonl" for k in skipped) == done
+    assert main(["score", str(one)]) == 0
+    for name in ("scores.jsonl", "heldout_scores.jsonl"):
+        _same_rows(read_jsonl(tmp_path / "one" / name), read_jsonl(tmp_path / "two" / name))
