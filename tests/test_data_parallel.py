@@ -115,3 +115,52 @@ def test_score_shard_finished_before_kill_is_not_redone(tmp_path, tiny_model_dir
     assert main(["score", str(one)]) == 0
     for name in ("scores.jsonl", "heldout_scores.jsonl"):
         _same_rows(read_jsonl(tmp_path / "one" / name), read_jsonl(tmp_path / "two" / name))
+
+
+EVAL = ("eval: {models: [base], max_new_tokens: 8, batch_size: 4, gsm8k_limit: 7, mc_limit: 4, mc_samples: 2, "
+        "clustering: false, pairwise: [], compare: [], answers_per_source: 1, tasks: ['arc_easy:6']}")
+
+
+def _close(a, b, path="") -> None:
+    """Equal JSON-like values, floats within tolerance."""
+    if isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_eval_across_two_processes_equals_one(tmp_path, tiny_model_dir):
+    import numpy as np
+
+    one = _run_folder(tmp_path, tiny_model_dir, "one", 8, 9, 4, EVAL)
+    two = _run_folder(tmp_path, tiny_model_dir, "two", 8, 9, 4, EVAL)
+    assert main(["eval", str(one)]) == 0
+    proc = _launch(["eval", str(two)])
+    # 18 held-out samples in shards of 4: 5 shards of NLL; 7 maths samples: 2 shards of GSM8K
+    assert len(re.findall(r"nll-base-\w+: shard \d+ of 5 written", proc.stderr)) == 5
+    assert len(re.findall(r"gsm8k-base-\w+: shard \d+ of 2 written", proc.stderr)) == 2
+    assert "Building contexts for arc_easy on rank 1" in proc.stderr  # lm-eval shared the benchmark's items
+    a, b = (json.loads((tmp_path / run / "eval" / "base.json").read_text()) for run in ("one", "two"))
+    for metric in ("nll", "calibration", "maths", "multiple_choice"):
+        _close(a[metric], b[metric], metric)
+    assert a["maths"]["n_questions"] == 7 and set(a["nll"]) == {"chat", "gsm8k", "all"}
+    for kind in ("nll", "maths", "mc", "task-arc_easy"):
+        _close(read_jsonl(tmp_path / "one" / "eval" / "items" / f"base.{kind}.jsonl"),
+               read_jsonl(tmp_path / "two" / "eval" / "items" / f"base.{kind}.jsonl"), kind)
+    with np.load(tmp_path / "one" / "eval" / "items" / "base.tokens.npz") as x, \
+            np.load(tmp_path / "two" / "eval" / "items" / "base.tokens.npz") as y:
+        assert (x["item"] == y["item"]).all() and (x["correct"] == y["correct"]).all()
+        assert np.allclose(x["confidence"], y["confidence"], rtol=1e-4, atol=1e-6)
+    ta, tb = (json.loads((tmp_path / run / "eval" / "tasks" / "base.json").read_text()) for run in ("one", "two"))
+    assert tb["n_samples"] == ta["n_samples"] == {"arc_easy": 6}
+    _close(ta["results"]["arc_easy"]["acc"], tb["results"]["arc_easy"]["acc"])
+    _close(ta["benchmarks"], tb["benchmarks"], "benchmarks")
+    assert not (tmp_path / "two" / "shards").exists()

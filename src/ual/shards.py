@@ -85,10 +85,13 @@ def order(job: Callable, cfg, *args, **leader_only):
 
 
 def follow(cfg) -> None:
-    """A follower's whole stage: the leader's orders, in its order, until it sends None (its stage is done)."""
+    """A follower's whole stage: the leader's orders, in its order, until it sends None (its stage is done).
+    Each job gets `kept`: what the follower loaded for the stage's earlier orders (a model evaluated in
+    several orders is loaded once)."""
+    kept: dict = {}
     while (message := _broadcast(None)) is not None:
         job, args = message
-        job(cfg, *args)
+        job(cfg, *args, kept=kept)
 
 
 @contextmanager

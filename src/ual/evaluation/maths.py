@@ -128,6 +128,19 @@ def substring_match(response: str, gold: str) -> bool:
     return str(gold) in (response or "")
 
 
+def maths_summary(records: list[dict], max_new_tokens: int) -> dict:
+    """Greedy accuracy (exact and substring) over per-question records (one process's, or merged shards')."""
+    correct, total = sum(r["correct"] for r in records), len(records)
+    return {
+        "n_questions": total,
+        "correct": correct,
+        "accuracy": correct / total,
+        "substring_match_accuracy": sum(substring_match(r["prediction"], r["gold"]) for r in records) / total,
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+    }
+
+
 def evaluate_maths(
     model,
     tokenizer,
@@ -164,18 +177,8 @@ def evaluate_maths(
         records.append(
             {"id": s.id, "prediction": text, "extracted": extracted, "gold": gold, "correct": answers_match(extracted, gold)}
         )
-    correct = sum(r["correct"] for r in records)
     total = len(records)
-    result = {
-        "n_questions": total,
-        "correct": correct,
-        "accuracy": correct / total,
-        "substring_match_accuracy": (
-            sum(substring_match(r["prediction"], r["gold"]) for r in records) / total
-        ),
-        "decoding": "greedy",
-        "max_new_tokens": max_new_tokens,
-    }
+    result = maths_summary(records, max_new_tokens)
     if do_sample:
         sampled = generate_answers(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,

@@ -29,7 +29,8 @@ def score_samples(cfg, scorer, samples, tokenized: dict, record: dict) -> list[S
     return results
 
 
-def score_shards(cfg, folder: str, n: int, files: list[str] | None, scorer=None, samples=None, encoded=None):
+def score_shards(cfg, folder: str, n: int, files: list[str] | None, scorer=None, samples=None, encoded=None,
+                 kept=None):
     """This process's shards (an order of the leader's: a follower builds the same scorer and reads the same
     samples and tokenized rows)."""
     if scorer is None:
