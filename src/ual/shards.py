@@ -54,14 +54,28 @@ def is_follower() -> bool:
 
 
 def _group():
-    """torch.distributed's default group, started once per process through accelerate (gloo without a GPU)."""
+    """torch.distributed's default group, started once per process through accelerate (gloo without a GPU;
+    with GPUs, NCCL and this process's own GPU, LOCAL_RANK, as the device its models load on)."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         from accelerate import PartialState
 
-        PartialState(timeout=WAIT)
+        # without a GPU accelerate counts the processes only when told they run on the CPU (MULTI_CPU)
+        PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist
+
+
+def accelerator():
+    """accelerate's Accelerator over the launched processes (what lm-eval's models gather with)."""
+    import torch
+    from accelerate import Accelerator
+
+    _group()
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def barrier() -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 
 from ual.evaluation import benchmarks as bm
-from ual.shards import processes, rank
+from ual.shards import accelerator, processes, rank
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +386,6 @@ def _language_model(model, adapter, tokenizer, batch_size: int, device: str, eng
     if processes() > 1:
         # HFLM takes a loaded model as one process's; under `accelerate launch` it is each process's copy:
         # lm-eval's data-parallel path then gives each its share of the requests and gathers on rank 0
-        from accelerate import Accelerator
-
-        lm.accelerator = Accelerator()
+        lm.accelerator = accelerator()
         lm._rank, lm._world_size = lm.accelerator.process_index, lm.accelerator.num_processes
     return lm, None
