@@ -91,6 +91,17 @@ def test_score_across_two_processes_equals_one(tmp_path, tiny_model_dir):
     _same_rows(read_jsonl(tmp_path / "one" / "scores.jsonl"), read_jsonl(tmp_path / "two" / "scores.jsonl"))
 
 
+def test_local_judge_across_two_processes_equals_one(tmp_path, tiny_model_dir):
+    one = _run_folder(tmp_path, tiny_model_dir, "one", 8, 2, 3)
+    two = _run_folder(tmp_path, tiny_model_dir, "two", 8, 2, 3)
+    assert main(["score", str(one), "--score.scorer", "local_judge"]) == 0
+    proc = _launch(["score", str(two), "--score.scorer", "local_judge"])
+    # 14 samples (10 training, 4 held-out) in shards of 3: 5 shards
+    assert len(re.findall(r"shard \d+ of 5 written", proc.stderr)) == 5
+    for name in ("scores.jsonl", "heldout_scores.jsonl"):
+        _same_rows(read_jsonl(tmp_path / "one" / name), read_jsonl(tmp_path / "two" / name))
+
+
 def test_score_shard_finished_before_kill_is_not_redone(tmp_path, tiny_model_dir):
     one = _run_folder(tmp_path, tiny_model_dir, "one", 400, 10, 2, "")
     two = _run_folder(tmp_path, tiny_model_dir, "two", 400, 10, 2, "")
