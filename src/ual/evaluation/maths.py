@@ -29,6 +29,7 @@ _MARKERS = [
     re.compile(r"\\boxed\s*\{"),
     re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=)\s*:?", re.IGNORECASE),
 ]
+MATHS_SOURCES = ("gsm8k", "metamath")  # the held-out sources whose samples carry a gold final answer
 _DASHES = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\uff0d": "-"}
 
 
@@ -126,6 +127,11 @@ def gold_answer(sample) -> str:
 def substring_match(response: str, gold: str) -> bool:
     """The paper's reference rule (a defect, kept for comparison): gold appears anywhere in the text."""
     return str(gold) in (response or "")
+
+
+def maths_samples(ec, heldout) -> list:
+    """The held-out maths samples GSM8K's exact match is measured on (ec: EvalConfig)."""
+    return [s for s in heldout if s.source in MATHS_SOURCES and "answer" in s.meta][: ec.gsm8k_limit]
 
 
 def maths_summary(records: list[dict], max_new_tokens: int) -> dict:

@@ -64,8 +64,7 @@ def maths_records(cfg, name: str, model, tokenizer, maths) -> dict:
 
 
 def maths_shards(cfg, name: str, folder: str, n: int, model=None, tokenizer=None, maths=None, kept=None):
-    from ual.evaluation.maths import evaluate_maths
-    from ual.evaluation.stage import maths_samples
+    from ual.evaluation.maths import evaluate_maths, maths_samples
 
     if model is None:
         model, tokenizer = _follower_model(cfg, name, kept)
@@ -115,7 +114,7 @@ def _folder(cfg, name: str, job: str, n: int) -> Path:
 
 def _follower_model(cfg, name: str, kept: dict):
     """(model, tokenizer) in a follower, loaded once per model of the stage (one in memory, as on the leader)."""
-    from ual.evaluation.stage import load_for_eval
+    from ual.evaluation.loading import load_for_eval
     from ual.models import load_tokenizer
 
     if kept.get("name") != name:

@@ -32,38 +32,12 @@ from ual.io import atomic_open, read_json, write_json, write_jsonl
 from ual.lineage import Lineage, eval_record, record_of
 from ual.config import split_pair
 from ual.evaluation import answers
+from ual.evaluation.loading import load_for_eval
+from ual.evaluation.maths import maths_samples
 from ual.evaluation.parallel import benchmark_results, heldout_token_stats, maths_records
 from ual.runfolder import RunFolder, model_key
 
 log = logging.getLogger(__name__)
-
-MATHS_SOURCES = ("gsm8k", "metamath")
-
-
-def load_for_eval(cfg: ExperimentConfig, name: str):
-    """The base model, a trained mode, or a folder (LoRA adapter of cfg.model, or a whole model), merged."""
-    from ual.models import load_model
-
-    run = RunFolder(cfg.run_path)
-    if name == "base":
-        return load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
-    out = run.train_dir(name)
-    if model_key(name) != name:  # a folder given by path (`ual eval --adapter DIR`)
-        folder = Path(name)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such adapter or model folder")
-        if not (folder / "adapter_config.json").exists():
-            return load_model(str(folder), cfg.device, trust_remote_code=cfg.trust_remote_code)
-        adapter = folder
-    elif (out / "model").exists():
-        return load_model(str(out / "model"), cfg.device, trust_remote_code=cfg.trust_remote_code)
-    else:
-        adapter = run.require(out / "adapter", "train")
-    from peft import PeftModel
-
-    base = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
-    # Merging makes generation as fast as the base model's.
-    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def check_models(models: list[str], run: RunFolder) -> None:
@@ -217,11 +191,6 @@ class EvalInputs:
             log.warning("no held-out samples from %r: pairwise comparison skipped", ec.pairwise_source)
         side_by_side = answers.side_by_side_samples(heldout, ec.answers_per_source) if ec.answers_per_source else []
         return cls(heldout, maths, mc, cluster_texts, pair_samples, side_by_side)
-
-
-def maths_samples(ec, heldout) -> list:
-    """The held-out maths samples GSM8K's exact match is measured on."""
-    return [s for s in heldout if s.source in MATHS_SOURCES and "answer" in s.meta][: ec.gsm8k_limit]
 
 
 def clustering_texts(heldout, tokenizer, n: int) -> list[str]:

@@ -14,31 +14,28 @@ from ual.scoring.base import ScoreResult
 from ual.shards import arrow_files, job_folder, map_shards, open_arrow, order, processes
 
 
-def score_samples(cfg, scorer, samples, tokenized: dict, record: dict) -> list[ScoreResult]:
+def score_samples(cfg, scorer, samples, tokenized: dict, record: dict, inputs) -> list[ScoreResult]:
     """scorer.score(samples, **tokenized), across processes when launched as several. `record`: the score
-    stage's lineage record (its fingerprint covers the samples and the settings)."""
+    stage's lineage record (its fingerprint covers the samples and the settings); inputs(cfg): the scorer and
+    samples, as a follower builds them (a module-level function: it is sent to the followers)."""
     if processes() == 1 or not samples:
         return scorer.score(samples, **tokenized)
     encoded = tokenized.get("encoded")
     folder = job_folder(cfg.run_path, "score", [record["fingerprint"], scorer.name, len(samples), cfg.shard_size])
     rows = order(score_shards, cfg, str(folder), len(samples), arrow_files(encoded) if encoded is not None else None,
-                 scorer=scorer, samples=samples, encoded=encoded)
+                 inputs, scorer=scorer, samples=samples, encoded=encoded)
     results = [ScoreResult(r["id"], r["score"], r["details"]) for r in rows]
     if hasattr(scorer, "from_details"):
         results = scorer.from_details([r.id for r in results], [r.details for r in results])
     return results
 
 
-def score_shards(cfg, folder: str, n: int, files: list[str] | None, scorer=None, samples=None, encoded=None,
-                 kept=None):
+def score_shards(cfg, folder: str, n: int, files: list[str] | None, inputs, scorer=None, samples=None,
+                 encoded=None, kept=None):
     """This process's shards (an order of the leader's: a follower builds the same scorer and reads the same
     samples and tokenized rows)."""
     if scorer is None:
-        from ual.runfolder import RunFolder
-        from ual.scoring.stage import build_scorer, score_splits
-
-        scorer = build_scorer(cfg)
-        samples = [s for split in score_splits(cfg, RunFolder(cfg.run_path)).values() for s in split]
+        scorer, samples = inputs(cfg)
         encoded = open_arrow(files) if files else None
         if len(samples) != n:
             raise RuntimeError(f"this process read {len(samples)} samples, the leader {n}: the samples changed")

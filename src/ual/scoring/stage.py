@@ -86,7 +86,7 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
             log.info("%s: derived from %s's kept details (same forward pass); no model call", scorer.name, sibling)
             break
     if results is None:
-        results = score_samples(cfg, scorer, everything, _tokenized(cfg, run, scorer, splits), record)
+        results = score_samples(cfg, scorer, everything, _tokenized(cfg, run, scorer, splits), record, scoring_inputs)
     by_id = {s.id: s for s in everything}
     rows = [{"id": r.id, "source": by_id[r.id].source, "score": r.score, "scorer": scorer.name, "details": r.details}
             for r in results]
@@ -107,6 +107,11 @@ def score_splits(cfg: ExperimentConfig, run: RunFolder) -> dict:
     if cfg.score.heldout and run.heldout.exists():
         splits["heldout"] = run.load_samples("heldout")
     return splits
+
+
+def scoring_inputs(cfg: ExperimentConfig) -> tuple:
+    """(scorer, samples) of this command, built again in each follower process (scoring/parallel.py)."""
+    return build_scorer(cfg), [s for samples in score_splits(cfg, RunFolder(cfg.run_path)).values() for s in samples]
 
 
 def _tokenized(cfg: ExperimentConfig, run: RunFolder, scorer, splits: dict) -> dict:
