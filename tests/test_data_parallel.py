@@ -91,6 +91,17 @@ def test_score_across_two_processes_equals_one(tmp_path, tiny_model_dir):
     _same_rows(read_jsonl(tmp_path / "one" / "scores.jsonl"), read_jsonl(tmp_path / "two" / "scores.jsonl"))
 
 
+def test_prior_runs_on_rank_0_alone(tmp_path, tiny_model_dir):
+    """A scorer without a model (the prior; the API judge likewise) is not sharded: rank 0 scores, the others
+    end with the stage."""
+    one = _run_folder(tmp_path, tiny_model_dir, "one", 8, 2, 3)
+    two = _run_folder(tmp_path, tiny_model_dir, "two", 8, 2, 3)
+    assert main(["score", str(one), "--score.scorer", "prior"]) == 0
+    proc = _launch(["score", str(two), "--score.scorer", "prior"])
+    assert "shard" not in proc.stderr and json.loads(proc.stdout)["scored"] == 10
+    assert read_jsonl(tmp_path / "one" / "scores.jsonl") == read_jsonl(tmp_path / "two" / "scores.jsonl")
+
+
 def test_local_judge_across_two_processes_equals_one(tmp_path, tiny_model_dir):
     one = _run_folder(tmp_path, tiny_model_dir, "one", 8, 2, 3)
     two = _run_folder(tmp_path, tiny_model_dir, "two", 8, 2, 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ual.lineage import MODEL_SCORERS
 from ual.scoring.base import ScoreResult
 from ual.shards import arrow_files, job_folder, map_shards, open_arrow, order, processes
 
@@ -18,7 +19,9 @@ def score_samples(cfg, scorer, samples, tokenized: dict, record: dict, inputs) -
     """scorer.score(samples, **tokenized), across processes when launched as several. `record`: the score
     stage's lineage record (its fingerprint covers the samples and the settings); inputs(cfg): the scorer and
     samples, as a follower builds them (a module-level function: it is sent to the followers)."""
-    if processes() == 1 or not samples:
+    if processes() == 1 or not samples or cfg.score.scorer not in MODEL_SCORERS:
+        # the judge and the prior run on rank 0 alone: an API judge's requests, cache and batch files are one
+        # writer's (the other processes are let go when the stage ends)
         return scorer.score(samples, **tokenized)
     encoded = tokenized.get("encoded")
     folder = job_folder(cfg.run_path, "score", [record["fingerprint"], scorer.name, len(samples), cfg.shard_size])
