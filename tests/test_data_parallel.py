@@ -96,8 +96,8 @@ def test_prior_runs_on_rank_0_alone(tmp_path, tiny_model_dir):
     end with the stage."""
     one = _run_folder(tmp_path, tiny_model_dir, "one", 8, 2, 3)
     two = _run_folder(tmp_path, tiny_model_dir, "two", 8, 2, 3)
-    assert main(["score", str(one), "--score.scorer", "prior"]) == 0
-    proc = _launch(["score", str(two), "--score.scorer", "prior"])
+    assert main(["score", str(one), "--score.scorer", "prior", "--score.prior", "{chat: 0.8, gsm8k: 0.2}"]) == 0
+    proc = _launch(["score", str(two), "--score.scorer", "prior", "--score.prior", "{chat: 0.8, gsm8k: 0.2}"])
     assert "shard" not in proc.stderr and json.loads(proc.stdout)["scored"] == 10
     assert read_jsonl(tmp_path / "one" / "scores.jsonl") == read_jsonl(tmp_path / "two" / "scores.jsonl")
 
