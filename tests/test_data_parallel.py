@@ -113,14 +113,13 @@ def test_local_judge_across_two_processes_equals_one(tmp_path, tiny_model_dir):
         _same_rows(read_jsonl(tmp_path / "one" / name), read_jsonl(tmp_path / "two" / name))
 
 
-def test_score_shard_finished_before_kill_is_not_redone(tmp_path, tiny_model_dir):
-    one = _run_folder(tmp_path, tiny_model_dir, "one", 400, 10, 2, "")
-    two = _run_folder(tmp_path, tiny_model_dir, "two", 400, 10, 2, "")
-    launcher = subprocess.Popen(_launch_args(["score", str(two)]), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+def _kill_after_first_shard(args, shard_dir: Path, job: str) -> list[str]:
+    """Launch `ual ARGS` on 2 processes, kill -9 every process once a shard of `job` is on disk, rerun it: the
+    rerun reads exactly the shards that were there (the names of those, returned) and computes the others."""
+    launcher = subprocess.Popen(_launch_args(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    shard_dir = tmp_path / "two" / "shards"
     deadline = time.time() + 600
-    while not list(shard_dir.glob("score-*/shard-*.jsonl")) and time.time() < deadline:
+    while not list(shard_dir.glob(f"{job}-*/shard-*.jsonl")) and time.time() < deadline:
         assert launcher.poll() is None, "the run ended before a shard was seen"
         time.sleep(0.005)
     workers = psutil.Process(launcher.pid).children(recursive=True)
@@ -128,19 +127,40 @@ def test_score_shard_finished_before_kill_is_not_redone(tmp_path, tiny_model_dir
         p.send_signal(signal.SIGKILL)
     psutil.wait_procs(workers, timeout=30)
     launcher.wait(timeout=30)
-    done = sorted(p.name for p in shard_dir.glob("score-*/shard-*.jsonl"))
-    assert 1 <= len(done) < 260  # 520 samples in shards of 2: some, not all, were finished
-    proc = _launch(["score", str(two)])
-    skipped = re.findall(r"shard (\d+) \(items \d+-\d+\) was finished by an earlier run; not computed again",
-                         proc.stderr)
+    done = sorted(p.name for p in shard_dir.glob(f"{job}-*/shard-*.jsonl"))
+    proc = _launch(args)
+    skipped = re.findall(rf"{job}-\w+: shard (\d+) \(items \d+-\d+\) was finished by an earlier run; not computed "
+                         r"again", proc.stderr)
     assert sorted(f"shard-{int(k):06d}.jsonl" for k in skipped) == done
+    assert not shard_dir.exists()
+    return done
+
+
+def test_score_shard_finished_before_kill_is_not_redone(tmp_path, tiny_model_dir):
+    one = _run_folder(tmp_path, tiny_model_dir, "one", 400, 10, 2, "")
+    two = _run_folder(tmp_path, tiny_model_dir, "two", 400, 10, 2, "")
+    done = _kill_after_first_shard(["score", str(two)], tmp_path / "two" / "shards", "score")
+    assert 1 <= len(done) < 260  # 520 samples in shards of 2: some, not all, were finished
     assert main(["score", str(one)]) == 0
     for name in ("scores.jsonl", "heldout_scores.jsonl"):
         _same_rows(read_jsonl(tmp_path / "one" / name), read_jsonl(tmp_path / "two" / name))
 
 
+def test_eval_shard_finished_before_kill_is_not_redone(tmp_path, tiny_model_dir):
+    nll_only = ("eval: {models: [base], gsm8k: false, multiple_choice: false, clustering: false, pairwise: [], "
+                "compare: [], answers_per_source: 0, batch_size: 4}")
+    one = _run_folder(tmp_path, tiny_model_dir, "one", 8, 150, 2, nll_only)
+    two = _run_folder(tmp_path, tiny_model_dir, "two", 8, 150, 2, nll_only)
+    done = _kill_after_first_shard(["eval", str(two)], tmp_path / "two" / "shards", "nll-base")
+    assert 1 <= len(done) < 150  # 300 held-out samples in shards of 2
+    assert main(["eval", str(one)]) == 0
+    _close(read_jsonl(tmp_path / "one" / "eval" / "items" / "base.nll.jsonl"),
+           read_jsonl(tmp_path / "two" / "eval" / "items" / "base.nll.jsonl"))
+
+
 EVAL = ("eval: {models: [base], max_new_tokens: 8, batch_size: 4, gsm8k_limit: 7, mc_limit: 4, mc_samples: 2, "
-        "clustering: false, pairwise: [], compare: [], answers_per_source: 1, tasks: ['arc_easy:6']}")
+        "clustering: false, pairwise: [], compare: [], answers_per_source: 1, tasks: ['arc_easy:6', gsm8k_heldout], "
+        "tasks_limit: 4}")
 
 
 def _close(a, b, path="") -> None:
@@ -169,7 +189,8 @@ def test_eval_across_two_processes_equals_one(tmp_path, tiny_model_dir):
     # 18 held-out samples in shards of 4: 5 shards of NLL; 7 maths samples: 2 shards of GSM8K
     assert len(re.findall(r"nll-base-\w+: shard \d+ of 5 written", proc.stderr)) == 5
     assert len(re.findall(r"gsm8k-base-\w+: shard \d+ of 2 written", proc.stderr)) == 2
-    assert "Building contexts for arc_easy on rank 1" in proc.stderr  # lm-eval shared the benchmark's items
+    for task in ("arc_easy", "gsm8k_heldout"):  # lm-eval shared each task's items between the processes
+        assert f"Building contexts for {task} on rank 1" in proc.stderr
     a, b = (json.loads((tmp_path / run / "eval" / "base.json").read_text()) for run in ("one", "two"))
     for metric in ("nll", "calibration", "maths", "multiple_choice"):
         _close(a[metric], b[metric], metric)
@@ -182,7 +203,7 @@ def test_eval_across_two_processes_equals_one(tmp_path, tiny_model_dir):
         assert (x["item"] == y["item"]).all() and (x["correct"] == y["correct"]).all()
         assert np.allclose(x["confidence"], y["confidence"], rtol=1e-4, atol=1e-6)
     ta, tb = (json.loads((tmp_path / run / "eval" / "tasks" / "base.json").read_text()) for run in ("one", "two"))
-    assert tb["n_samples"] == ta["n_samples"] == {"arc_easy": 6}
-    _close(ta["results"]["arc_easy"]["acc"], tb["results"]["arc_easy"]["acc"])
+    assert tb["n_samples"] == ta["n_samples"] == {"arc_easy": 6, "gsm8k_heldout": 4}
+    _close(ta["results"], tb["results"], "results")  # lm-eval's generation (GSM8K) and log-likelihood tasks
     _close(ta["benchmarks"], tb["benchmarks"], "benchmarks")
     assert not (tmp_path / "two" / "shards").exists()
