@@ -260,6 +260,8 @@ class ExperimentConfig(Checked):
     trust_remote_code: bool = _f(False, "allow model repos to run their own code (off unless you ask)")
     chat_template: str | None = _f(None, "chat template for a tokenizer that ships none (base models): a built-in "
                                          "name (vicuna, chatml), a .jinja file, or Jinja text; null: the tokenizer's own")
+    shard_size: int = _f(256, "samples per shard when `ual score` or `ual eval` runs across processes (accelerate "
+                              "launch): each shard is kept as it finishes, and a rerun after a kill does not redo it", ge=1)
     data: DataConfig = field(default_factory=DataConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)

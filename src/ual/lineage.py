@@ -34,7 +34,7 @@ from ual.io import read_json, write_json, write_text
 log = logging.getLogger(__name__)
 
 # Fields about one invocation: never written into an existing folder's config.yaml.
-PER_INVOCATION = ("device", "data.num_proc", "score.dry_run", "score.concurrency", "score.requests_per_minute",
+PER_INVOCATION = ("device", "shard_size", "data.num_proc", "score.dry_run", "score.concurrency", "score.requests_per_minute",
                   "score.tokens_per_minute", "score.timeout_s", "score.max_retries", "score.batch_size",
                   "score.via", "score.batch_wait", "score.batch_poll_s", "score.batch_find_s",
                   "score.batch_max_lines", "score.batch_max_bytes", "score.batch_max_queued_tokens",

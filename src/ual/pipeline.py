@@ -27,6 +27,7 @@ from contextlib import nullcontext
 from ual.config import ConfigError, ExperimentConfig, run_dir_origin, to_dict
 from ual.lineage import announce_differences, record_settings
 from ual.io import write_json, write_text
+from ual import shards
 from ual.optional import require
 from ual.runlock import run_folder_lock
 from ual.training.ablate import (SEED_SHARED_FILES, across_seed_table, comparison, render, render_seeds,
@@ -34,6 +35,9 @@ from ual.training.ablate import (SEED_SHARED_FILES, across_seed_table, compariso
 from ual.training.plan import mode_parts, sharding_from_env, uses_smoothing_map
 
 log = logging.getLogger(__name__)
+
+# Stages that run data parallel under `accelerate launch` (ual/shards.py); training is the Trainer's own.
+PARALLEL_STAGES = ("score", "eval")
 
 STAGES = {
     "data": "build the training and held-out sets from the configured sources",
@@ -52,6 +56,9 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False, settings: 
     the contract); `settings` is the config to record when cfg carries changes for this command only
     (`ual eval --tasks`)."""
     check_extras(stage, cfg)
+    if stage in PARALLEL_STAGES and shards.is_follower():
+        shards.follow(cfg)  # under `accelerate launch`: this process scores or evaluates its shards, rank 0 writes
+        return None
     now, folder_config = to_dict(settings or cfg), cfg.run_path / "config.yaml"
     try:
         cfg.run_path.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,8 @@ def run_stage(stage: str, cfg: ExperimentConfig, force: bool = False, settings: 
     dry_run = stage == "score" and cfg.score.dry_run  # plans only: writes nothing, so takes no lock
     with nullcontext() if dry_run else run_folder_lock(cfg.run_path):
         announce_differences(stage, folder_config, now, defaults=to_dict(ExperimentConfig()))
-        result = _run_stage(stage, cfg, force)
+        with shards.leading(cfg.run_path, clean=not dry_run) if stage in PARALLEL_STAGES else nullcontext():
+            result = _run_stage(stage, cfg, force)
         if not dry_run:
             record_settings(stage, folder_config, now)
     return result

@@ -43,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from ual.evaluation import benchmarks as bm
+from ual.shards import accelerator, processes, rank
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,9 @@ def run_harness(
                 ) from exc
             raise
     if raw is None:
-        raise RuntimeError("lm-eval returned no results (a non-zero rank in a distributed run?)")
+        if rank() != 0:  # under `accelerate launch`, lm-eval gathers every process's results on rank 0
+            return None
+        raise RuntimeError("lm-eval returned no results")
     samples = raw.get("samples", {})
     records = {name: bm.item_records(name, samples[name], items[name]["items"]) for name in benchmarks}
     for hub_task, name in hub_tasks.items():
@@ -377,6 +380,12 @@ def _language_model(model, adapter, tokenizer, batch_size: int, device: str, eng
     level = hf_log.level
     hf_log.setLevel(logging.ERROR)
     try:
-        return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), None
+        lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     finally:
         hf_log.setLevel(level)
+    if processes() > 1:
+        # HFLM takes a loaded model as one process's; under `accelerate launch` it is each process's copy:
+        # lm-eval's data-parallel path then gives each its share of the requests and gathers on rank 0
+        lm.accelerator = accelerator()
+        lm._rank, lm._world_size = lm.accelerator.process_index, lm.accelerator.num_processes
+    return lm, None

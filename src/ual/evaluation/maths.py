@@ -29,6 +29,7 @@ _MARKERS = [
     re.compile(r"\\boxed\s*\{"),
     re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=)\s*:?", re.IGNORECASE),
 ]
+MATHS_SOURCES = ("gsm8k", "metamath")  # the held-out sources whose samples carry a gold final answer
 _DASHES = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\uff0d": "-"}
 
 
@@ -128,6 +129,24 @@ def substring_match(response: str, gold: str) -> bool:
     return str(gold) in (response or "")
 
 
+def maths_samples(ec, heldout) -> list:
+    """The held-out maths samples GSM8K's exact match is measured on (ec: EvalConfig)."""
+    return [s for s in heldout if s.source in MATHS_SOURCES and "answer" in s.meta][: ec.gsm8k_limit]
+
+
+def maths_summary(records: list[dict], max_new_tokens: int) -> dict:
+    """Greedy accuracy (exact and substring) over per-question records (one process's, or merged shards')."""
+    correct, total = sum(r["correct"] for r in records), len(records)
+    return {
+        "n_questions": total,
+        "correct": correct,
+        "accuracy": correct / total,
+        "substring_match_accuracy": sum(substring_match(r["prediction"], r["gold"]) for r in records) / total,
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+    }
+
+
 def evaluate_maths(
     model,
     tokenizer,
@@ -164,18 +183,8 @@ def evaluate_maths(
         records.append(
             {"id": s.id, "prediction": text, "extracted": extracted, "gold": gold, "correct": answers_match(extracted, gold)}
         )
-    correct = sum(r["correct"] for r in records)
     total = len(records)
-    result = {
-        "n_questions": total,
-        "correct": correct,
-        "accuracy": correct / total,
-        "substring_match_accuracy": (
-            sum(substring_match(r["prediction"], r["gold"]) for r in records) / total
-        ),
-        "decoding": "greedy",
-        "max_new_tokens": max_new_tokens,
-    }
+    result = maths_summary(records, max_new_tokens)
     if do_sample:
         sampled = generate_answers(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,

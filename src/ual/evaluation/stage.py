@@ -32,37 +32,12 @@ from ual.io import atomic_open, read_json, write_json, write_jsonl
 from ual.lineage import Lineage, eval_record, record_of
 from ual.config import split_pair
 from ual.evaluation import answers
+from ual.evaluation.loading import load_for_eval
+from ual.evaluation.maths import maths_samples
+from ual.evaluation.parallel import benchmark_results, heldout_token_stats, maths_records
 from ual.runfolder import RunFolder, model_key
 
 log = logging.getLogger(__name__)
-
-MATHS_SOURCES = ("gsm8k", "metamath")
-
-
-def load_for_eval(cfg: ExperimentConfig, name: str):
-    """The base model, a trained mode, or a folder (LoRA adapter of cfg.model, or a whole model), merged."""
-    from ual.models import load_model
-
-    run = RunFolder(cfg.run_path)
-    if name == "base":
-        return load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
-    out = run.train_dir(name)
-    if model_key(name) != name:  # a folder given by path (`ual eval --adapter DIR`)
-        folder = Path(name)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such adapter or model folder")
-        if not (folder / "adapter_config.json").exists():
-            return load_model(str(folder), cfg.device, trust_remote_code=cfg.trust_remote_code)
-        adapter = folder
-    elif (out / "model").exists():
-        return load_model(str(out / "model"), cfg.device, trust_remote_code=cfg.trust_remote_code)
-    else:
-        adapter = run.require(out / "adapter", "train")
-    from peft import PeftModel
-
-    base = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
-    # Merging makes generation as fast as the base model's.
-    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def check_models(models: list[str], run: RunFolder) -> None:
@@ -175,17 +150,10 @@ def _same_tasks(path: Path, ec) -> bool:
 
 def run_tasks(cfg: ExperimentConfig, name: str, model, tokenizer, plan, path: Path) -> dict:
     """lm-eval benchmarks on one loaded model; eval/tasks/MODEL.json."""
-    from ual.evaluation.harness import run_harness
-
     ec = cfg.eval
     start = time.time()
     log.info("%s: lm-eval tasks %s", model_key(name), ", ".join(plan.names))
-    out = run_harness(model, tasks=plan.hub, tokenizer=tokenizer, local_mc=plan.local_mc,
-                      local_gsm8k=plan.local_gsm8k, batch_size=ec.batch_size, limit=ec.tasks_limit,
-                      num_fewshot=ec.tasks_fewshot, apply_chat_template=ec.tasks_chat_template, seed=cfg.seed,
-                      mc_shuffle=ec.mc_shuffle, ece_bins=ec.ece_bins,
-                      benchmarks={t: n if n is not None else ec.tasks_limit for t, n in plan.benchmarks.items()},
-                      hub_benchmarks={t: n if n is not None else ec.tasks_limit for t, n in plan.hub_benchmarks.items()})
+    out = benchmark_results(cfg, name, model, tokenizer, plan)
     out["config"]["model"] = name
     key, run = model_key(name), RunFolder(cfg.run_path)
     items = out.pop("items")
@@ -210,9 +178,7 @@ class EvalInputs:
     @classmethod
     def build(cls, cfg: ExperimentConfig, heldout, tokenizer):
         ec = cfg.eval
-        maths = [s for s in heldout if s.source in MATHS_SOURCES and "answer" in s.meta] if ec.gsm8k else []
-        if ec.gsm8k_limit is not None:
-            maths = maths[: ec.gsm8k_limit]
+        maths = maths_samples(ec, heldout) if ec.gsm8k else []
         mc = []
         if ec.multiple_choice:
             from ual.evaluation.multiple_choice import load_questions
@@ -250,14 +216,13 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
     ec = cfg.eval
     metrics: dict = {"model": name}
     if ec.nll and inputs.heldout:
-        from ual.token_stats import nll_by_source, response_token_stats
+        from ual.token_stats import nll_by_source
 
         from ual.data.tokenized import tokenized_set
 
         tokens = tokenized_set(run.root, "heldout", tokenizer, cfg.data.max_length, cfg.data.train_on_prompt,
                                cfg.data.num_proc)  # built once, shared by every model evaluated
-        stats = response_token_stats(model, tokenizer, inputs.heldout, cfg.data.max_length, ec.batch_size,
-                                     cfg.data.train_on_prompt, desc=f"NLL {name}", keep_tokens=True, encoded=tokens)
+        stats = heldout_token_stats(cfg, name, model, tokenizer, inputs.heldout, tokens, f"NLL {name}")
         write_jsonl(run.items_file(name, "nll"), [
             {"id": s.id, "source": s.source, "nll": st.nll, "entropy": st.entropy, "tokens": st.tokens}
             for s, st in zip(inputs.heldout, stats)])
@@ -265,9 +230,7 @@ def evaluate_model(cfg: ExperimentConfig, name: str, model, tokenizer, inputs: E
         metrics["nll"] = nll_by_source(inputs.heldout, stats)
         metrics["calibration"] = token_calibration(inputs.heldout, stats, ec.ece_bins)
     if inputs.maths:
-        from ual.evaluation.maths import evaluate_maths
-
-        res = evaluate_maths(model, tokenizer, inputs.maths, batch_size=ec.batch_size, max_new_tokens=ec.max_new_tokens)
+        res = maths_records(cfg, name, model, tokenizer, inputs.maths)
         write_jsonl(run.items_file(name, "maths"), res.pop("records", []))
         metrics["maths"] = res
     if inputs.mc:

@@ -54,6 +54,7 @@ class ModelUncertaintyScorer:
         self.chat_template = chat_template  # the run's, for a reference model that ships none
         self.name = scorer_name(measure, model_name)
         self.needs_alone = MEASURES[measure][1] is not None
+        self._model = self._tokenizer = None
         # Scorers whose rows carry everything this one needs (computed in the same passes).
         self.siblings = [scorer_name(m, model_name) for m, (_, alone) in MEASURES.items()
                          if m != measure and (alone is not None or not self.needs_alone)]
@@ -64,10 +65,8 @@ class ModelUncertaintyScorer:
 
     def score(self, samples: Sequence[Sample], encoded=None) -> list[ScoreResult]:
         from ual.token_stats import response_token_stats
-        from ual.models import load_model, load_tokenizer
 
-        tokenizer = load_tokenizer(self.model_name, self.trust_remote_code, self.chat_template)
-        model = load_model(self.model_name, self.device, trust_remote_code=self.trust_remote_code)
+        model, tokenizer = self._loaded()
         stats = response_token_stats(model, tokenizer, samples, self.max_length, self.batch_size, desc=self.measure,
                                      encoded=encoded)
         details = [{"mean_nll": st.mean_nll, "mean_entropy": st.mean_entropy, "tokens": st.tokens}
@@ -79,6 +78,15 @@ class ModelUncertaintyScorer:
                 if "error" not in d:
                     d.update(mean_nll_alone=st.mean_nll, mean_entropy_alone=st.mean_entropy)
         return self.from_details([s.id for s in samples], details)
+
+    def _loaded(self):
+        """(model, tokenizer), loaded on first use and kept: across processes score() runs once per shard."""
+        if self._model is None:
+            from ual.models import load_model, load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_name, self.trust_remote_code, self.chat_template)
+            self._model = load_model(self.model_name, self.device, trust_remote_code=self.trust_remote_code)
+        return self._model, self._tokenizer
 
     def from_details(self, ids: Sequence[str], details: Sequence[dict]) -> list[ScoreResult]:
         """Scores from kept details (this scorer's or a sibling's rows): no forward pass."""

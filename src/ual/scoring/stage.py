@@ -25,6 +25,7 @@ from ual.lineage import Lineage, score_record
 from ual.runfolder import RunFolder, read_score_table
 from ual.sample_file import SampleFile
 from ual.scoring.base import ScoreResult
+from ual.scoring.parallel import score_samples
 from ual.scoring.unscored import unscored_summary
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def build_scorer(cfg: ExperimentConfig):
 
 def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     run = RunFolder(cfg.run_path)
-    paths = {"train": run.require(run.samples, "data")}
-    if cfg.score.heldout and run.heldout.exists():
-        paths["heldout"] = run.heldout
+    paths = score_paths(cfg, run)
     # Read from disk a sample at a time: ids and sources are columns, a conversation is parsed when a
     # scorer asks for it (the prior scorer never does), so a million samples take ids' memory, not theirs.
     everything = SampleFile(*paths.values())
@@ -101,7 +100,8 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
             log.info("%s: derived from %s's kept details (same forward pass); no model call", scorer.name, sibling)
             break
     if results is None:
-        results = scorer.score(everything, **_tokenized(cfg, run, scorer, list(paths)))
+        results = score_samples(cfg, scorer, everything, _tokenized(cfg, run, scorer, list(paths)), record,
+                                scoring_inputs)
     failed = {split: [] for split in paths}  # the results without a score (few), per split
     results = iter(results)
     rows = {split: _score_rows(results, ids, everything.sources[start:], scorer.name, failed[split])
@@ -114,6 +114,19 @@ def run_score(cfg: ExperimentConfig, force: bool = False) -> dict:
     return {"scorer": scorer.name, "scored": len(split_ids["train"]) - left["failed"],
             "heldout_scored": len(heldout) - left["heldout_failed"] if heldout is not None else None,
             "derived_from": derived, **left}
+
+
+def score_paths(cfg: ExperimentConfig, run: RunFolder) -> dict[str, Path]:
+    """{split: sample file} this command scores: the training set, and the held-out set with score.heldout."""
+    paths = {"train": run.require(run.samples, "data")}
+    if cfg.score.heldout and run.heldout.exists():
+        paths["heldout"] = run.heldout
+    return paths
+
+
+def scoring_inputs(cfg: ExperimentConfig) -> tuple:
+    """(scorer, samples) of this command, built again in each follower process (scoring/parallel.py)."""
+    return build_scorer(cfg), SampleFile(*score_paths(cfg, RunFolder(cfg.run_path)).values())
 
 
 def _split(ids: list[str], sizes: list[int]) -> list[list[str]]:
