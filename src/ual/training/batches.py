@@ -40,7 +40,8 @@ BATCHINGS = ("padded", "grouped", "padding_free")
 PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 # Batch keys, beside input_ids and attention_mask, that the model's forward takes for a padding-free row.
-PACKED_FORWARD_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# (seq_idx: TRL's, for the short convolutions of linear-attention layers.)
+PACKED_FORWARD_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def attention_implementation(model) -> str | None:
