@@ -15,6 +15,8 @@ from ual.training.batches import (
     PaddingFreeCollator,
     check_packed_attention,
     pad_share,
+    prepare_packed_attention,
+    register_sdpa_varlen,
     sample_lengths,
 )
 from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
@@ -82,15 +84,18 @@ def test_padding_free_row_layout(mix):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
 def _flat_and_alone(model, mix):
-    batch = PaddingFreeCollator()(mix)
+    batch = PaddingFreeCollator(varlen=True)(mix)
+    boundaries = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
     with torch.no_grad():
-        flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                     **boundaries).logits[0]
         alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0] for e in mix])
     return flat, alone
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "sdpa_varlen"])
 def test_cpu_attention_keeps_samples_apart(tiny_model_dir, mix, attn):
+    register_sdpa_varlen()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
     assert check_packed_attention(model) == attn
     flat, alone = _flat_and_alone(model, mix)
@@ -132,9 +137,14 @@ def test_padding_free_same_loss_and_gradients_as_padded(tiny_model_dir, tmp_path
     assert int((flat["labels"][:, 1:] != IGNORE_INDEX).sum()) == int(count) > 0
     loss_p, grads_p = _loss_and_grads(trainer, padded, count)
     loss_f, grads_f = _loss_and_grads(trainer, flat, count)
-    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-6)
-    for name in grads_p:
-        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+    # what `ual train` runs: sdpa switched to sdpa_varlen, the row's boundaries from the collator
+    assert prepare_packed_attention(trainer.model) is True
+    assert trainer.model.config._attn_implementation == "sdpa_varlen"
+    loss_v, grads_v = _loss_and_grads(trainer, PaddingFreeCollator(varlen=True)(rows), count)
+    for loss, grads in ((loss_f, grads_f), (loss_v, grads_v)):
+        torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
+        for name in grads_p:
+            torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
     # eps and the weights reach each token: other values give another loss
     other = dict(flat, eps=torch.zeros_like(flat["eps"]), weight=torch.ones_like(flat["weight"]))
     with torch.no_grad():
@@ -201,3 +211,28 @@ def test_sample_lengths_of_a_selected_tokenized_set(mix):
 
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in mix]).select([4, 0, 2])
     assert sample_lengths(ds).tolist() == [len(mix[i]["input_ids"]) for i in (4, 0, 2)]
+
+
+def test_config_refuses_what_batching_cannot_do(tmp_path):
+    from ual.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  batching: grouped\n  sampling: replacement\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:train\.batching: grouped orders .* sampling replacement"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match=r"--train\.batching: padding_free .* ppl"):
+        load_config(None, {"train.batching": "padding_free", "train.modes": ["sft", "ppl"]})
+    with pytest.raises(ConfigError, match="did you mean 'padding_free'"):
+        load_config(None, {"train.batching": "padding-free"})
+    assert load_config(None, {"train.batching": "padding_free", "train.sampling": "replacement"}).train.batching \
+        == "padding_free"
+
+
+def test_lineage_padding_free_is_the_padded_run_grouped_is_another(tmp_path):
+    from ual.config import load_config, to_dict
+    from ual.lineage import train_record
+
+    def record(batching):
+        return train_record(to_dict(load_config(None, {"train.batching": batching})), tmp_path, "ls")["fingerprint"]
+
+    assert record("padding_free") == record("padded") != record("grouped")

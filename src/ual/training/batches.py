@@ -21,7 +21,9 @@ Attention must not cross samples. With no attention mask and position ids that r
 transformers builds a block-diagonal causal mask for eager, sdpa and flex_attention (checked
 against the per-sample logits in tests/training/test_train_batching.py; only without a KV cache,
 which training never uses), and flash_attention_2/3 take the varlen kernel from the sequence
-boundaries (`cu_seq_lens_*`, given by the collator). Any other implementation is refused
+boundaries (`cu_seq_lens_*`, given by the collator). A mask-based row computes every (T, T)
+block, masked or not, so `ual train` runs an sdpa model's padding-free rows with "sdpa_varlen"
+(below): SDPA a sample at a time on the row's slices. Any other implementation is refused
 (`check_packed_attention`).
 """
 
@@ -37,8 +39,9 @@ from ual.loss import IGNORE_INDEX
 
 BATCHINGS = ("padded", "grouped", "padding_free")
 # Attention implementations that keep the samples of a padding-free row apart (module docstring).
-PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+PACKED_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Those that take the row's sample boundaries (cu_seq_lens_*) from the collator and run each sample alone.
+VARLEN_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3")
 # Batch keys, beside input_ids and attention_mask, that the model's forward takes for a padding-free row.
 # (seq_idx: TRL's, for the short convolutions of linear-attention layers.)
 PACKED_FORWARD_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
@@ -134,3 +137,51 @@ def pad_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float
         real += sum(lens)
         padded += max(lens, default=0) * len(lens)
     return 1 - real / padded if padded else 0.0
+
+
+# --------------------------------------------------------------------------- varlen SDPA (any device)
+# On a padding-free row, sdpa and eager attend over the whole row through a block-diagonal (T, T) mask: the
+# masked-out blocks are computed anyway (on CPU, (sum of lengths)^2 instead of the sum of squares), and a
+# mask keeps SDPA off its fused causal kernel. "sdpa_varlen" is SDPA run sample by sample on the row's
+# slices (the collator's cu_seq_lens), each causal with no mask: what flash-attention's varlen kernel does
+# on CUDA, from PyTorch's own kernels. Rows without boundaries (padded batches, evaluation) are plain sdpa.
+SDPA_VARLEN = "sdpa_varlen"
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """Without boundaries, or with a sliding window (its mask, built with the packed rows' blocks, is
+    then used whole), this is sdpa itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
+            or kwargs.get("sliding_window") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    bounds = cu_seq_lens_q.tolist()
+    parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
+                                    **kwargs)[0] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return torch.cat(parts, dim=1), None
+
+
+def register_sdpa_varlen() -> str:
+    """Make attn_implementation "sdpa_varlen" known to transformers (attention and its masks: sdpa's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if SDPA_VARLEN not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+        AttentionMaskInterface.register(SDPA_VARLEN, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return SDPA_VARLEN
+
+
+def prepare_packed_attention(model) -> bool:
+    """For train.batching padding_free: refuse an attention implementation that would cross samples, switch
+    sdpa to sdpa_varlen; whether the collator must give the row's boundaries (PaddingFreeCollator varlen)."""
+    impl = check_packed_attention(model)
+    if impl == "sdpa":
+        from accelerate.utils import extract_model_from_parallel
+
+        lm = extract_model_from_parallel(model)
+        (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).set_attn_implementation(register_sdpa_varlen())
+        impl = SDPA_VARLEN
+    return impl in VARLEN_ATTENTION

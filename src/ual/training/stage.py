@@ -170,9 +170,9 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
                              "and evaluate them with `ual eval --adapter`")
         callbacks.append(curve_callback(cfg, mode, tokenizer, *curve_inputs, out, keep=tc.keep_points))
     if tc.batching == "padding_free":
-        from ual.training.batches import VARLEN_ATTENTION, PaddingFreeCollator, check_packed_attention
+        from ual.training.batches import PaddingFreeCollator, prepare_packed_attention
 
-        collator = PaddingFreeCollator(varlen=check_packed_attention(model) in VARLEN_ATTENTION)
+        collator = PaddingFreeCollator(varlen=prepare_packed_attention(model))
     else:
         collator = SmoothingCollator(tokenizer.pad_token_id)
     trainer = UALTrainer(
