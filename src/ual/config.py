@@ -162,6 +162,11 @@ class TrainConfig(Checked):
     sampling: Literal["shuffle", "replacement"] = _f(
         "shuffle", "order of the training samples: shuffle (each epoch a permutation, the Trainer's default) | "
                    "replacement (each draw at random with replacement, as the paper's reference code did)")
+    batching: Literal["padded", "grouped", "padding_free"] = _f(
+        "padded", "how a micro-batch's samples reach the model: padded (a row each, padded to the longest) | grouped "
+                  "(padded, samples drawn in length-grouped order: less padding, another data order) | padding_free "
+                  "(one row, no padding, attention kept within each sample; the same loss and gradients as padded, "
+                  "each token carrying its sample's eps and weight); training/batches.py")
     max_steps: int = _f(-1, "optimiser steps (-1: use epochs)", ge=-1)
     loss: Loss = _f("auto", "auto (chunked where it can run, else naive) | chunked (from hidden states and the "
                            "output projection, never materialising all logits) | naive (full logits, for checking)")
@@ -193,6 +198,12 @@ class TrainConfig(Checked):
             self.fail("lora_target_modules", "expected at least one module name when lora is true, got []")
         if self.eval_strategy == "steps" and self.eval_steps < 1:
             self.fail("eval_steps", f"expected at least 1 when eval_strategy is steps, got {self.eval_steps}")
+        if self.batching == "grouped" and self.sampling == "replacement":
+            self.fail("batching", "grouped orders each epoch's permutation by length, and sampling replacement draws "
+                                  "with replacement instead: use padded or padding_free with it")
+        if self.batching == "padding_free" and "ppl" in self.modes:
+            self.fail("batching", "padding_free puts several samples in a row, and the ppl mode computes one eps per "
+                                  "row: use padded or grouped to train ppl")
 
 
 @dataclass

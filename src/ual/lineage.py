@@ -250,6 +250,11 @@ def train_record(now: dict, root: Path, mode: str) -> dict:
     fields += {"ls": ["smoothing.target_mean"], "ppl": ["smoothing.target_mean", "smoothing.eps_max"],
                "ual": ["smoothing.missing"]}.get(eps_mode, [])
     settings = {k: v for k, v in pick(now, fields).items() if not under(k, (*PER_INVOCATION, *TRAIN_NOT_SHAPING))}
+    if settings.get("train.batching") != "grouped":
+        # padded and padding_free train on the same samples in the same order with the same loss (to float
+        # rounding): switching between them does not make a trained mode stale, nor does a record made before
+        # the setting existed. grouped changes which samples meet in a step, so it is recorded.
+        settings.pop("train.batching", None)
     settings["mode"] = mode
     inputs = {"samples.jsonl": file_digest(root / "samples.jsonl")}
     if eps_mode == "ual":

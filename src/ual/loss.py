@@ -368,8 +368,8 @@ def chunked_smoothed_cross_entropy(
     (a plain nn.Linear takes the fast path with its bias; any other module,
     e.g. a LoRA-wrapped lm_head, takes a correct slower chunk-by-chunk path,
     with a one-time warning); targets: (B, T) already shifted; eps: (B,) per
-    sample or a float; sample_weights: (B,) or None (`weight` is the output
-    projection). Normalisation as `smoothed_cross_entropy`.
+    sample, (B, T) per token (a padding-free row) or a float; sample_weights:
+    (B,), (B, T) or None (`weight` is the output projection). Normalisation as `smoothed_cross_entropy`.
     chunk_size: supervised rows per chunk (default: a ~32 MiB fp32 logits
     buffer on CPU, >= 256 rows). lse_from_softmax: how the log-normaliser is obtained
     (default: True on CPU, False on CUDA, where it avoids a host sync).
@@ -385,7 +385,7 @@ def chunked_smoothed_cross_entropy(
     vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else getattr(weight, "out_features", 2)
     check_token_scale(token_scale, eaft_topk, vocab)
 
-    def per_row(values):  # a float or (B,) -> one value per supervised row
+    def per_row(values):  # a float, (B,) or (B, T) -> one value per supervised row
         return per_sample(values, targets, hidden.device).expand(targets.shape).reshape(-1).index_select(0, rows)
 
     eps_tok = per_row(eps)

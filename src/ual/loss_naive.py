@@ -49,10 +49,14 @@ def token_scale_factor(z, gold, lse, token_scale: str, eaft_topk: int):
 
 
 def per_sample(values, targets: torch.Tensor, device) -> torch.Tensor:
-    """A float, or one value per sample (B,), as an fp32 tensor broadcastable to targets."""
+    """A float, one value per sample (B,), or one per token (shaped like targets: a padding-free row, each
+    token carrying its own sample's value, ual.training.batches), as an fp32 tensor broadcastable to targets."""
     t = torch.as_tensor(values, dtype=torch.float32, device=device)
     if t.dim() == 1:
         t = t.view(-1, *([1] * (targets.dim() - 1)))
+    elif t.dim() > 1 and t.shape != targets.shape:
+        raise ValueError(f"per-token values of shape {tuple(t.shape)} for targets of shape {tuple(targets.shape)}: "
+                         "give one value per sample (B,) or one per token (B, T)")
     return t
 
 
@@ -105,10 +109,11 @@ def smoothed_cross_entropy(
     token's loss times its scale and its sample's weight (`ual.loss` docstring).
 
     logits: (B, T, V) aligned with targets (B, T) (already shifted, see `shift_labels`);
-    eps: (B,) per-sample smoothing, or a float for uniform smoothing.
+    eps: (B,) per-sample smoothing, (B, T) per token (a padding-free row: each token its own
+    sample's eps), or a float for uniform smoothing.
     token_scale: "none" | "dft" (sg(p_y)) | "eaft" (sg(top-k entropy / log k),
     k = min(eaft_topk, V)). sample_weights: (B,) per-sample weights (constants,
-    no gradient), or None (all 1).
+    no gradient), (B, T) per token like eps, or None (all 1).
     The sum is divided by `num_items_in_batch` when given (the supervised-token
     count of the whole accumulated batch), else by this batch's count; never by
     the weights or scales.

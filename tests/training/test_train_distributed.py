@@ -32,14 +32,16 @@ STEP_SCRIPT = textwrap.dedent('''
     from ual.data.tokenize import encode_sample
     from ual.models import load_tokenizer
     from ual.training.ppl import PerplexitySmoothing
+    from ual.training.batches import PaddingFreeCollator
     from ual.training.trainer import SmoothedDataset, SmoothingCollator, UALTrainer
 
     model_dir, out, batch, accumulation = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    padding_free = sys.argv[5:] == ["padding_free"]  # ppl's eps_fn refuses padding-free rows: ual alone then
     tok = load_tokenizer(model_dir)
     texts = [("hi", "hello there"), ("2+2?", "4"), ("tell me a story", "once upon a time " * 10), ("x", "y z w v")]
     enc = [encode_sample(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 96) for q, a in texts]
     result = {}
-    for name, eps_fn in (("ual", None), ("ppl", PerplexitySmoothing(0.3))):
+    for name, eps_fn in (("ual", None), ("ppl", PerplexitySmoothing(0.3)))[: 1 if padding_free else 2]:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         args = TrainingArguments(output_dir=out + ".tmp", per_device_train_batch_size=batch,
@@ -47,7 +49,8 @@ STEP_SCRIPT = textwrap.dedent('''
                                  lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
                                  remove_unused_columns=False, seed=0, disable_tqdm=True)
         trainer = UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(enc, [0.0, 0.6, 0.2, 0.9]),
-                             data_collator=SmoothingCollator(tok.pad_token_id), eps_fn=eps_fn)
+                             data_collator=PaddingFreeCollator() if padding_free else SmoothingCollator(tok.pad_token_id),
+                             eps_fn=eps_fn)
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer.train()
@@ -79,14 +82,17 @@ def test_two_processes_equal_one_over_the_global_batch(tmp_path, tiny_model_dir)
     subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(one), "4", "1"], check=True,
                    capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     ref = torch.load(one)
-    for batch, accumulation in ((2, 1), (1, 2)):  # 2 processes x 2 samples; 2 processes x 1 sample x 2 micro-batches
-        out = tmp_path / f"two-{batch}-{accumulation}.pt"
-        _launch([str(script), str(tiny_model_dir), str(out), str(batch), str(accumulation)], cwd=tmp_path)
+    # 2 processes x 2 samples; 2 processes x 1 sample x 2 micro-batches; 2 processes x a padding-free row of 2
+    # samples (the same update as one process's padded batch of 4)
+    for batch, accumulation, batching in ((2, 1, "padded"), (1, 2, "padded"), (2, 1, "padding_free")):
+        out = tmp_path / f"two-{batch}-{accumulation}-{batching}.pt"
+        _launch([str(script), str(tiny_model_dir), str(out), str(batch), str(accumulation), batching], cwd=tmp_path)
         got = torch.load(out)
-        for mode in ("ual", "ppl"):
+        for mode in ("ual", "ppl") if batching == "padded" else ("ual",):
             assert got[mode]["procs"] == 2 and ref[mode]["procs"] == 1
             assert _worst(ref[mode]["delta"], got[mode]["delta"]) < 1e-4, (mode, batch, accumulation)
-        assert got["ppl"]["running"] == pytest.approx(ref["ppl"]["running"], rel=1e-5)  # synced over processes
+        if batching == "padded":
+            assert got["ppl"]["running"] == pytest.approx(ref["ppl"]["running"], rel=1e-5)  # synced over processes
 
 
 def test_ual_train_under_accelerate_launch(tmp_path, tiny_model_dir):

@@ -44,10 +44,10 @@ def _trl(model_dir, tokenizer, tmp_path, accumulation=1, **kw):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": x} for e, x in zip(_encoded(tokenizer), EPS)]
-    args = SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4 // accumulation,
-                     gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
-                     lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no",
-                     seed=0, disable_tqdm=True, max_length=None, bf16=False, gradient_checkpointing=False,
+    kw = {"per_device_train_batch_size": 4 // accumulation, "max_length": None, **kw}
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), gradient_accumulation_steps=accumulation, max_steps=1,
+                     learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", report_to="none", use_cpu=True,
+                     save_strategy="no", seed=0, disable_tqdm=True, bf16=False, gradient_checkpointing=False,
                      logging_steps=1, **kw)  # SFTConfig defaults to bf16 + checkpointing; remove_unused_columns stays on: eps survives
     return _sequential(UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                      processing_class=tokenizer))
@@ -86,8 +86,9 @@ def test_same_update_as_ual_train(tiny_model_dir, tokenizer, tmp_path, accumulat
 
 
 def test_refuses_what_would_break_per_sample_eps(tiny_model_dir, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="packing"):
-        _trl(tiny_model_dir, tokenizer, tmp_path, packing=True)
+    for strategy in ("wrapped", "bfd_split"):
+        with pytest.raises(ValueError, match=f"packing_strategy '{strategy}' cuts samples"):
+            _trl(tiny_model_dir, tokenizer, tmp_path, packing=True, packing_strategy=strategy, max_length=64)
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         _trl(tiny_model_dir, tokenizer, tmp_path, label_smoothing_factor=0.1)
     t = _trl(tiny_model_dir, tokenizer, tmp_path)
@@ -119,3 +120,39 @@ def test_trl_drop_in_carries_weight_and_token_scale(tiny_model_dir, tokenizer, t
     with pytest.raises(ValueError, match="token_scale"):
         UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       token_scale="focal")
+
+
+@pytest.mark.parametrize("kw", [dict(padding_free=True), dict(packing=True, max_length=512, per_device_train_batch_size=1)],
+                         ids=["padding_free", "packing_bfd"])
+@pytest.mark.parametrize("loss_impl", ["naive", "chunked"])
+def test_padding_free_and_packing_same_update_as_padded(tiny_model_dir, tokenizer, tmp_path, kw, loss_impl):
+    """One step over the same four samples with their own eps: TRL's padding-free row, or bfd packing (all
+    four in one packed row), gives `ual train`'s padded loss, logged NLL and update."""
+    ual = _ual(tiny_model_dir, tokenizer, tmp_path)
+    ual.loss_impl = loss_impl
+    trl = _trl(tiny_model_dir, tokenizer, tmp_path, **kw)
+    trl.loss_impl = loss_impl
+    batch = next(iter(trl.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert batch["eps"].shape == batch["input_ids"].shape
+    assert sorted(set(batch["eps"][0].tolist())) == pytest.approx(sorted(set(EPS)))
+    runs = []
+    for t in (ual, trl):
+        before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        out = t.train()
+        logged = [h for h in t.state.log_history if "loss" in h]
+        runs.append((out.training_loss, {n: before[n] - p.detach() for n, p in t.model.named_parameters()}, logged))
+    (loss_a, upd_a, log_a), (loss_b, upd_b, log_b) = runs
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert log_b[0]["nll"] == pytest.approx(log_a[0]["nll"], rel=1e-5)
+    worst = max(float((upd_a[n] - upd_b[n]).abs().max() / (upd_a[n].abs().max() + 1e-12)) for n in upd_a)
+    assert worst < 1e-4
+
+
+def test_padding_free_refuses_attention_that_crosses_samples(tiny_model_dir, tokenizer, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="paged|eager")
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": x} for e, x in zip(_encoded(tokenizer), EPS)]
+    args = SFTConfig(output_dir=str(tmp_path / "pf"), report_to="none", use_cpu=True, max_length=None, bf16=False,
+                     gradient_checkpointing=False, padding_free=True)
+    with pytest.raises(ValueError, match="'paged|eager' would let the samples"):
+        UALSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)

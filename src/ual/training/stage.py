@@ -169,11 +169,17 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
                              "main process alone cannot run a sharded model); keep checkpoints with train.save_steps "
                              "and evaluate them with `ual eval --adapter`")
         callbacks.append(curve_callback(cfg, mode, tokenizer, *curve_inputs, out, keep=tc.keep_points))
+    if tc.batching == "padding_free":
+        from ual.training.batches import PaddingFreeCollator, prepare_packed_attention
+
+        collator = PaddingFreeCollator(varlen=prepare_packed_attention(model))
+    else:
+        collator = SmoothingCollator(tokenizer.pad_token_id)
     trainer = UALTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=SmoothingCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         loss_impl=loss_impl,
         eps_fn=eps_fn,
@@ -181,6 +187,7 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
         token_scale=mode_parts(mode)[1],
         eaft_topk=tc.eaft_topk,
         sampling=tc.sampling,
+        group_lengths=dataset.lengths() if tc.batching == "grouped" else None,
     )
     resume = latest_checkpoint(out / "checkpoints", "ual_ppl_state.json" if eps_fn else None) if tc.resume else None
     if resume is not None:
@@ -189,8 +196,8 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
             log.warning("%s has no ppl running mean; it restarts from this step", resume)
     memory = estimate_and_measure_start(cfg, len(dataset), device)
     start = time.time()
-    log.info("training %s: %d samples, %d optimiser steps, %s loss, token scale %s", mode, len(dataset), args.max_steps,
-             loss_impl, mode_parts(mode)[1])
+    log.info("training %s: %d samples, %d optimiser steps, %s loss, token scale %s, %s batches", mode, len(dataset),
+             args.max_steps, loss_impl, mode_parts(mode)[1], tc.batching)
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
     memory = estimate_and_measure_end(memory, device)
@@ -211,6 +218,7 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
         "processes": trainer.args.world_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "loss": loss_impl,
+        "batching": tc.batching,
         "token_scale": mode_parts(mode)[1],
         "eaft_topk": tc.eaft_topk if mode_parts(mode)[1] == "eaft" else None,
         "weight_column": tc.weight_column,

@@ -56,6 +56,12 @@ class SmoothedDataset(Dataset):
     def __len__(self):
         return len(self.encoded)
 
+    def lengths(self):
+        """Each sample's token count (train.batching grouped orders samples by it)."""
+        from ual.training.batches import sample_lengths
+
+        return sample_lengths(self.encoded)
+
     def __getitem__(self, i):
         e = self.encoded[int(i)]
         row = {"input_ids": e["input_ids"], "labels": e["labels"]}
@@ -161,6 +167,9 @@ class UALLoss(NllLogging):
         if eps is None and self.eps_fn is None:
             raise ValueError("the batch has no 'eps' and the trainer no eps_fn: build the dataset with each "
                              "sample's eps (SmoothedDataset) or give the trainer an eps_fn")
+        if self.eps_fn is not None and "position_ids" in inputs:
+            raise ValueError("the ppl mode's eps_fn computes one eps per row, and a padding-free row holds several "
+                             "samples: use train.batching padded or grouped for ppl")
         targets = shift_labels(inputs.pop("labels"))
         # The token scale and the per-sample weights (None: all 1) act beside eps (ual.loss).
         modes = dict(token_scale=self.token_scale, eaft_topk=self.eaft_topk, sample_weights=inputs.pop("weight", None))
@@ -200,21 +209,31 @@ class UALTrainer(UALLoss, Trainer):
     """A transformers Trainer whose loss is ual's (UALLoss): batches carry "eps" (and "weight")."""
 
     def __init__(self, *args, loss_impl: str = "naive", eps_fn=None, token_scale: str = "none", eaft_topk: int = 20,
-                 sampling: str = "shuffle", **kwargs):
+                 sampling: str = "shuffle", group_lengths=None, **kwargs):
         self.check_loss_options(loss_impl, token_scale)
         if sampling not in ("shuffle", "replacement"):
             raise ValueError(f"sampling must be shuffle or replacement, not {sampling!r}")
-        self.sampling = sampling
+        if group_lengths is not None and sampling != "shuffle":
+            raise ValueError("train.batching grouped orders each epoch's permutation by length; sampling "
+                             "replacement draws with replacement instead: use batching padded or padding_free with it")
+        self.sampling, self.group_lengths = sampling, group_lengths
         super().__init__(*args, **kwargs)
         self.init_loss(loss_impl, eps_fn, token_scale, eaft_topk)
 
     def _get_train_sampler(self, *args, **kwargs):
         """`sampling: replacement` draws every sample of an epoch at random with replacement, as the paper's
-        reference code drew its micro-batches (seeded by data_seed); `shuffle` is the Trainer's own order."""
+        reference code drew its micro-batches (seeded by data_seed); `shuffle` is the Trainer's own order, or
+        with `group_lengths` (train.batching grouped) a length-grouped permutation (training/batches.py)."""
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self.group_lengths is not None:
+            from ual.training.batches import LengthGroupedSampler
+
+            per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(self.group_lengths, per_step * self.args.world_size, seed)
         if self.sampling == "shuffle":
             return super()._get_train_sampler(*args, **kwargs)
         dataset = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
-        generator = torch.Generator().manual_seed(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        generator = torch.Generator().manual_seed(seed)
         return torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=len(dataset), generator=generator)
 
 
@@ -270,8 +289,10 @@ def final_hidden_states(model, inputs, check: bool = False):
     reason = chunked_unsupported(lm.config)
     if reason:
         raise ValueError(f"train.loss chunked: {reason}; use train.loss: naive for this model")
+    from ual.training.batches import PACKED_FORWARD_KEYS
+
     kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False,
-                  output_hidden_states=True)
+                  output_hidden_states=True, **{k: inputs[k] for k in PACKED_FORWARD_KEYS if k in inputs})
     try:
         out = model(**kwargs, logits_to_keep=1)
     except TypeError:  # architectures without logits_to_keep: their full logits are computed and dropped

@@ -27,8 +27,16 @@ DeepSpeed/FSDP through accelerate) is kept; three things change:
    Liger's fused linear cross-entropy would replace or fight the smoothing: refused.
    DFT is `token_scale="dft"` here (TRL's definition, composed with eps; EAFT:
    `token_scale="eaft"`), in either loss_impl.
-3. Packing and padding-free batches are refused: they concatenate samples into one
-   row, and each sample has its own eps.
+3. `padding_free=True` and `packing=True` (strategy "bfd") carry each sample's eps (and weight)
+   to every one of its tokens: a padding-free row's batch["eps"] is (1, T), one value per
+   token (ual.training.batches), and for packing the dataset gets per-token eps / weight
+   columns before TRL's own best-fit-decreasing packing moves the samples into rows, so they
+   travel with their tokens. Each sample is truncated to max_length first (as without packing),
+   so every sample keeps its whole context and the loss and gradients are the padded batch's
+   (tests/training/test_train_trl.py). Refused: packing "wrapped" and "bfd_split" (they cut a
+   sample into pieces that lose their context: not the same loss), an attention implementation
+   that would let a row's samples see each other (batches.check_packed_attention), and the ppl
+   eps_fn (one eps per row).
 
 TRL's extra metrics (entropy, token accuracy) need the fused head's outputs and are
 not logged; the loss is, and beside it "nll", the plain NLL (the eps = 0 term), as
@@ -49,27 +57,47 @@ SFTTrainer = require("trl", "UALSFTTrainer (TRL's SFTTrainer with ual's loss)").
 
 class EpsCollator:
     """Wrap any collator: take each example's `eps` (and `weight`, if any) out, collate the
-    rest, add eps (B,) (and weight (B,)) to the batch."""
+    rest, add eps (B,) (and weight (B,)) to the batch; for a padding-free row (no attention
+    mask, position ids), eps (1, T) and weight (1, T), one value per token of each sample (a
+    packed example carries them per token already)."""
 
     def __init__(self, inner):
         self.inner = inner
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        try:
-            eps = [float(ex["eps"]) for ex in examples]
-        except KeyError:
+        if any("eps" not in ex for ex in examples):
             raise ValueError("UALSFTTrainer: a training example has no `eps` (add a float column `eps` "
-                             "to the dataset: the sample's label smoothing, 0 for plain SFT)") from None
-        weighted = "weight" in examples[0]
-        weights = [float(ex["weight"]) for ex in examples] if weighted else None
+                             "to the dataset: the sample's label smoothing, 0 for plain SFT)")
+        keys = ["eps"] + (["weight"] if "weight" in examples[0] else [])
         batch = self.inner([{k: v for k, v in ex.items() if k not in ("eps", "weight")} for ex in examples])
-        batch["eps"] = torch.tensor(eps, dtype=torch.float32)
-        if weighted:
-            batch["weight"] = torch.tensor(weights, dtype=torch.float32)
+        flat = "position_ids" in batch and "attention_mask" not in batch
+        for key in keys:
+            if flat:
+                batch[key] = _per_token([ex[key] for ex in examples], examples, batch["input_ids"].shape[1], key)
+            else:
+                batch[key] = torch.tensor([float(ex[key]) for ex in examples], dtype=torch.float32)
         return batch
 
     def __getattr__(self, name):  # look like the wrapped collator (TRL reads some of its fields)
         return getattr(self.inner, name)
+
+
+def _per_token(values, examples, width: int, key: str) -> torch.Tensor:
+    """(1, width): each example's value (a float, or a packed example's list, one per token) for each of its
+    tokens, in the order the padding-free collator concatenated them; 0 on any padding after them."""
+    parts = []
+    for value, ex in zip(values, examples):
+        n = len(ex["input_ids"])
+        part = torch.as_tensor(value, dtype=torch.float32)
+        if part.dim() == 0:
+            part = part.expand(n)
+        elif len(part) != n:
+            raise ValueError(f"UALSFTTrainer: a packed example has {len(part)} `{key}` values for {n} tokens")
+        parts.append(part)
+    row = torch.cat(parts)
+    if len(row) > width:
+        raise ValueError(f"UALSFTTrainer: {len(row)} tokens of `{key}` for a padding-free row of {width}")
+    return torch.nn.functional.pad(row, (0, width - len(row)))[None]
 
 
 class UALSFTTrainer(UALLoss, SFTTrainer):
@@ -80,9 +108,10 @@ class UALSFTTrainer(UALLoss, SFTTrainer):
                  **kwargs):
         cfg = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if cfg is not None:
-            if getattr(cfg, "packing", False) or getattr(cfg, "padding_free", False):
-                raise ValueError("UALSFTTrainer: packing / padding_free put several samples in one row, "
-                                 "but each sample has its own eps; turn them off")
+            if getattr(cfg, "packing", False) and getattr(cfg, "packing_strategy", "bfd") != "bfd":
+                raise ValueError(f"UALSFTTrainer: packing_strategy {cfg.packing_strategy!r} cuts samples into pieces "
+                                 "that lose their context, so the loss is not the samples' own; use packing_strategy "
+                                 "'bfd' (or padding_free=True without packing)")
             if getattr(cfg, "label_smoothing_factor", 0) > 0:
                 raise ValueError("UALSFTTrainer: leave label_smoothing_factor at 0; eps comes from the dataset")
             if getattr(cfg, "loss_type", "nll") != "nll":
@@ -95,6 +124,25 @@ class UALSFTTrainer(UALLoss, SFTTrainer):
         super().__init__(*args, **kwargs)
         self.init_loss(loss_impl, eps_fn, token_scale, eaft_topk)
         self.data_collator = EpsCollator(self.data_collator)
+        if self.padding_free:
+            from ual.training.batches import check_packed_attention
+
+            check_packed_attention(self.model)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """With packing: TRL's own preparation without packing (tokenised, truncated to max_length), then each
+        sample's eps and weight as per-token columns, packed with the tokens by TRL's bfd packing."""
+        if not packing:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        from trl.data_utils import pack_dataset
+
+        dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        if "eps" not in dataset.column_names:
+            raise ValueError(f"UALSFTTrainer: the {dataset_name} dataset has no `eps` column (each sample's label "
+                             "smoothing, 0 for plain SFT)")
+        carried = [c for c in ("eps", "weight") if c in dataset.column_names]
+        dataset = dataset.map(lambda ex: {c: [float(ex[c])] * len(ex["input_ids"]) for c in carried})
+        return pack_dataset(dataset.select_columns(["input_ids", "labels", *carried]), args.max_length, "bfd")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
