@@ -89,6 +89,16 @@ def _broadcast(message):
     return box[0]
 
 
+def _close() -> None:
+    """Every process leaves the group together: a process that exits while gloo's threads still serve the
+    group can abort at exit ("terminate called without an active exception"), failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def order(job: Callable, cfg, *args, **leader_only):
     """Run job(cfg, *args) in every process, each with its own cfg (every process parsed the same command):
     the leader sends the job and `args`, then runs it with `leader_only` too (what it has at hand already:
@@ -106,6 +116,7 @@ def follow(cfg) -> None:
     while (message := _broadcast(None)) is not None:
         job, args = message
         job(cfg, *args, kept=kept)
+    _close()
 
 
 @contextmanager
@@ -116,6 +127,7 @@ def leading(root: Path, clean: bool = True) -> Iterator[None]:
     yield
     if processes() > 1:
         _broadcast(None)
+        _close()
     if clean:
         shutil.rmtree(Path(root) / SHARDS_DIR, ignore_errors=True)
 
