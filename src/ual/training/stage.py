@@ -54,12 +54,36 @@ def eps_for_mode(mode: str, ids, cfg: ExperimentConfig, smoothing=None, run: Run
     return None  # ppl
 
 
+def _tokenized_train_set(run: RunFolder, tokenizer, cfg: ExperimentConfig):
+    """The run's tokenized training set. Under `accelerate launch` rank 0 builds it (or finds it current) while
+    the other processes wait, then they read it: two processes building one set would clear each other's
+    scratch folders, and only rank 0 writes the run folder (lineage.json included)."""
+    from datasets import load_from_disk
+
+    from ual import shards
+    from ual.data.tokenized import set_name, tokenized_set
+
+    if shards.processes() == 1:
+        return tokenized_set(run.root, "train", tokenizer, cfg.data.max_length, cfg.data.train_on_prompt,
+                             cfg.data.num_proc)
+    if shards.rank() == 0:
+        try:
+            return tokenized_set(run.root, "train", tokenizer, cfg.data.max_length, cfg.data.train_on_prompt,
+                                 cfg.data.num_proc)
+        finally:
+            shards.barrier()
+    shards.barrier()
+    folder = run.root / "tokenized" / set_name("train", cfg.data.max_length, cfg.data.train_on_prompt)
+    if not folder.exists():  # no samples: an empty set, never written
+        return tokenized_set(run.root, "train", tokenizer, cfg.data.max_length, cfg.data.train_on_prompt, 1)
+    return load_from_disk(str(folder))
+
+
 def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
     """The eps of every sample reaches the loss in four hops: smoothing.jsonl -> `eps_for_mode` ->
     `SmoothedDataset` (one eps per row) -> `SmoothingCollator` (batch["eps"]) -> `UALLoss.compute_loss`
     (ual.loss). The token ids come from the run's tokenized set (ual.data.tokenized), memory-mapped:
     built once, shared by every mode and seed."""
-    from ual.data.tokenized import tokenized_set
     from ual.models import load_tokenizer
     from ual.training.trainer import SmoothedDataset
 
@@ -73,8 +97,7 @@ def run_train(cfg: ExperimentConfig, force: bool = False) -> dict:
                              "run `ual map` on this run folder first")
     weights = sample_weights(run, cfg.train.weight_column)  # checked before anything loads
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.chat_template)
-    encoded = tokenized_set(run.root, "train", tokenizer, cfg.data.max_length, cfg.data.train_on_prompt,
-                            cfg.data.num_proc)
+    encoded = _tokenized_train_set(run, tokenizer, cfg)
     ids = encoded.data.column("id").to_pylist()
     if smoothing is not None and cfg.smoothing.missing == "drop":
         keep = mapped_indices(ids, smoothing)
