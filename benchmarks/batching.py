@@ -20,21 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 VARIANTS = ["padded", "grouped", "padding_free", "trl_padding_free"]
 
 
-def _maxrss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+from train_step import maxrss_mib, run_worker  # benchmarks/ is this script's folder: sys.path[0]
 
 def _model(name):
     import torch
@@ -128,20 +122,16 @@ def worker(spec):
             trainer = UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(flat, [r["eps"] for r in flat]),
                                  data_collator=collator, loss_impl="chunked", callbacks=[Timer()])
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
-        base = _maxrss_mib()
+        base = maxrss_mib()
         trainer.train()
-        peak = _maxrss_mib() - base
+        peak = maxrss_mib() - base
     timed = list(zip(step_times, real))[1:]  # the first step pays one-time set-up (optimizer state, ...)
     return {"tokens_per_s": statistics.median(n / t for t, n in timed), "steps": [round(t, 2) for t in step_times],
             "real": real, "ran": ran, "peak_mib": peak, "threads": torch.get_num_threads()}
 
 
 def _run(spec):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {spec['mix']} {spec['variant']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, spec, f"{spec['mix']} {spec['variant']}")
 
 
 def main(argv=None):

@@ -35,7 +35,7 @@ VARIANTS = ["hf_sft", "ual_naive", "ual_chunked"]
 SUPERVISED = 0.7
 
 
-def _maxrss_mib():
+def maxrss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -131,9 +131,9 @@ def worker(spec):
                 loss_impl=loss_impl,
                 callbacks=[Timer()],
             )
-        base = _maxrss_mib()
+        base = maxrss_mib()
         trainer.train()
-        peak = _maxrss_mib() - base
+        peak = maxrss_mib() - base
     timed = step_times[1:]  # the first step pays one-time set-up (optimizer state, ...)
     return {
         "step_s": statistics.median(timed),
@@ -144,12 +144,18 @@ def worker(spec):
     }
 
 
-def _run(spec):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+def run_worker(script: str, spec: dict, what: str) -> dict:
+    """`script --worker SPEC` in a fresh process (its own peak memory, nothing shared); its last line, as JSON.
+    Also benchmarks/batching.py's."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"worker {spec['variant']} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker {what} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run(spec):
+    return run_worker(__file__, spec, spec["variant"])
 
 
 def main(argv=None):

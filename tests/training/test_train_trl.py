@@ -66,16 +66,21 @@ def test_same_batch_same_loss(tiny_model_dir, tokenizer, tmp_path):
     assert float(l_trl) != pytest.approx(float(l_sft), rel=1e-4)  # eps is used, not dropped
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_same_update_as_ual_train(tiny_model_dir, tokenizer, tmp_path, accumulation):
+def _train_each(trainers):
+    """Train each trainer in turn: per trainer (training loss, parameter update, logged loss rows)."""
     runs = []
-    for make in (_ual, _trl):
-        t = make(tiny_model_dir, tokenizer, tmp_path, accumulation)
+    for t in trainers:
         before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
         out = t.train()
         logged = [h for h in t.state.log_history if "loss" in h]
         runs.append((out.training_loss, {n: before[n] - p.detach() for n, p in t.model.named_parameters()}, logged))
-    (loss_a, upd_a, log_a), (loss_b, upd_b, log_b) = runs
+    return runs
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_same_update_as_ual_train(tiny_model_dir, tokenizer, tmp_path, accumulation):
+    (loss_a, upd_a, log_a), (loss_b, upd_b, log_b) = _train_each(
+        make(tiny_model_dir, tokenizer, tmp_path, accumulation) for make in (_ual, _trl))
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     # The drop-in logs the plain NLL (eps = 0 term) beside the loss, as `ual train` does.
     assert len(log_a) == len(log_b) == 1
@@ -136,13 +141,7 @@ def test_padding_free_and_packing_same_update_as_padded(tiny_model_dir, tokenize
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     assert batch["eps"].shape == batch["input_ids"].shape
     assert sorted(set(batch["eps"][0].tolist())) == pytest.approx(sorted(set(EPS)))
-    runs = []
-    for t in (ual, trl):
-        before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-        out = t.train()
-        logged = [h for h in t.state.log_history if "loss" in h]
-        runs.append((out.training_loss, {n: before[n] - p.detach() for n, p in t.model.named_parameters()}, logged))
-    (loss_a, upd_a, log_a), (loss_b, upd_b, log_b) = runs
+    (loss_a, upd_a, log_a), (loss_b, upd_b, log_b) = _train_each((ual, trl))
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert log_b[0]["nll"] == pytest.approx(log_a[0]["nll"], rel=1e-5)
     worst = max(float((upd_a[n] - upd_b[n]).abs().max() / (upd_a[n].abs().max() + 1e-12)) for n in upd_a)

@@ -260,24 +260,22 @@ def _write_outputs(out: Path, spool: SampleSpool, train, held, stats: dict) -> N
 
 
 def _ids_digest(path: Path) -> str | None:
-    """A hash of the sample ids of an earlier output, in order (None if missing or unreadable). Arrow's
-    streaming reader takes the id column a block at a time: a million-row file is never held."""
+    """A hash of the sample ids of an earlier output, in order (None if missing or unreadable): the id column
+    read by Arrow (io.jsonl_columns), so a million-row file is never held as rows."""
     import hashlib
 
     import pyarrow as pa
-    import pyarrow.json as pj
+
+    from ual.io import jsonl_columns
 
     if not path.exists():
         return None
     digest = hashlib.sha256()
     try:
-        if path.stat().st_size:
-            reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=1 << 22), parse_options=pj.ParseOptions(
-                explicit_schema=pa.schema([("id", pa.string())]), unexpected_field_behavior="ignore"))
-            for batch in reader:
-                for sid in batch.column(0).to_pylist():
-                    digest.update(f"{sid}\n".encode())
-    except (OSError, ValueError, pa.ArrowException):
+        for chunk in jsonl_columns(path, pa.schema([("id", pa.string())])).column("id").chunks:
+            for sid in chunk.to_pylist():
+                digest.update(f"{sid}\n".encode())
+    except (OSError, ValueError):
         return None
     return digest.hexdigest()
 
