@@ -32,6 +32,8 @@ def test_paper_hyperparameters(path):
     # LIMA, 6 on the 6k sets; micro-batches drawn with replacement
     assert (tc.lr_scheduler, tc.warmup_ratio, tc.sampling, tc.max_steps) == ("constant_with_warmup", 0.1, "replacement", -1)
     assert tc.epochs == (10 if "lima" in path.stem else 6)
+    # the fastest exact batching (docs/training.md, Batching): the padded batch's loss and gradients
+    assert tc.batching == "padding_free"
     # Every field is commented: each `key: value` line of the file carries a comment.
     for line in path.read_text().splitlines():
         if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
@@ -88,9 +90,13 @@ def test_paper_config_runs_on_a_tiny_model(path, tmp_path, tiny_model_dir, monke
     assert main(["train", str(cfg), "--dry-run"] + flags) == 0
     for stage in ("data", "score", "map"):
         assert main([stage, str(cfg)] + flags) == 0, stage
-    assert main(["train", str(cfg), "--train.modes", "[ual]"] + flags) == 0
-    res = read_json(tmp_path / "run" / "train" / "ual" / "result.json")
-    assert res["steps"] == 2 and res["gradient_accumulation_steps"] == 2  # global batch 4 = 2 x 2 accumulation
+    # ppl (which `ual ablate` adds) on one of them: each sample of a padding-free row gets its own eps
+    modes = "[ual, ppl]" if path.stem == "mistral-7b-sharegpt6k" else "[ual]"
+    assert main(["train", str(cfg), "--train.modes", modes] + flags) == 0
+    for mode in modes.strip("[]").split(", "):
+        res = read_json(tmp_path / "run" / "train" / mode / "result.json")
+        assert res["steps"] == 2 and res["gradient_accumulation_steps"] == 2  # global batch 4 = 2 x 2 accumulation
+        assert res["batching"] == "padding_free"
     stats = read_json(tmp_path / "run" / "data_stats.json")
     assert stats["train"] == 8 * sum(1 for s in load_config(cfg).data.sources if s.name != "gsm8k")
 

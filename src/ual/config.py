@@ -201,9 +201,6 @@ class TrainConfig(Checked):
         if self.batching == "grouped" and self.sampling == "replacement":
             self.fail("batching", "grouped orders each epoch's permutation by length, and sampling replacement draws "
                                   "with replacement instead: use padded or padding_free with it")
-        if self.batching == "padding_free" and "ppl" in self.modes:
-            self.fail("batching", "padding_free puts several samples in a row, and the ppl mode computes one eps per "
-                                  "row: use padded or grouped to train ppl")
 
 
 @dataclass

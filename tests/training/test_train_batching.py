@@ -191,12 +191,46 @@ def test_padding_free_training_equals_padded_with_accumulation_and_replacement(t
     assert worst < 1e-4
 
 
-def test_ppl_refused_with_padding_free(tiny_model_dir, tmp_path, mix):
+@pytest.mark.parametrize("loss_impl", ["naive", "chunked"])
+def test_ppl_padding_free_gives_each_sample_of_a_row_its_padded_eps(tiny_model_dir, tmp_path, mix, loss_impl):
+    """The ppl mode computes eps from each sample's own NLL in the same forward pass: in a padding-free row each
+    sample gets the eps it gets in a padded batch, so loss, gradients and the running mean are the padded ones."""
     from ual.training.ppl import PerplexitySmoothing
 
-    trainer = _trainer(tiny_model_dir, tmp_path, mix, eps=None, weights=None, eps_fn=PerplexitySmoothing(0.2))
-    with pytest.raises(ValueError, match="padding-free row holds several samples"):
-        trainer.compute_loss(trainer.model, PaddingFreeCollator()([trainer.train_dataset[i] for i in range(3)]))
+    results = []
+    for collator in (SmoothingCollator(0), PaddingFreeCollator(varlen=True)):
+        eps_fn = PerplexitySmoothing(0.2)
+        trainer = _trainer(tiny_model_dir, tmp_path, mix, eps=None, weights=WEIGHTS, eps_fn=eps_fn,
+                           loss_impl=loss_impl)
+        if collator.__class__ is PaddingFreeCollator:
+            prepare_packed_attention(trainer.model)
+        trainer.model.train()  # eps_fn updates its running mean in training only (no dropout in the tiny model)
+        rows = [trainer.train_dataset[i] for i in range(len(mix))]
+        batch = collator(rows)
+        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        first = _loss_and_grads(trainer, batch, count)  # the running mean starts from this batch
+        second = _loss_and_grads(trainer, batch, count)  # and now holds two batches
+        results.append((first, second, list(eps_fn.last_eps), eps_fn.running_mean))
+    (first_p, second_p, eps_p, mean_p), (first_f, second_f, eps_f, mean_f) = results
+    assert len(eps_f) == len(eps_p) == len(mix)  # an eps per sample of the row, not one per row
+    assert eps_f == pytest.approx(eps_p, rel=1e-5) and len(set(round(e, 6) for e in eps_p)) > 2
+    assert mean_f == pytest.approx(mean_p, rel=1e-6)
+    for (loss_p, grads_p), (loss_f, grads_f) in ((first_p, first_f), (second_p, second_f)):
+        torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-6)
+        for name in grads_p:
+            torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sample_index_of_a_padding_free_row(mix):
+    from ual.training.ppl import sample_index
+
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in mix[:3]]
+    flat = PaddingFreeCollator()(rows)
+    owner, n = sample_index(flat["labels"], flat["position_ids"])
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert n == 3 and owner[0].tolist() == [i for i, k in enumerate(lengths) for _ in range(k)]
+    owner, n = sample_index(torch.zeros(2, 5, dtype=torch.long))  # padded: a sample per row
+    assert n == 2 and owner.tolist() == [[0] * 5, [1] * 5]
 
 
 def test_grouped_order_seeded_per_epoch_and_less_padding(mix):
@@ -239,8 +273,8 @@ def test_config_refuses_what_batching_cannot_do(tmp_path):
     cfg.write_text("train:\n  batching: grouped\n  sampling: replacement\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:train\.batching: grouped orders .* sampling replacement"):
         load_config(cfg)
-    with pytest.raises(ConfigError, match=r"--train\.batching: padding_free .* ppl"):
-        load_config(None, {"train.batching": "padding_free", "train.modes": ["sft", "ppl"]})
+    assert load_config(None, {"train.batching": "padding_free", "train.modes": ["sft", "ppl"]}).train.modes \
+        == ["sft", "ppl"]  # ppl gives each sample of a padding-free row its own eps
     with pytest.raises(ConfigError, match="did you mean 'padding_free'"):
         load_config(None, {"train.batching": "padding-free"})
     assert load_config(None, {"train.batching": "padding_free", "train.sampling": "replacement"}).train.batching \

@@ -35,56 +35,79 @@ log = logging.getLogger(__name__)
 STATE_FILE = "ual_ppl_state.json"
 
 
-def per_sample_nll_from_logits(logits: torch.Tensor, targets: torch.Tensor,
+def sample_index(targets: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Which sample each position belongs to, and how many samples there are: a batch row each, or in a
+    padding-free row (several samples, position ids restarting at 0 for each) a new sample at every 0."""
+    if position_ids is None:
+        B = targets.shape[0]
+        return torch.arange(B, device=targets.device).unsqueeze(1).expand_as(targets), B
+    starts = (position_ids == 0).reshape(-1)
+    owner = (torch.cumsum(starts.long(), 0) - 1).clamp_min(0).reshape(position_ids.shape)
+    return owner, int(starts.sum()) or 1
+
+
+def _per_sample_sums(nll_of, targets: torch.Tensor, owner: torch.Tensor | None, n: int | None, chunk_rows: int,
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL (fp32) and supervised-token count per sample; `nll_of(flat_positions)` gives the NLL of the
+    targets at those positions of the flattened (B * T) batch, `chunk_rows` at a time."""
+    if owner is None:
+        owner, n = sample_index(targets)
+    mask = (targets != ignore_index).reshape(-1)
+    positions = mask.nonzero().squeeze(1)
+    owners = owner.reshape(-1)[positions]
+    sums = torch.zeros(n, dtype=torch.float32, device=targets.device)
+    for s in range(0, len(positions), chunk_rows):
+        sums.index_add_(0, owners[s:s + chunk_rows], nll_of(positions[s:s + chunk_rows]))
+    counts = torch.zeros(n, dtype=torch.float32, device=targets.device).index_add_(
+        0, owners, torch.ones_like(owners, dtype=torch.float32))
+    return sums, counts
+
+
+def per_sample_nll_from_logits(logits: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor | None = None,
+                               n: int | None = None, chunk_rows: int = 1024,
                                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL (fp32) and supervised-token count per sample, no gradient.
 
-    logits (B, T, V) aligned with already-shifted targets (B, T). One sample at a
-    time, so the fp32 temporaries are (T, V), never (B, T, V).
+    logits (B, T, V) aligned with already-shifted targets (B, T); `owner` (B, T) and `n` from `sample_index`
+    (default: a sample per row). Only supervised positions are read, `chunk_rows` at a time, so the fp32
+    temporaries are (chunk_rows, V), never (B, T, V).
     """
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+    def nll_of(pos):
+        z = flat_logits[pos].float()
+        return torch.logsumexp(z, -1) - z.gather(-1, flat_targets[pos].unsqueeze(-1)).squeeze(-1)
+
     with torch.no_grad():
-        sums, counts = [], []
-        for b in range(logits.shape[0]):
-            mask = targets[b] != ignore_index
-            z = logits[b][mask].float()
-            y = targets[b][mask]
-            nll = torch.logsumexp(z, -1) - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            sums.append(nll.sum())
-            counts.append(mask.sum())
-        return torch.stack(sums), torch.stack(counts).float()
+        return _per_sample_sums(nll_of, targets, owner, n, chunk_rows, ignore_index)
 
 
 def per_sample_nll_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               bias: torch.Tensor | None = None, chunk_rows: int = 1024,
+                               bias: torch.Tensor | None = None, owner: torch.Tensor | None = None,
+                               n: int | None = None, chunk_rows: int = 1024,
                                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `per_sample_nll_from_logits`, from final hidden states (B, T, H) and the lm_head weight (V, H).
+    """As `per_sample_nll_from_logits`, from final hidden states (B, T, H) and the lm_head weight (V, H):
+    only supervised rows are projected, `chunk_rows` at a time (the chunked loss path never holds all
+    logits, and neither does this)."""
+    flat_hidden, flat_targets, w = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), weight.float()
 
-    Only supervised rows are projected, `chunk_rows` at a time (the chunked loss path
-    never holds all logits, and neither does this).
-    """
+    def nll_of(pos):
+        z = flat_hidden[pos].float() @ w.T
+        if bias is not None:
+            z = z + bias.float()
+        return torch.logsumexp(z, -1) - z.gather(-1, flat_targets[pos].unsqueeze(-1)).squeeze(-1)
+
     with torch.no_grad():
-        B = hidden.shape[0]
-        mask = targets != ignore_index
-        rows = hidden[mask]  # (N, H), in (b, t) order
-        ys = targets[mask]
-        owner = torch.arange(B, device=hidden.device).unsqueeze(1).expand_as(targets)[mask]
-        nll = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
-        w = weight.float()
-        for s in range(0, rows.shape[0], chunk_rows):
-            z = rows[s:s + chunk_rows].float() @ w.T
-            if bias is not None:
-                z = z + bias.float()
-            y = ys[s:s + chunk_rows]
-            nll[s:s + chunk_rows] = torch.logsumexp(z, -1) - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        sums = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add_(0, owner, nll)
-        return sums, mask.sum(1).float()
+        return _per_sample_sums(nll_of, targets, owner, n, chunk_rows, ignore_index)
 
 
 class PerplexitySmoothing:
     """Stateful eps function for the `ppl` mode; pass it to UALTrainer as `eps_fn`.
 
-    Call it with the batch's targets (shifted) and either `logits` or
-    (`hidden`, `head`); it returns eps (B,) and, in training, updates the running mean.
+    Call it with the batch's targets (shifted) and either `logits` or (`hidden`, `head`); it returns eps
+    (B,), a sample per row, and in training updates the running mean. For a padding-free row give its
+    `position_ids`: each sample in it (a new one at every position 0) gets its own eps, returned per
+    token (1, T), as the loss takes a padding-free row's eps.
     """
 
     def __init__(self, eps_mean: float, eps_max: float = 0.99):
@@ -101,11 +124,13 @@ class PerplexitySmoothing:
         return self.nll_sum / self.count if self.count else float("nan")
 
     def __call__(self, targets: torch.Tensor, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                 head=None, training: bool = True) -> torch.Tensor:
+                 head=None, training: bool = True, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        owner, n = sample_index(targets, position_ids)
         if logits is not None:
-            sums, counts = per_sample_nll_from_logits(logits, targets)
+            sums, counts = per_sample_nll_from_logits(logits, targets, owner, n)
         else:
-            sums, counts = per_sample_nll_from_hidden(hidden, head.weight, targets, getattr(head, "bias", None))
+            sums, counts = per_sample_nll_from_hidden(hidden, head.weight, targets, getattr(head, "bias", None),
+                                                      owner, n)
         has = counts > 0
         nll = torch.where(has, sums / counts.clamp_min(1), torch.zeros_like(sums))
         if training:
@@ -124,7 +149,7 @@ class PerplexitySmoothing:
         if training:
             self.last_eps = eps.tolist()
             self.history.append(float(eps.mean()))
-        return eps
+        return eps if position_ids is None else eps[owner]
 
     # ------------------------------------------------------------------ checkpoints
 

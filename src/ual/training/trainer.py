@@ -167,9 +167,8 @@ class UALLoss(NllLogging):
         if eps is None and self.eps_fn is None:
             raise ValueError("the batch has no 'eps' and the trainer no eps_fn: build the dataset with each "
                              "sample's eps (SmoothedDataset) or give the trainer an eps_fn")
-        if self.eps_fn is not None and "position_ids" in inputs:
-            raise ValueError("the ppl mode's eps_fn computes one eps per row, and a padding-free row holds several "
-                             "samples: use train.batching padded or grouped for ppl")
+        # A padding-free row (position ids, no attention mask) holds several samples: eps_fn gives each its own.
+        packed = inputs.get("position_ids") if "attention_mask" not in inputs else None
         targets = shift_labels(inputs.pop("labels"))
         # The token scale and the per-sample weights (None: all 1) act beside eps (ual.loss).
         modes = dict(token_scale=self.token_scale, eaft_topk=self.eaft_topk, sample_weights=inputs.pop("weight", None))
@@ -179,7 +178,8 @@ class UALLoss(NllLogging):
             hidden, head = final_hidden_states(model, inputs, check=not self._hidden_checked)
             self._hidden_checked = True
             if self.eps_fn is not None:
-                eps = self.eps_fn(targets, hidden=hidden.detach(), head=head, training=model.training)
+                eps = self.eps_fn(targets, hidden=hidden.detach(), head=head, training=model.training,
+                                   position_ids=packed)
             # The module, not its weight: a LoRA-carrying head then takes the loss's
             # slower exact path instead of silently dropping its adapter.
             loss, nll = chunked_smoothed_cross_entropy(hidden, head, targets, eps, num_items_in_batch=num_items_in_batch,
@@ -188,7 +188,8 @@ class UALLoss(NllLogging):
         else:
             outputs = model(**inputs, use_cache=False)
             if self.eps_fn is not None:
-                eps = self.eps_fn(targets, logits=outputs.logits.detach(), training=model.training)
+                eps = self.eps_fn(targets, logits=outputs.logits.detach(), training=model.training,
+                                   position_ids=packed)
             loss, nll = smoothed_cross_entropy(outputs.logits, targets, eps, num_items_in_batch=num_items_in_batch,
                                                return_nll=True, **modes)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -35,8 +35,8 @@ DeepSpeed/FSDP through accelerate) is kept; three things change:
    so every sample keeps its whole context and the loss and gradients are the padded batch's
    (tests/training/test_train_trl.py). Refused: packing "wrapped" and "bfd_split" (they cut a
    sample into pieces that lose their context: not the same loss), an attention implementation
-   that would let a row's samples see each other (batches.check_packed_attention), and the ppl
-   eps_fn (one eps per row).
+   that would let a row's samples see each other (batches.check_packed_attention). The ppl
+   eps_fn gives each sample of a padding-free row its own eps (training/ppl.py).
 
 TRL's extra metrics (entropy, token accuracy) need the fused head's outputs and are
 not logged; the loss is, and beside it "nll", the plain NLL (the eps = 0 term), as
