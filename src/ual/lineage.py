@@ -250,10 +250,10 @@ def train_record(now: dict, root: Path, mode: str) -> dict:
     fields += {"ls": ["smoothing.target_mean"], "ppl": ["smoothing.target_mean", "smoothing.eps_max"],
                "ual": ["smoothing.missing"]}.get(eps_mode, [])
     settings = {k: v for k, v in pick(now, fields).items() if not under(k, (*PER_INVOCATION, *TRAIN_NOT_SHAPING))}
-    if settings.get("train.batching") != "grouped":
-        # padded and padding_free train on the same samples in the same order with the same loss (to float
-        # rounding): switching between them does not make a trained mode stale, nor does a record made before
-        # the setting existed. grouped changes which samples meet in a step, so it is recorded.
+    if settings.get("train.batching") == "padded":
+        # A record made before the setting existed was padded. padding_free has the padded loss and gradients
+        # only without dropout: LoRA's dropout draws its masks over the batch's shape, so the trained model
+        # differs; grouped changes which samples meet in a step. Both are recorded.
         settings.pop("train.batching", None)
     settings["mode"] = mode
     inputs = {"samples.jsonl": file_digest(root / "samples.jsonl")}

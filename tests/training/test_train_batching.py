@@ -281,11 +281,17 @@ def test_config_refuses_what_batching_cannot_do(tmp_path):
         == "padding_free"
 
 
-def test_lineage_padding_free_is_the_padded_run_grouped_is_another(tmp_path):
+def test_lineage_records_batching_except_padded(tmp_path):
+    """padded is what a record made before train.batching existed trained with; padding_free and grouped are
+    other runs (with dropout, padding_free draws other dropout masks; grouped meets other samples)."""
     from ual.config import load_config, to_dict
     from ual.lineage import train_record
 
     def record(batching):
-        return train_record(to_dict(load_config(None, {"train.batching": batching})), tmp_path, "ls")["fingerprint"]
+        now = to_dict(load_config(None, {"train.batching": batching or "padded"}))
+        if batching is None:
+            del now["train"]["batching"]
+        return train_record(now, tmp_path, "ls")["fingerprint"]
 
-    assert record("padding_free") == record("padded") != record("grouped")
+    assert record(None) == record("padded")
+    assert len({record("padded"), record("padding_free"), record("grouped")}) == 3
