@@ -148,6 +148,24 @@ def test_padding_free_and_packing_same_update_as_padded(tiny_model_dir, tokenize
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("kw", [dict(padding_free=True), dict(packing=True, max_length=512, per_device_train_batch_size=1)],
+                         ids=["padding_free", "packing_bfd"])
+def test_ppl_eps_fn_in_a_packed_row_same_update_as_padded(tiny_model_dir, tokenizer, tmp_path, kw):
+    """The ppl mode's eps_fn in TRL's padding-free or packed row gives each of the four samples its own eps:
+    `ual train`'s padded ppl step (loss, update, running mean)."""
+    from ual.training.ppl import PerplexitySmoothing
+
+    ual, trl = _ual(tiny_model_dir, tokenizer, tmp_path), _trl(tiny_model_dir, tokenizer, tmp_path, **kw)
+    ual.eps_fn, trl.eps_fn = PerplexitySmoothing(0.2), PerplexitySmoothing(0.2)
+    (loss_a, upd_a, _), (loss_b, upd_b, _) = _train_each((ual, trl))
+    assert len(trl.eps_fn.last_eps) == 4 and trl.eps_fn.count == ual.eps_fn.count == 4
+    assert sorted(trl.eps_fn.last_eps) == pytest.approx(sorted(ual.eps_fn.last_eps), rel=1e-5)  # bfd reorders
+    assert trl.eps_fn.running_mean == pytest.approx(ual.eps_fn.running_mean, rel=1e-6)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    worst = max(float((upd_a[n] - upd_b[n]).abs().max() / (upd_a[n].abs().max() + 1e-12)) for n in upd_a)
+    assert worst < 1e-4
+
+
 def test_padding_free_refuses_attention_that_crosses_samples(tiny_model_dir, tokenizer, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="paged|eager")
     rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "eps": x} for e, x in zip(_encoded(tokenizer), EPS)]
