@@ -82,7 +82,6 @@ def test_padding_free_row_layout(mix):
     assert batch["max_length_q"] == int(lengths.max())
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
 def _flat_and_alone(model, mix):
     batch = PaddingFreeCollator(varlen=True)(mix)
     boundaries = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
@@ -100,6 +99,41 @@ def test_cpu_attention_keeps_samples_apart(tiny_model_dir, mix, attn):
     assert check_packed_attention(model) == attn
     flat, alone = _flat_and_alone(model, mix)
     torch.testing.assert_close(flat, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [4096, 16])
+def test_sdpa_varlen_keeps_samples_apart_under_a_sliding_window(tokenizer, mix, window):
+    """Mistral's sliding window: 4096 (the paper's models) binds on no sample of the mix, so each sample runs
+    plain causal; 16 binds on most, so the row takes sdpa with transformers' packed sliding mask. Both give
+    each sample its own logits."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tiny_models import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**tiny_llama_config(len(tokenizer), sliding_window=window))).eval()
+    model.set_attn_implementation(register_sdpa_varlen())
+    flat, alone = _flat_and_alone(model, mix)
+    torch.testing.assert_close(flat, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_varlen_runs_each_sample_alone_when_the_window_never_binds():
+    """The per-sample path ignores the row's mask (None here: over the whole row it would be causal across
+    samples); a window shorter than a sample falls back to sdpa on the row, here without a mask: not apart."""
+    from ual.training.batches import sdpa_varlen_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 8) for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    module = torch.nn.Module()
+    module.is_causal = True
+    expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True).transpose(1, 2) for a, b in ((0, 5), (5, 12))], 1)
+    for window in (None, 7, 100):
+        out, _ = sdpa_varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, sliding_window=window)
+        torch.testing.assert_close(out, expected)
+    out, _ = sdpa_varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, sliding_window=6)
+    assert (out - expected).abs().max() > 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attention's varlen kernel needs CUDA (docs/gpu.md)")

@@ -149,15 +149,20 @@ SDPA_VARLEN = "sdpa_varlen"
 
 
 def sdpa_varlen_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """Without boundaries, or with a sliding window (its mask, built with the packed rows' blocks, is
-    then used whole), this is sdpa itself."""
+    """Without boundaries, or with a sliding window shorter than a sample (its mask, built with the packed
+    rows' blocks, is then used whole), this is sdpa itself. A window no sample outgrows (Mistral's 4096 at
+    the paper's 768 tokens) masks nothing within a sample: each is plain causal."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-            or kwargs.get("sliding_window") is not None):
+    bounds = cu_seq_lens_q.tolist() if cu_seq_lens_q is not None else []
+    window = kwargs.get("sliding_window")
+    # transformers' window: a query at i sees keys j with i - j < window; a sample of n tokens has i - j < n.
+    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    if (not bounds or query.shape[0] != 1 or query.shape[2] != key.shape[2]
+            or (window is not None and longest > window)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
-    bounds = cu_seq_lens_q.tolist()
+    kwargs.pop("sliding_window", None)
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
                                     **kwargs)[0] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return torch.cat(parts, dim=1), None
