@@ -96,7 +96,7 @@ def test_paper_config_runs_on_a_tiny_model(path, tmp_path, tiny_model_dir, monke
     for mode in modes.strip("[]").split(", "):
         res = read_json(tmp_path / "run" / "train" / mode / "result.json")
         assert res["steps"] == 2 and res["gradient_accumulation_steps"] == 2  # global batch 4 = 2 x 2 accumulation
-        assert res["batching"] == "padding_free"
+        assert res["batching"] == "padding_free" and res["attention"] == "sdpa_varlen"  # as `ual train` runs sdpa
     stats = read_json(tmp_path / "run" / "data_stats.json")
     assert stats["train"] == 8 * sum(1 for s in load_config(cfg).data.sources if s.name != "gsm8k")
 

@@ -192,12 +192,13 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
                              "main process alone cannot run a sharded model); keep checkpoints with train.save_steps "
                              "and evaluate them with `ual eval --adapter`")
         callbacks.append(curve_callback(cfg, mode, tokenizer, *curve_inputs, out, keep=tc.keep_points))
-    if tc.batching == "padding_free":
-        from ual.training.batches import PaddingFreeCollator, prepare_packed_attention
+    from ual.training.batches import PaddingFreeCollator, attention_implementation, prepare_packed_attention
 
-        collator = PaddingFreeCollator(varlen=prepare_packed_attention(model))
+    if tc.batching == "padding_free":
+        collator = PaddingFreeCollator(varlen=prepare_packed_attention(model))  # sdpa becomes sdpa_varlen
     else:
         collator = SmoothingCollator(tokenizer.pad_token_id)
+    attention = attention_implementation(model)
     trainer = UALTrainer(
         model=model,
         args=args,
@@ -219,8 +220,8 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
             log.warning("%s has no ppl running mean; it restarts from this step", resume)
     memory = estimate_and_measure_start(cfg, len(dataset), device)
     start = time.time()
-    log.info("training %s: %d samples, %d optimiser steps, %s loss, token scale %s, %s batches", mode, len(dataset),
-             args.max_steps, loss_impl, mode_parts(mode)[1], tc.batching)
+    log.info("training %s: %d samples, %d optimiser steps, %s loss, token scale %s, %s batches, %s attention", mode,
+             len(dataset), args.max_steps, loss_impl, mode_parts(mode)[1], tc.batching, attention)
     train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
     memory = estimate_and_measure_end(memory, device)
@@ -242,6 +243,7 @@ def train_one(cfg: ExperimentConfig, mode: str, dataset, tokenizer, out, curve_i
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "loss": loss_impl,
         "batching": tc.batching,
+        "attention": attention,
         "token_scale": mode_parts(mode)[1],
         "eaft_topk": tc.eaft_topk if mode_parts(mode)[1] == "eaft" else None,
         "weight_column": tc.weight_column,
