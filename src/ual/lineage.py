@@ -66,13 +66,24 @@ def under(dotted: str, prefixes) -> bool:
     return any(dotted == p or dotted.startswith(p + ".") for p in prefixes)
 
 
+# Settings a training record leaves out at these values: what a record made before the setting existed
+# trained with. train.batching: padding_free has the padded loss and gradients only without dropout (LoRA's
+# dropout draws its masks over the batch's shape, so the trained model differs), and grouped changes which
+# samples meet in a step, so both are recorded.
+RECORDED_UNLESS = {"train.batching": "padded"}
+
+
 def settings_diff(recorded: dict, now: dict) -> list[str]:
     """'train.max_steps 20 -> 10' for every setting that differs (flattened dicts)."""
     def show(v):
         return json.dumps(v, default=str) if isinstance(v, (list, dict)) else yaml.safe_dump(v).strip().removesuffix(
             "\n...").strip()
+    def value(d, k):  # a setting a record leaves out at its default (RECORDED_UNLESS) reads as that default
+        return d.get(k, RECORDED_UNLESS.get(k))
+
     keys = [k for k in {**recorded, **now} if not under(k, IGNORED_IN_DIFF)]
-    return [f"{k} {show(recorded.get(k))} -> {show(now.get(k))}" for k in keys if recorded.get(k) != now.get(k)]
+    return [f"{k} {show(value(recorded, k))} -> {show(value(now, k))}" for k in keys
+            if value(recorded, k) != value(now, k)]
 
 
 def read_folder_settings(path: Path) -> dict | None:
@@ -250,11 +261,9 @@ def train_record(now: dict, root: Path, mode: str) -> dict:
     fields += {"ls": ["smoothing.target_mean"], "ppl": ["smoothing.target_mean", "smoothing.eps_max"],
                "ual": ["smoothing.missing"]}.get(eps_mode, [])
     settings = {k: v for k, v in pick(now, fields).items() if not under(k, (*PER_INVOCATION, *TRAIN_NOT_SHAPING))}
-    if settings.get("train.batching") == "padded":
-        # A record made before the setting existed was padded. padding_free has the padded loss and gradients
-        # only without dropout: LoRA's dropout draws its masks over the batch's shape, so the trained model
-        # differs; grouped changes which samples meet in a step. Both are recorded.
-        settings.pop("train.batching", None)
+    for key, default in RECORDED_UNLESS.items():
+        if settings.get(key) == default:
+            settings.pop(key)
     settings["mode"] = mode
     inputs = {"samples.jsonl": file_digest(root / "samples.jsonl")}
     if eps_mode == "ual":

@@ -329,3 +329,11 @@ def test_lineage_records_batching_except_padded(tmp_path):
 
     assert record(None) == record("padded")
     assert len({record("padded"), record("padding_free"), record("grouped")}) == 3
+    # why a mode retrains, in the words of the settings (a left-out padded reads as padded, not null)
+    from ual.lineage import record_changes
+
+    def full(batching):
+        return train_record(to_dict(load_config(None, {"train.batching": batching})), tmp_path, "ls")
+
+    assert record_changes(full("padding_free"), full("padded")) == ["train.batching padding_free -> padded"]
+    assert record_changes(full("padded"), full("grouped")) == ["train.batching padded -> grouped"]
