@@ -35,27 +35,25 @@ VARIANTS = ["padded", "grouped", "padding_free", "trl_padding_free"]
 from train_step import maxrss_mib, run_worker  # benchmarks/ is this script's folder: sys.path[0]
 
 def _model(name, device="cpu", attn="sdpa"):
-    model = _base_model(name)
-    if attn != "sdpa":
-        model.set_attn_implementation(attn)
-    return model.to(device)
-
-
-def _base_model(name):
     import torch
 
     if name != "small":
         from ual.models import load_model
 
-        return load_model(name, "cpu")
-    from transformers import LlamaConfig, LlamaForCausalLM
+        model = load_model(name, "cpu")
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ual.models import load_tokenizer
+        from ual.models import load_tokenizer
 
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer("smollm2-135m")), hidden_size=256,
-                                        intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                                        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True))
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(load_tokenizer("smollm2-135m")), hidden_size=256,
+                                             intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                                             num_key_value_heads=2, max_position_embeddings=2048,
+                                             tie_word_embeddings=True))
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    return model.to(device)
 
 
 def batches(spec):

@@ -236,7 +236,7 @@ def test_ppl_padding_free_gives_each_sample_of_a_row_its_padded_eps(tiny_model_d
         eps_fn = PerplexitySmoothing(0.2)
         trainer = _trainer(tiny_model_dir, tmp_path, mix, eps=None, weights=WEIGHTS, eps_fn=eps_fn,
                            loss_impl=loss_impl)
-        if collator.__class__ is PaddingFreeCollator:
+        if isinstance(collator, PaddingFreeCollator):
             prepare_packed_attention(trainer.model)
         trainer.model.train()  # eps_fn updates its running mean in training only (no dropout in the tiny model)
         rows = [trainer.train_dataset[i] for i in range(len(mix))]

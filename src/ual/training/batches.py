@@ -47,6 +47,12 @@ VARLEN_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3")
 PACKED_FORWARD_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
+def is_padding_free(batch: dict) -> bool:
+    """A padding-free row (this module's collator, TRL's padding_free or packing): position ids that restart
+    per sample and no attention mask, so one row holds several samples."""
+    return "position_ids" in batch and "attention_mask" not in batch
+
+
 def attention_implementation(model) -> str | None:
     from accelerate.utils import extract_model_from_parallel
 

@@ -29,6 +29,7 @@ from transformers import Trainer
 
 from ual.batching import pad_batch, pad_sequences
 from ual.loss import IGNORE_INDEX, shift_labels, smoothed_cross_entropy
+from ual.training.batches import is_padding_free
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class UALLoss(NllLogging):
             raise ValueError("the batch has no 'eps' and the trainer no eps_fn: build the dataset with each "
                              "sample's eps (SmoothedDataset) or give the trainer an eps_fn")
         # A padding-free row (position ids, no attention mask) holds several samples: eps_fn gives each its own.
-        packed = inputs.get("position_ids") if "attention_mask" not in inputs else None
+        packed = inputs["position_ids"] if is_padding_free(inputs) else None
         targets = shift_labels(inputs.pop("labels"))
         # The token scale and the per-sample weights (None: all 1) act beside eps (ual.loss).
         modes = dict(token_scale=self.token_scale, eaft_topk=self.eaft_topk, sample_weights=inputs.pop("weight", None))

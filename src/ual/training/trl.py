@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from ual.optional import require
+from ual.training.batches import is_padding_free
 from ual.training.trainer import UALLoss
 
 SFTTrainer = require("trl", "UALSFTTrainer (TRL's SFTTrainer with ual's loss)").SFTTrainer
@@ -70,7 +71,7 @@ class EpsCollator:
                              "to the dataset: the sample's label smoothing, 0 for plain SFT)")
         keys = ["eps"] + (["weight"] if "weight" in examples[0] else [])
         batch = self.inner([{k: v for k, v in ex.items() if k not in ("eps", "weight")} for ex in examples])
-        flat = "position_ids" in batch and "attention_mask" not in batch
+        flat = is_padding_free(batch)
         for key in keys:
             if flat:
                 batch[key] = _per_token([ex[key] for ex in examples], examples, batch["input_ids"].shape[1], key)
